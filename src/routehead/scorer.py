@@ -1,0 +1,222 @@
+"""The per-head relevance tensor ``S[layer, head, doc]`` from one forward pass over the prompt.
+
+Flow: the prefix (instruction + documents) runs once and its KV cache is kept; the real query and the
+content-free query "N/A" run as two short suffixes on forks of that cache (a fork shares the prefix tensors,
+no copy). For each requested head, the attention the query tokens pay to each prefix token is recorded; the
+calibrated token score is ``attn(query) - attn("N/A")``; per head and document, tokens scoring below
+``mean - 2 std`` (over that document's tokens) are masked out and the rest summed. ICR, static heads, routing,
+label search and the oracle are all selections over this one tensor.
+
+Long lists: when the prompt would exceed the model's context (or ``max_prompt_tokens``), the documents are
+split into near-equal contiguous windows scored separately. A calibrated score is a share of attention mass
+spread over the window's documents, so each window's scores are multiplied by ``len(window) / n_docs``:
+a positive per-window factor, so order within a window is kept, and equal documents in windows of different
+size get comparable scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from routehead import capture
+from routehead.model import LoadedModel
+from routehead.prompt import Prompt, PromptBuilder, plan_windows
+
+Head = tuple[int, int]
+
+
+@dataclass
+class HeadScores:
+    """Scores of every document under every computed head; NaN where a head was not computed."""
+
+    calibrated: torch.Tensor  # [layers, heads, docs], float32, CPU
+    raw: torch.Tensor  # uncalibrated (query attention only), same layout
+    computed: torch.Tensor  # [layers, heads] bool
+    windows: list[list[int]] = field(default_factory=list)
+    prompt_tokens: int = 0  # tokens run for the longest window (prefix + query)
+    truncated: list[bool] = field(default_factory=list)
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.calibrated.shape[-1])
+
+
+def mask_outliers_and_sum(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]], n_std: float = 2.0
+                          ) -> torch.Tensor:
+    """``[n, T]`` token scores -> ``[n, docs]``: per row and document, drop tokens below mean - n_std * std.
+
+    Population std over the document's tokens (a one-token document keeps its token).
+    """
+    lengths = torch.tensor([e - s for s, e in spans])
+    starts = torch.tensor([s for s, _ in spans])
+    width = max(int(lengths.max()), 1)
+    offs = torch.arange(width)
+    valid = offs[None, :] < lengths[:, None]  # [D, W]
+    idx = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs)[None, :])
+    x = token_scores[:, idx]  # [n, D, W]
+    v = valid.to(x.dtype)
+    cnt = v.sum(-1).clamp(min=1)
+    mean = (x * v).sum(-1) / cnt
+    std = ((((x - mean[..., None]) * v) ** 2).sum(-1) / cnt).sqrt()
+    keep = valid & (x >= (mean - n_std * std)[..., None])
+    return (x * keep).sum(-1)
+
+
+def normalize_heads(heads: Iterable[Head] | None, num_layers: int, num_heads: int) -> list[Head]:
+    """Validated, sorted, de-duplicated ``(layer, head)`` pairs; None means all heads."""
+    if heads is None:
+        return [(lay, h) for lay in range(num_layers) for h in range(num_heads)]
+    out = sorted({(int(lay), int(h)) for lay, h in heads})
+    if not out:
+        raise ValueError("empty head selection")
+    for lay, h in out:
+        if not (0 <= lay < num_layers and 0 <= h < num_heads):
+            raise ValueError(f"head ({lay}, {h}) is outside this model's {num_layers} layers x {num_heads} heads")
+    return out
+
+
+class HeadScorer:
+    """Scores documents for a query with every (or some) attention heads of a frozen causal LM."""
+
+    def __init__(self, lm: LoadedModel, max_doc_tokens: int | None = 300, max_prompt_tokens: int | None = None,
+                 use_chat_template: bool = True) -> None:
+        self.lm = lm
+        self.builder = PromptBuilder(lm.tokenizer, max_doc_tokens=max_doc_tokens,
+                                     use_chat_template=use_chat_template)
+        self.budget = min(lm.max_context, max_prompt_tokens or lm.max_context)
+        capture.install(lm.model)
+        self.base = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
+        self.layers = capture.decoder_layers(lm.model)
+        params = inspect.signature(self.base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes S, for stores and checkpoints."""
+        from routehead.prompt import PROMPT_VERSION
+
+        return {**self.lm.identity(), "dtype": str(self.lm.dtype).replace("torch.", ""),
+                "max_doc_tokens": self.builder.max_doc_tokens, "max_query_tokens": self.builder.max_query_tokens,
+                "budget": self.budget, "prompt": PROMPT_VERSION,
+                "chat_template": bool(self.builder.head_ids and self.builder.tail_ids)}
+
+    # -- forward passes ---------------------------------------------------------------------------------------
+    def _forward(self, ids: list[int], cache: Any, last_layer: int, recorder: capture.Recorder | None = None,
+                 keep_output: bool = False) -> torch.Tensor | None:
+        input_ids = torch.tensor([ids], device=self.lm.device)
+        with capture.recording(recorder), capture.exit_after(self.layers, last_layer, keep_output) as box:
+            self.base(input_ids=input_ids, use_cache=cache is not None, **{self._cache_kw: cache})
+        return box.get("hidden")
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.lm.model.config)
+        except TypeError:
+            return DynamicCache()
+
+    @staticmethod
+    def _fork(cache: Any) -> Any:
+        """A cache that shares the prefix tensors: appending a suffix rebinds, never mutates, the originals."""
+        if hasattr(cache, "layers"):
+            twin = copy.copy(cache)
+            twin.layers = [copy.copy(layer) for layer in cache.layers]
+            return twin
+        return copy.deepcopy(cache)
+
+    @torch.inference_mode()
+    def query_rows(self, prompt: Prompt, heads: list[Head], reuse_prefix: bool = True) -> tuple[torch.Tensor, ...]:
+        """Attention rows ``[len(heads), prefix_len]`` of the real query and of "N/A", mean over query tokens.
+
+        With ``reuse_prefix`` the prefix runs once and both suffixes run on forks of its cache; without it each
+        suffix runs with the whole prefix again (the reference the cached path is tested against).
+        """
+        by_layer: dict[int, list[int]] = {}
+        for lay, h in heads:
+            by_layer.setdefault(lay, []).append(h)
+        last = max(by_layer)
+        order = [(lay, h) for lay in sorted(by_layer) for h in by_layer[lay]]
+        if order != list(heads):
+            raise ValueError("heads must be sorted by (layer, head)")
+        cache = None
+        if reuse_prefix:
+            cache = self._new_cache()
+            self._forward(prompt.prefix_ids, cache, last)
+        rows = []
+        for suffix in (prompt.query_ids, prompt.na_ids):
+            P = prompt.prefix_len
+            if reuse_prefix:
+                rec = capture.Recorder(by_layer, (0, len(suffix)), P + len(suffix))
+                self._forward(suffix, self._fork(cache), last, rec)
+            else:
+                rec = capture.Recorder(by_layer, (P, P + len(suffix)), P + len(suffix))
+                self._forward(prompt.prefix_ids + suffix, None, last, rec)
+            rows.append(torch.cat([rec.rows[lay][0] for lay in sorted(by_layer)])[:, :P].float().cpu())
+        return rows[0], rows[1]
+
+    def _score_prompt(self, prompt: Prompt, heads: list[Head]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated and raw scores ``[len(heads), docs]`` for one prompt."""
+        q_rows, na_rows = self.query_rows(prompt, heads)
+        return mask_outliers_and_sum(q_rows - na_rows, prompt.doc_spans), mask_outliers_and_sum(q_rows, prompt.doc_spans)
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None) -> HeadScores:
+        """``S[layer, head, doc]`` for ``documents`` in input order; only ``heads`` are computed (None: all)."""
+        L, H = self.lm.num_layers, self.lm.num_heads
+        sel = normalize_heads(heads, L, H)
+        q_ids = self.builder.encode_query(query)
+        d_ids, truncated = self.builder.encode_documents(documents)
+        n = len(d_ids)
+        fixed = self.builder.fixed_tokens(0, len(q_ids))
+        per_doc = self.builder.fixed_tokens(1, 0) - self.builder.fixed_tokens(0, 0)
+        windows = plan_windows([len(x) for x in d_ids], per_doc, fixed, self.budget)
+        cal = torch.full((L, H, n), float("nan"))
+        raw = torch.full((L, H, n), float("nan"))
+        li = torch.tensor([lay for lay, _ in sel])
+        hi = torch.tensor([h for _, h in sel])
+        longest = 0
+        for win in windows:
+            prompt = self.builder.build(q_ids, [d_ids[i] for i in win], [truncated[i] for i in win])
+            longest = max(longest, prompt.length)
+            c, r = self._score_prompt(prompt, sel)
+            factor = len(win) / n
+            for j, doc in enumerate(win):
+                cal[li, hi, doc] = c[:, j] * factor
+                raw[li, hi, doc] = r[:, j] * factor
+        computed = torch.zeros(L, H, dtype=torch.bool)
+        computed[li, hi] = True
+        return HeadScores(calibrated=cal, raw=raw, computed=computed, windows=windows, prompt_tokens=longest,
+                          truncated=truncated)
+
+    @torch.inference_mode()
+    def query_embedding(self, query: str, layer: int, pooling: str = "mean") -> torch.Tensor:
+        """Hidden state of ``query`` alone at the output of decoder ``layer``: a short pass, before re-ranking.
+
+        The chat template's head is kept in front so the model sees its usual start (BOS, system turn), but only
+        the query tokens are pooled (``mean`` or ``last``).
+        """
+        q_ids = self.builder.encode_query(query)
+        ids = list(self.builder.head_ids) + q_ids
+        hidden = self._forward(ids, None, layer, keep_output=True)
+        assert hidden is not None
+        h = hidden[0, len(ids) - len(q_ids):].float()
+        if pooling == "mean":
+            return h.mean(0).cpu()
+        if pooling == "last":
+            return h[-1].cpu()
+        raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'last'")
+
+    @torch.inference_mode()
+    def bare_forward(self, query: str, documents: Sequence[str]) -> int:
+        """One plain pass over the whole prompt, all layers, no capture: the speed floor. Returns its length."""
+        q_ids = self.builder.encode_query(query)
+        d_ids, truncated = self.builder.encode_documents(documents)
+        prompt = self.builder.build(q_ids, d_ids, truncated)
+        ids = prompt.prefix_ids + prompt.query_ids
+        self.base(input_ids=torch.tensor([ids], device=self.lm.device), use_cache=False)
+        return len(ids)

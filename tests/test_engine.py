@@ -1,0 +1,178 @@
+"""The attention-scoring engine against eager attention, on tiny random models of three architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routehead import capture
+from routehead.errors import RouteheadError
+from routehead.prompt import plan_windows
+from routehead.scorer import HeadScorer, mask_outliers_and_sum
+from tests.tiny import eager_twin, tiny_lm
+
+FAMILIES = ["llama", "qwen2", "gemma3"]
+QUERY = "which enzyme breaks down starch?"
+DOCS = [
+    "Amylase is an enzyme that catalyses the hydrolysis of starch into sugars.",
+    "The Eiffel Tower is a wrought-iron lattice tower in Paris.",
+    "Lipase breaks down fats; protease breaks down proteins.",
+    "Starch is a polymeric carbohydrate made of glucose units.",
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def setup(family):
+    lm = tiny_lm(family)
+    scorer = HeadScorer(lm, max_doc_tokens=None)
+    ref = eager_twin(lm, family)
+    return family, lm, scorer, ref
+
+
+def all_heads(lm):
+    return [(lay, h) for lay in range(lm.num_layers) for h in range(lm.num_heads)]
+
+
+def eager_rows(ref, prompt, suffix):
+    """Reference: one full eager pass, output_attentions=True, query-span rows averaged over query tokens."""
+    ids = prompt.prefix_ids + suffix
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor([ids]), output_attentions=True)
+    P = prompt.prefix_len
+    return torch.cat([a[0, :, P:, :P].mean(1) for a in out.attentions])  # [L*H, P]
+
+
+def test_outputs_unchanged_by_capture(setup):
+    family, lm, scorer, _ = setup
+    ids = torch.tensor([scorer.builder.build(scorer.builder.encode_query(QUERY),
+                                             scorer.builder.encode_documents(DOCS)[0]).full_ids()])
+    from tests.tiny import tiny_model
+
+    plain = tiny_model(family)  # same seed, same weights, plain SDPA
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+        rec = capture.Recorder({0: [0, 1]}, (ids.shape[1] - 3, ids.shape[1]), ids.shape[1])
+        with capture.recording(rec):
+            got = lm.model(input_ids=ids).logits
+    assert rec.rows, "the recorder saw no attention call"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_rows_equal_eager_attention(setup, reuse_prefix):
+    _, lm, scorer, ref = setup
+    b = scorer.builder
+    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    assert prompt.prefix_len > 64, "prompt must be longer than the sliding window to test its mask"
+    q_rows, na_rows = scorer.query_rows(prompt, all_heads(lm), reuse_prefix=reuse_prefix)
+    torch.testing.assert_close(q_rows, eager_rows(ref, prompt, prompt.query_ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(na_rows, eager_rows(ref, prompt, prompt.na_ids), atol=1e-5, rtol=0)
+
+
+def test_kv_prefix_reuse_gives_full_pass_hidden_states(setup):
+    """The mask trap: a custom attention name without its mask function breaks cached suffixes."""
+    _, lm, scorer, _ = setup
+    b = scorer.builder
+    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    last = lm.num_layers - 1
+    full = scorer._forward(prompt.prefix_ids + prompt.query_ids, None, last, keep_output=True)
+    cache = scorer._new_cache()
+    scorer._forward(prompt.prefix_ids, cache, last)
+    suffix = scorer._forward(prompt.query_ids, scorer._fork(cache), last, keep_output=True)
+    torch.testing.assert_close(suffix[0], full[0, prompt.prefix_len:], atol=1e-4, rtol=1e-4)
+
+
+def test_calibrated_score_equals_two_full_passes(setup):
+    _, lm, scorer, ref = setup
+    S = scorer.score(QUERY, DOCS)
+    b = scorer.builder
+    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    q, na = eager_rows(ref, prompt, prompt.query_ids), eager_rows(ref, prompt, prompt.na_ids)
+    L, H = lm.num_layers, lm.num_heads
+    expected = mask_outliers_and_sum(q - na, prompt.doc_spans).reshape(L, H, -1)
+    expected_raw = mask_outliers_and_sum(q, prompt.doc_spans).reshape(L, H, -1)
+    torch.testing.assert_close(S.calibrated, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(S.raw, expected_raw, atol=1e-5, rtol=0)
+    assert S.computed.all()
+
+
+def test_head_subset_is_slice_and_exits_early(setup):
+    _, lm, scorer, _ = setup
+    full = scorer.score(QUERY, DOCS)
+    subset = [(0, 1), (1, 3), (1, 0)]
+    calls = [0] * lm.num_layers
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(scorer.layers)]
+    try:
+        part = scorer.score(QUERY, DOCS, heads=subset)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[:2] == [3, 3]  # prefix + two suffixes
+    assert sum(calls[2:]) == 0, f"layers after the deepest selected one ran: {calls}"
+    for lay, h in subset:
+        torch.testing.assert_close(part.calibrated[lay, h], full.calibrated[lay, h], atol=1e-6, rtol=0)
+    mask = part.computed
+    assert int(mask.sum()) == 3 and torch.isnan(part.calibrated[~mask]).all()
+
+
+def test_spans_decode_to_documents(setup):
+    _, lm, scorer, _ = setup
+    b = scorer.builder
+    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    for (s, e), doc in zip(prompt.doc_spans, DOCS):
+        assert lm.tokenizer.decode(prompt.prefix_ids[s:e]).strip() == doc
+    assert lm.tokenizer.decode(prompt.query_ids).strip() == QUERY
+    assert lm.tokenizer.decode(prompt.na_ids).strip() == "N/A"
+
+
+def test_windows_keep_order_within_window(setup):
+    """Scores of a window equal that window scored alone, times len(window)/n: a positive factor keeps order."""
+    _, lm, _, _ = setup
+    scorer = HeadScorer(lm, max_doc_tokens=None, max_prompt_tokens=320)
+    S = scorer.score(QUERY, DOCS)
+    assert len(S.windows) > 1 and sorted(i for w in S.windows for i in w) == list(range(len(DOCS)))
+    for win in S.windows:
+        alone = scorer.score(QUERY, [DOCS[i] for i in win])
+        factor = len(win) / len(DOCS)
+        torch.testing.assert_close(S.calibrated[:, :, win], alone.calibrated * factor, atol=1e-6, rtol=0)
+        order = torch.argsort(alone.calibrated.sum((0, 1)))
+        assert torch.equal(torch.argsort(S.calibrated[:, :, win].sum((0, 1))), order)
+
+
+def test_deterministic(setup):
+    _, _, scorer, _ = setup
+    a, b = scorer.score(QUERY, DOCS), scorer.score(QUERY, DOCS)
+    assert torch.equal(a.calibrated, b.calibrated)
+
+
+def test_mask_outliers_hand_computed():
+    # nine 1s and a -5: mean 0.4, population std 1.8, threshold 0.4 - 3.6 = -3.2: the -5 is masked, sum 9
+    x = torch.tensor([[1.0] * 9 + [-5.0, 4.0]])
+    assert torch.allclose(mask_outliers_and_sum(x, [(0, 10)]), torch.tensor([[9.0]]))
+    # two documents at once; a one-token document keeps its token
+    assert torch.allclose(mask_outliers_and_sum(x, [(10, 11), (0, 10)]), torch.tensor([[4.0, 9.0]]))
+
+
+def test_plan_windows_balanced_and_errors():
+    assert plan_windows([10] * 4, 2, 10, 1000) == [[0, 1, 2, 3]]
+    assert plan_windows([10] * 5, 2, 10, 40) == [[0, 1], [2], [3, 4]]
+    with pytest.raises(RouteheadError, match="document 1 needs"):
+        plan_windows([10, 500], 2, 10, 100)
+
+
+def test_bad_input_is_clear(setup):
+    _, _, scorer, _ = setup
+    with pytest.raises(RouteheadError, match="query is empty"):
+        scorer.score("  ", DOCS)
+    with pytest.raises(RouteheadError, match="no documents"):
+        scorer.score(QUERY, [])
+    with pytest.raises(RouteheadError, match="not a string"):
+        scorer.score(QUERY, ["ok", 3])
+    with pytest.raises(ValueError, match="outside this model"):
+        scorer.score(QUERY, DOCS, heads=[(99, 0)])

@@ -1,0 +1,65 @@
+"""Tiny random models of real architectures and a byte-level tokenizer: engine tests without downloads."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from routehead.model import LoadedModel, wrap_model
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def byte_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """Every byte is a token, so any text round-trips exactly; four special tokens on top."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    specials = ["<s>", "</s>", "<|user|>", "<|end|>", "<|assistant|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=specials[2:])
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(family: str):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    if family == "llama":
+        return LlamaConfig(num_hidden_layers=4, num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return Qwen2Config(num_hidden_layers=4, num_key_value_heads=1, **common)
+    if family == "gemma3":
+        # sliding_window=16: most layers see only the last 16 keys, so the model's own mask matters.
+        return Gemma3TextConfig(num_hidden_layers=6, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                **common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, attn: str = "sdpa", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_lm(family: str, chat: bool = True) -> LoadedModel:
+    return wrap_model(tiny_model(family), byte_tokenizer(chat), name=f"tiny-{family}")
+
+
+def eager_twin(lm: LoadedModel, family: str):
+    """The same weights with eager attention, for output_attentions=True references."""
+    ref = tiny_model(family, attn="eager")
+    ref.load_state_dict(lm.model.state_dict())
+    return ref.eval()
