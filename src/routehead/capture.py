@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 ATTN_NAME = "routehead_capture"
 
-_RECORDER: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar("routehead_recorder", default=None)
+_RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("routehead_recorder", default=None)
 _registered = False
 
 

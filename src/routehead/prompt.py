@@ -13,14 +13,16 @@ naturally would, so the tokens are the ones the model would see in running text.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from routehead.errors import RouteheadError
 
 PROMPT_VERSION = "icr-v1"
 INSTRUCTION = "Here are some paragraphs:\n\n"
-LATE_INSTRUCTION = "\nPlease find information that are relevant to the following query in the paragraphs above.\n\nQuery:"
+LATE_INSTRUCTION = ("\nPlease find information that are relevant to the following query in the paragraphs above."
+                    "\n\nQuery:")
 NA_QUERY = "N/A"
 _SENTINEL = "\u2063ROUTEHEAD_USER_CONTENT\u2063"
 

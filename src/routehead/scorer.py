@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -162,7 +163,8 @@ class HeadScorer:
     def _score_prompt(self, prompt: Prompt, heads: list[Head]) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated and raw scores ``[len(heads), docs]`` for one prompt."""
         q_rows, na_rows = self.query_rows(prompt, heads)
-        return mask_outliers_and_sum(q_rows - na_rows, prompt.doc_spans), mask_outliers_and_sum(q_rows, prompt.doc_spans)
+        cal = mask_outliers_and_sum(q_rows - na_rows, prompt.doc_spans)
+        return cal, mask_outliers_and_sum(q_rows, prompt.doc_spans)
 
     # -- public -------------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None) -> HeadScores:

@@ -1,0 +1,280 @@
+"""Command line: ``routehead rerank | score | evaluate | detect | train | plot | serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from routehead.errors import RouteheadError
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------
+def read_documents(path: str) -> list[str]:
+    """Documents from JSONL (``text``, optional ``title``), TSV (``id<TAB>text``: the last column) or plain lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise RouteheadError(f"documents file not found: {path}")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    docs = []
+    for i, line in enumerate(lines, 1):
+        if p.suffix == ".jsonl" or line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+                text = obj["text"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RouteheadError(f"{path}:{i}: expected a JSON object with a 'text' field ({exc})") from None
+            title = obj.get("title") or ""
+            docs.append(f"{title}. {text}".strip() if title else str(text))
+        elif p.suffix == ".tsv":
+            docs.append(line.split("\t")[-1])
+        else:
+            docs.append(line)
+    if not docs:
+        raise RouteheadError(f"{path} holds no documents")
+    return docs
+
+
+def _model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help="hub id, local folder, .gguf file, or an embedded name "
+                    "(smollm2-135m [default], gemma3-270m)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
+    ap.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def _data_args(ap: argparse.ArgumentParser, split: str) -> None:
+    ap.add_argument("--data", required=True, help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/)")
+    ap.add_argument("--split", default=split)
+    ap.add_argument("--top-k", type=int, default=20, help="candidates re-ranked per query (default 20)")
+    ap.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick runs)")
+    ap.add_argument("--max-doc-tokens", type=int, default=160, help="per-document truncation (default 160)")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def _scored(args: argparse.Namespace, compute: bool = True) -> tuple[Any, Any]:
+    from routehead.collect import score_collection
+    from routehead.data import load_collection
+    from routehead.model import load_model
+    from routehead.scorer import HeadScorer
+
+    coll = load_collection(args.data, args.split)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
+    shard, num = getattr(args, "shard", (0, 1))
+    sc = score_collection(coll, scorer if compute else None, scorer.settings(), top_k=args.top_k,
+                          max_queries=args.max_queries, shard=shard, num_shards=num, progress=not args.no_progress)
+    return sc, scorer
+
+
+# -- commands --------------------------------------------------------------------------------------------------
+def cmd_rerank(args: argparse.Namespace) -> None:
+    from routehead.api import Reranker
+
+    docs = read_documents(args.docs)
+    rr = Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
+                  max_doc_tokens=args.max_doc_tokens, device=args.device, dtype=args.dtype,
+                  trust_remote_code=args.trust_remote_code)
+    r = rr.rerank(args.query, docs)
+    n = len(r.indices) if args.top_k is None else args.top_k
+    results = [{"index": i, "score": s, "text": docs[i]} for i, s in zip(r.indices[:n], r.scores[:n])]
+    if args.json:
+        out: dict[str, Any] = {"results": results, "model": rr.lm.name, "method": rr.method}
+        if r.heads is not None and rr.method != "icr":
+            out["heads"] = [list(h) for h in r.heads]
+        print(json.dumps(out, ensure_ascii=False))
+        return
+    print(f"{rr.method} on {rr.lm.name}" + (f", heads {r.heads}" if r.heads and rr.method != "icr" else ""))
+    print(f"{'rank':>4} {'index':>5} {'score':>10}  text")
+    for rank, item in enumerate(results, 1):
+        text = item["text"].replace("\n", " ")
+        print(f"{rank:>4} {item['index']:>5} {item['score']:>10.4f}  {text[:100]}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    sc, _ = _scored(args)
+    print(f"{len(sc.entries)} queries stored for {sc.collection.name}/{sc.collection.split}")
+
+
+def cmd_detect(args: argparse.Namespace) -> None:
+    from routehead.evaluate import detect_heads
+    from routehead.heads import save_heads
+
+    sc, scorer = _scored(args)
+    heads, q = detect_heads(sc, args.top)
+    save_heads(args.out, heads, scorer.lm.identity(), norm=args.norm, max_doc_tokens=args.max_doc_tokens,
+               detected_on=f"{sc.collection.name}/{sc.collection.split}", n_queries=len(sc.entries),
+               quality=[round(float(q[a, b]), 4) for a, b in heads])
+    print(f"top {args.top} heads by nDCG@10 alone on {len(sc.entries)} queries -> {args.out}")
+    for a, b in heads:
+        print(f"  layer {a:2d} head {b:2d}  nDCG@10 {q[a, b]:.4f}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from routehead.train import TrainSettings, fit_router
+
+    sc, scorer = _scored(args)
+    router, info = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling, norm=args.norm,
+                              use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
+                              settings=TrainSettings(sparsity=args.sparsity, seed=args.seed))
+    router.save(args.out)
+    if args.labels_out:
+        Path(args.labels_out).write_text(json.dumps({"labels": info["labels"], "dev_ids": info["dev_ids"]}))
+    t = router.config.training
+    print(f"router -> {args.out}: dev nDCG@10 {t['dev_ndcg@10']:.4f}, threshold {router.config.threshold}, "
+          f"{t['labelled']} labelled train queries, {t['dev_queries']} dev queries")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from routehead.api import default_heads_path, default_router_path
+    from routehead.evaluate import dense_scores, format_table, make_run, query_embeddings, report, save_json
+    from routehead.heads import load_heads
+    from routehead.router import load_router
+
+    sc, scorer = _scored(args)
+    identity = scorer.lm.identity()
+    runs, extra = {}, {}
+    for name in args.reranker:
+        if name in ("static", "single"):
+            path = args.heads or default_heads_path(scorer.lm.name)
+            heads, body = load_heads(path, identity)
+            if name == "single":
+                heads = heads[:1]
+            runs[name] = make_run(sc, name, heads=heads, norm=body.get("norm", "sum"))
+        elif name == "route":
+            router = load_router(args.router or default_router_path(scorer.lm.name), identity)
+            emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
+            sizes: list[int] = []
+            runs[name] = make_run(sc, "route", router=router, embeddings=emb, routed_sizes=sizes)
+            extra["route_mean_heads"] = sum(sizes) / max(len(sizes), 1)
+        elif name == "dense":
+            runs[name] = make_run(sc, "dense", dense_scores=dense_scores(sc))
+        else:
+            runs[name] = make_run(sc, name)
+    rep = report(sc, runs, baselines=[b for b in ("bm25", "icr", "static") if b in runs])
+    rep.update(extra)
+    if args.out:
+        save_json(rep, args.out)
+    if args.json:
+        single = len(args.reranker) == 1
+        if single:
+            name = args.reranker[0]
+            print(json.dumps({"dataset": rep["dataset"], "split": rep["split"], "reranker": name,
+                              "n_queries": rep["n_queries"], "metrics": rep["rerankers"][name]["metrics"], **extra}))
+        else:
+            print(json.dumps(rep))
+    else:
+        print(format_table(rep))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from routehead.plots import head_maps
+
+    sc, scorer = _scored(args)
+    paths = head_maps(sc, scorer, args.out, router_path=args.router)
+    for p in paths:
+        print(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from routehead.api import Reranker
+    from routehead.server import Limits, serve
+
+    def factory() -> Reranker:
+        return Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
+                        device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    serve(factory, host=args.host, port=args.port,
+          limits=Limits(max_documents=args.max_documents, max_document_chars=args.max_document_chars))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="routehead", description="Attention-based re-ranking with LLMs: ICR, static "
+                                 "heads (QRHead) and per-query head routing (RouteHead).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("rerank", help="re-rank documents for one query")
+    p.add_argument("--query", required=True)
+    p.add_argument("--docs", required=True, help="JSONL with 'text' (and optional 'title'), TSV, or one doc per line")
+    p.add_argument("--method", default="route", choices=["route", "static", "icr"])
+    p.add_argument("--router", default=None, help="router .safetensors (default: the one shipped for the model)")
+    p.add_argument("--heads", default=None, help="head-set JSON for --method static (default: the shipped one)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-doc-tokens", type=int, default=None)
+    p.add_argument("--json", action="store_true", help='print {"results": [{"index","score","text"}...]}')
+    _model_args(p)
+    p.set_defaults(func=cmd_rerank)
+
+    p = sub.add_parser("score", help="compute and store S[layer, head, doc] for a collection (resumable)")
+    _data_args(p, "test")
+    _model_args(p)
+    p.add_argument("--shard", type=lambda s: tuple(int(x) for x in s.split("/")), default=(0, 1),
+                   help="i/n: score only every n-th query starting at i (split work across processes)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", help="metrics of re-rankers on a BEIR folder")
+    _data_args(p, "test")
+    _model_args(p)
+    p.add_argument("--reranker", nargs="+", default=["route"],
+                   choices=["bm25", "dense", "icr", "static", "single", "route", "oracle"])
+    p.add_argument("--heads", default=None, help="head-set JSON for static/single (default: shipped)")
+    p.add_argument("--router", default=None, help="router for route (default: shipped)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="also write the full report as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("detect", help="QRHead-style static heads: the top heads by nDCG@10 on a detection split")
+    _data_args(p, "train")
+    _model_args(p)
+    p.add_argument("--top", type=int, default=16)
+    p.add_argument("--norm", default="sum", choices=["sum", "z"], help="aggregation of the selected heads")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("train", help="pseudo labels + router training on a train split (dev carved from it)")
+    _data_args(p, "train")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="router .safetensors")
+    p.add_argument("--labels-out", default=None, help="also write the pseudo labels as JSON")
+    p.add_argument("--embed-layer", type=int, default=15)
+    p.add_argument("--pooling", default="mean", choices=["mean", "last"])
+    p.add_argument("--norm", default="z", choices=["sum", "z"])
+    p.add_argument("--use-first-stage", action="store_true", help="let the router also route the first-stage score")
+    p.add_argument("--label-max-heads", type=int, default=4)
+    p.add_argument("--sparsity", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="head maps (PNG): per-head nDCG@10 and router picks")
+    _data_args(p, "test")
+    _model_args(p)
+    p.add_argument("--router", default=None)
+    p.add_argument("--out", default="results/plots")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("serve", help="HTTP re-rank service (POST /rerank, GET /health)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--method", default="route", choices=["route", "static", "icr"])
+    p.add_argument("--router", default=None)
+    p.add_argument("--heads", default=None)
+    p.add_argument("--max-documents", type=int, default=1000)
+    p.add_argument("--max-document-chars", type=int, default=20000)
+    _model_args(p)
+    p.set_defaults(func=cmd_serve)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RouteheadError as exc:
+        print(f"routehead: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Head maps: which heads do the work (per-head nDCG@10) and which the router picks, as PNG heatmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def heatmap(values: np.ndarray, title: str, path: Path, label: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, H = values.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * H + 2), max(4.0, 0.22 * L + 1.5)))
+    im = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(H))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def head_maps(sc: Any, scorer: Any, out_dir: str | Path, router_path: str | Path | None = None) -> list[Path]:
+    """Per-head nDCG@10 over the stored queries and, with a router, how often it routes each head."""
+    from routehead.evaluate import detect_heads, query_embeddings
+    from routehead.router import load_router
+
+    out = Path(out_dir)
+    tag = f"{sc.collection.name}-{sc.collection.split}-{scorer.lm.name}".replace("/", "_")
+    _, quality = detect_heads(sc)
+    paths = [heatmap(quality, f"per-head nDCG@10 alone: {sc.collection.name} {sc.collection.split} "
+                     f"({len(sc.entries)} queries, {scorer.lm.name})", out / f"heads-ndcg-{tag}.png", "nDCG@10")]
+    if router_path is not None:
+        router = load_router(router_path, scorer.lm.identity())
+        cfg = router.config
+        emb = query_embeddings(sc, scorer, cfg.embed_layer, cfg.pooling)
+        counts = np.zeros(cfg.num_layers * cfg.num_heads)
+        for qid in sorted(sc.entries):
+            for i in router.select(router.probabilities(emb[qid])[0]):
+                if i < len(counts):
+                    counts[i] += 1
+        share = counts.reshape(cfg.num_layers, cfg.num_heads) / max(len(sc.entries), 1)
+        paths.append(heatmap(share, f"router picks: {sc.collection.name} {sc.collection.split} ({scorer.lm.name})",
+                             out / f"router-picks-{tag}.png", "share of queries"))
+    return paths

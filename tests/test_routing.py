@@ -1,0 +1,171 @@
+"""Head selection, pseudo labels, the router, its checkpoints, and routed inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from routehead.api import Reranker
+from routehead.errors import RouteheadError
+from routehead.heads import aggregate, load_heads, ndcg_at_k, save_heads, zscore
+from routehead.labels import Query, greedy_label, quality
+from routehead.metrics import evaluate_run
+from routehead.router import Router, RouterConfig, load_router
+from routehead.train import TrainSettings, train_router
+from tests.tiny import tiny_lm
+
+DOCS = ["Amylase digests starch into sugar.", "Paris is in France.", "Lipase digests fat.",
+        "Starch is made of glucose.", "The sky is blue."]
+
+
+def test_ndcg_hand_computed():
+    # ranking by score: d2 (grade 0), d0 (grade 1), d1 (grade 2); two more relevant docs exist (grades 1, 1)
+    scores = np.array([0.5, 0.1, 0.9])
+    gains = np.array([1.0, 2.0, 0.0])
+    dcg = 0 / np.log2(2) + 1 / np.log2(3) + 2 / np.log2(4)
+    idcg = 2 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4) + 1 / np.log2(5)
+    assert ndcg_at_k(scores, gains, [1, 2, 1, 1]) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k(scores, gains, [0, 0]) == 0.0
+
+
+def test_ndcg_matches_ranx():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.normal(size=12)
+        gains = rng.integers(0, 3, size=12).astype(float)
+        extra = {f"x{i}": int(g) for i, g in enumerate(rng.integers(1, 3, size=2))}  # judged, not retrieved
+        qrels = {"q": {**{f"d{i}": int(g) for i, g in enumerate(gains) if g > 0}, **extra}}
+        if not any(v > 0 for v in qrels["q"].values()):
+            continue
+        run = {"q": {f"d{i}": float(s) for i, s in enumerate(scores)}}
+        expected = evaluate_run(qrels, run, ["ndcg@10"])["ndcg@10"]
+        assert ndcg_at_k(scores, gains, list(qrels["q"].values())) == pytest.approx(expected, abs=1e-9)
+
+
+def test_aggregate_sum_and_z():
+    S = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)
+    assert np.allclose(aggregate(S, None), S.reshape(-1, 4).sum(0))
+    assert np.allclose(aggregate(S, [(0, 1), (1, 2)]), S[0, 1] + S[1, 2])
+    assert np.allclose(aggregate(S, [(0, 1)], "z"), zscore(S[0, 1][None])[0])
+
+
+def test_head_set_file_round_trip_and_identity(tmp_path):
+    ident = {"model": "m", "num_layers": 2, "num_heads": 3}
+    save_heads(tmp_path / "h.json", [(0, 1), (1, 2)], ident, norm="z")
+    heads, body = load_heads(tmp_path / "h.json", ident)
+    assert heads == [(0, 1), (1, 2)] and body["norm"] == "z"
+    with pytest.raises(RouteheadError, match="another model"):
+        load_heads(tmp_path / "h.json", {**ident, "model": "other"})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(RouteheadError, match="not a routehead head-set"):
+        load_heads(tmp_path / "bad.json")
+
+
+def _query(signals, gains, qid="q"):
+    gains = np.asarray(gains, dtype=float)
+    return Query(qid, np.asarray(signals, dtype=float), gains, [g for g in gains if g > 0])
+
+
+def test_greedy_label_stops_when_no_gain_and_breaks_ties_by_prior():
+    # doc 0 is relevant. signals 1 and 2 both rank it first (tie at nDCG 1); signal 0 ranks it last.
+    q = _query([[0, 1, 2], [3, 1, 0], [2, 1, 0]], [1, 0, 0])
+    chosen, best = greedy_label(q, prior=np.array([0.9, 0.1, 0.5]))
+    assert chosen == [2] and best == 1.0  # tie between 1 and 2 -> higher prior (2); nothing improves on 1.0
+    chosen, _ = greedy_label(q, prior=np.array([0.9, 0.6, 0.5]))
+    assert chosen == [1]
+    # no signal puts the relevant doc in the top 10 -> uninformative, empty label
+    q0 = _query([[5] + [0] * 11 + [-1]] * 2, [0] * 12 + [1])
+    assert greedy_label(q0, np.array([0.5, 0.5]))[0] == []
+
+
+def _identity(L=2, H=2, hidden=8):
+    return {"model": "toy", "num_layers": L, "num_heads": H, "hidden_size": hidden}
+
+
+def test_router_select_threshold_cap_and_fallback():
+    r = Router(RouterConfig(identity=_identity(), embed_layer=0, threshold=0.5, max_heads=2))
+    assert r.select(np.array([0.9, 0.2, 0.7, 0.6])) == [0, 2]
+    assert r.select(np.array([0.1, 0.2, 0.3, 0.05])) == [2]  # none passes: the most probable one
+    assert r.heads_of([3, 0]) == ([(0, 0), (1, 1)], False)
+
+
+def test_router_checkpoint_round_trip_and_refusals(tmp_path):
+    cfg = RouterConfig(identity=_identity(), embed_layer=1, use_first_stage=True)
+    r = Router(cfg, prior=np.array([0.5, 0.1, 0.2, 0.3, 0.9]))
+    r.save(tmp_path / "r.safetensors")
+    back = load_router(tmp_path / "r.safetensors", _identity())
+    x = torch.randn(3, 8)
+    assert torch.equal(back(x), r(x)) and back.config == r.config
+    with pytest.raises(RouteheadError, match="another model"):
+        load_router(tmp_path / "r.safetensors", _identity(L=3))
+    (tmp_path / "c.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(RouteheadError, match="not a valid routehead router"):
+        load_router(tmp_path / "c.safetensors")
+    with pytest.raises(RouteheadError, match="not found"):
+        load_router(tmp_path / "missing.safetensors")
+
+
+def test_router_learns_query_dependent_heads():
+    """Two kinds of query; each has its own good head. The trained router must route by kind."""
+    rng = np.random.default_rng(0)
+    hidden, n = 8, 4
+
+    def make(kind, i):
+        emb = rng.normal(size=hidden) + (3.0 if kind else -3.0) * np.array([1, -1] * (hidden // 2))
+        signals = rng.normal(size=(n, 6))
+        good = 1 if kind else 2
+        signals[good] = np.array([5, 0, 0, 0, 0, 0]) + 0.1 * rng.normal(size=6)
+        signals[[i for i in range(n) if i != good]] *= -1  # the wrong head puts doc 0 last more often
+        signals[[i for i in range(n) if i != good], 0] = -10
+        return emb, _query(signals, [1, 0, 0, 0, 0, 0], f"{kind}-{i}"), good
+
+    data = [make(i % 2, i) for i in range(80)]
+    emb = torch.tensor(np.stack([d[0] for d in data]), dtype=torch.float32)
+    labels = np.zeros((80, n))
+    for i, d in enumerate(data):
+        labels[i, d[2]] = 1
+    cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, max_heads=1)
+    prior = quality([d[1] for d in data])
+    router, hist = train_router(cfg, np.full(n, 0.25), emb[:60], labels[:60], emb[60:], [d[1] for d in data[60:]],
+                                TrainSettings(epochs=200, eval_every=10, patience=20))
+    assert hist[-1]["dev_ndcg@10"] >= hist[0]["dev_ndcg@10"]
+    assert router.config.training["dev_ndcg@10"] == pytest.approx(1.0)
+    assert prior.shape == (n,)
+
+
+@pytest.fixture(scope="module")
+def tiny_router_reranker(tmp_path_factory):
+    lm = tiny_lm("llama")
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, threshold=0.0, max_heads=3, norm="z",
+                       max_doc_tokens=None)
+    path = tmp_path_factory.mktemp("r") / "router.safetensors"
+    Router(cfg, prior=np.linspace(0.1, 0.9, lm.num_layers * lm.num_heads)).save(path)
+    return Reranker(model=lm, method="route", router=path)
+
+
+def test_routed_scores_equal_selection_over_full_tensor(tiny_router_reranker):
+    rr = tiny_router_reranker
+    query = "which enzyme digests starch?"
+    r = rr.rerank(query, DOCS)
+    assert r.heads and max(lay for lay, _ in r.heads) < rr.lm.num_layers
+    full = rr.scorer.score(query, DOCS)  # all heads, no early exit
+    expected = aggregate(full.calibrated.numpy(), r.heads, "z")
+    got = np.empty(len(DOCS))
+    got[r.indices] = r.scores
+    assert np.allclose(got, expected, atol=1e-5)
+    assert r.indices == list(np.argsort(-expected, kind="stable"))
+
+
+def test_router_for_another_model_is_refused(tmp_path):
+    lm = tiny_lm("llama")
+    cfg = RouterConfig(identity={**lm.identity(), "num_layers": 7}, embed_layer=1)
+    Router(cfg).save(tmp_path / "r.safetensors")
+    with pytest.raises(RouteheadError, match="another model"):
+        Reranker(model=lm, method="route", router=tmp_path / "r.safetensors")
+
+
+def test_rank_is_crossencoder_shaped(tiny_router_reranker):
+    out = tiny_router_reranker.rank("starch", DOCS, top_k=2)
+    assert len(out) == 2 and set(out[0]) == {"corpus_id", "score", "text"}
+    assert out[0]["text"] == DOCS[out[0]["corpus_id"]] and out[0]["score"] >= out[1]["score"]
