@@ -161,6 +161,27 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: torch.device) -> tuple[An
     return model.to(device), tok
 
 
+def load_tokenizer(model: str | os.PathLike | None = None) -> Any:
+    """Only the tokenizer of a model (same resolution as :func:`load_model`); cheap for embedded GGUFs once cached."""
+    from transformers import AutoTokenizer
+
+    spec = str(model) if model is not None else DEFAULT_MODEL
+    try:
+        if spec in EMBEDDED or spec.endswith(".gguf"):
+            path = embedded_gguf(spec) if spec in EMBEDDED else Path(spec)
+            cached = cache_root() / "tokenizers" / _gguf_cache_dir(path, torch.float32).name
+            if (cached / "tokenizer_config.json").exists():
+                return AutoTokenizer.from_pretrained(cached)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tok.save_pretrained(cached)
+            return tok
+        return AutoTokenizer.from_pretrained(spec)
+    except RouteheadError:
+        raise
+    except Exception as exc:
+        raise RouteheadError(f"could not load the tokenizer of {spec!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     *,
