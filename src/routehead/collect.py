@@ -65,5 +65,7 @@ def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_s
                     continue
                 S = scorer.score(collection.queries[qid], [collection.doc_text(d) for d in doc_ids])
                 store.add(qid, doc_ids, S.calibrated.numpy(), S.raw.numpy())
-    entries = {q: e for q, e in store.load().items() if q in set(qids)}
+    keep = set(qids)
+    entries = {q: e for q, e in store.load().items() if q in keep}
+    fs = {q: c for q, c in fs.items() if q in keep}
     return ScoredCollection(collection=collection, first_stage=fs, entries=entries, settings=settings)

@@ -76,7 +76,8 @@ def train_router(config: RouterConfig, prior: np.ndarray, train_emb: torch.Tenso
         if epoch % s.eval_every == 0:
             router.eval()
             t, d, n = best_threshold(router, dev_emb, dev_queries)
-            history.append({"epoch": epoch, "loss": float(loss.detach()), "dev_ndcg@10": d, "threshold": t, "routed": n})
+            history.append({"epoch": epoch, "loss": float(loss.detach()), "dev_ndcg@10": d, "threshold": t,
+                            "routed": n})
             if d > best[0] + 1e-6:
                 best, waited = (d, copy.deepcopy(router.state_dict()), t), 0
             else:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Speed of head scoring on one GPU, for a random-weight model of Llama-3.1-8B's shape (bf16, byte-level
+# tokenizer): per-method time and peak memory at ~2k/8k/16k/32k-token prompts, then sequential throughput at
+# 20 and 100 candidates. Installs nothing; needs torch + transformers (>= 5) with CUDA. Run from the repo root:
+#
+#     OUT=/some/dir bash bench/gpu_speed.sh        # JSON under $OUT (default results/speed)
+#
+# About 4-6 minutes on an H100 (model build ~20 s per step; eager is expected to run out of memory from
+# 8k tokens on: ~L*H*T^2 bf16 attentions). Each step writes its JSON as it goes, so a step cut short by its
+# timeout keeps the sizes it finished.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python}
+OUT=${OUT:-results/speed}
+mkdir -p "$OUT"
+MODEL=random:llama-3.1-8b
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_nvidia_smi.csv" 2>&1 || true
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')" \
+  2>&1 | tee "$OUT/gpu_versions.txt"
+
+echo "== sizes: bare / full / static16 / routed / eager at 2048 8192 16384 32768 tokens"
+timeout 330 "$PY" bench/speed.py --model "$MODEL" --device cuda --tokens 2048 8192 16384 32768 \
+  --repeats 3 --warmup 1 --json --out "$OUT/gpu_llama8b_sizes.json" \
+  > "$OUT/gpu_llama8b_sizes.stdout" 2> "$OUT/gpu_llama8b_sizes.stderr"
+echo "sizes rc=$?"; tail -3 "$OUT/gpu_llama8b_sizes.stderr"
+
+echo "== throughput: 20 and 100 candidates (~170 tokens each), 10 queries, sequential"
+timeout 200 "$PY" bench/speed.py --model "$MODEL" --device cuda --no-methods --throughput \
+  --candidates 20 100 --queries 10 --throughput-methods full static16 routed --json \
+  --out "$OUT/gpu_llama8b_throughput.json" \
+  > "$OUT/gpu_llama8b_throughput.stdout" 2> "$OUT/gpu_llama8b_throughput.stderr"
+echo "throughput rc=$?"; tail -3 "$OUT/gpu_llama8b_throughput.stderr"
+
+"$PY" - "$OUT" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for name in ("gpu_llama8b_sizes.json", "gpu_llama8b_throughput.json"):
+    p = out / name
+    if not p.exists():
+        print(name, "missing"); continue
+    d = json.loads(p.read_text())
+    for r in d.get("runs", []):
+        print(f"{r['prompt_tokens']:>6} tok  bare {r.get('bare_s')}  full/bare {r.get('full_over_bare')}  "
+              f"routed/full {r.get('routed_over_full')}  eager/bare {r.get('eager_over_bare')}  "
+              f"mem full/bare {r.get('peak_mem_over_bare')}  peak MB {r.get('peak_mem_mb')}")
+    if "throughput" in d:
+        print(json.dumps(d["throughput"], indent=1))
+PYEOF

@@ -1,0 +1,103 @@
+"""Detect the static heads and train the shipped router on scifact train; choose every setting on dev.
+
+    python bench/train_router.py [--model smollm2-135m] [--ship]
+
+Uses only scifact *train* queries already in the head-score store (bench/collect_scores.py fills it); dev is
+carved from them (20%, seeded). Writes results/router-grid-<model>.json with every configuration's dev nDCG@10,
+and with --ship copies the best router and the static head set into src/routehead/assets/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from routehead.collect import score_collection
+from routehead.data import load_collection, split_dev
+from routehead.evaluate import detect_heads, queries_for
+from routehead.heads import ndcg_at_k, save_heads
+from routehead.labels import quality
+from routehead.model import load_model
+from routehead.scorer import HeadScorer
+from routehead.train import TrainSettings, fit_router
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "routehead" / "assets"
+
+
+def static_dev(sc, heads, norm, dev_ids):
+    qs = queries_for(sc, norm, False, dev_ids)
+    L, H = sc.entries[dev_ids[0]].calibrated.shape[:2]
+    idx = [a * H + b for a, b in heads]
+    return float(np.mean([ndcg_at_k(q.signals[idx].sum(0), q.gains, q.ideal) for q in qs]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default="../shared/data/scifact")
+    ap.add_argument("--max-doc-tokens", type=int, default=160)
+    ap.add_argument("--ship", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="a smaller grid")
+    args = ap.parse_args()
+    lm = load_model(args.model)
+    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
+    coll = load_collection(args.data, "train")
+    sc = score_collection(coll, None, scorer.settings(), top_k=20)
+    ids = sorted(sc.entries)
+    tr_ids, dev_ids = split_dev(ids, dev_fraction=0.2, seed=0)
+    print(f"{len(ids)} stored train queries: {len(tr_ids)} train, {len(dev_ids)} dev")
+
+    # Static heads (QRHead-style): detected on the train part; top-k and aggregation chosen on dev.
+    static = []
+    for top, norm in itertools.product([1, 2, 4, 8, 16], ["sum", "z"]):
+        heads, qual = detect_heads(sc, top, tr_ids)
+        static.append({"top": top, "norm": norm, "dev_ndcg@10": static_dev(sc, heads, norm, dev_ids),
+                       "heads": [list(h) for h in heads]})
+    best16 = max((s for s in static if s["top"] == 16), key=lambda s: s["dev_ndcg@10"])
+    for s in static:
+        print(f"static top-{s['top']:2d} {s['norm']:3s}: dev nDCG@10 {s['dev_ndcg@10']:.4f}")
+    prior = quality(queries_for(sc, "z", False, tr_ids))
+
+    grid = []
+    layers = [8, 15, 22] if not args.quick else [15]
+    for layer, norm, sparsity, label_max, fs in itertools.product(
+            layers, ["z", "sum"], [0.0, 0.05], [2, 4], [False, True]):
+        if fs and norm != "z":
+            continue
+        t = time.time()
+        router, info = fit_router(sc, scorer, embed_layer=layer, norm=norm, use_first_stage=fs,
+                                  max_heads=label_max, settings=TrainSettings(sparsity=sparsity))
+        row = {"embed_layer": layer, "norm": norm, "sparsity": sparsity, "label_max_heads": label_max,
+               "use_first_stage": fs, "dev_ndcg@10": router.config.training["dev_ndcg@10"],
+               "threshold": router.config.threshold, "epochs": router.config.training["epochs_run"],
+               "mean_label_size": router.config.training["mean_label_size"], "seconds": round(time.time() - t, 1)}
+        grid.append((row, router))
+        print(json.dumps(row))
+    best_pure = max((g for g in grid if not g[0]["use_first_stage"]), key=lambda g: g[0]["dev_ndcg@10"])
+    best_fs = max((g for g in grid if g[0]["use_first_stage"]), key=lambda g: g[0]["dev_ndcg@10"])
+    out = {"model": lm.name, "train_queries": len(tr_ids), "dev_queries": len(dev_ids), "static": static,
+           "static16_choice": {k: best16[k] for k in ("norm", "dev_ndcg@10")},
+           "prior_best_head": [int(np.argmax(prior)) // lm.num_heads, int(np.argmax(prior)) % lm.num_heads],
+           "grid": [g[0] for g in grid], "best": best_pure[0], "best_first_stage": best_fs[0]}
+    Path("results").mkdir(exist_ok=True)
+    Path(f"results/router-grid-{lm.name}.json").write_text(json.dumps(out, indent=1))
+    print("best pure:", best_pure[0])
+    print("best with first stage:", best_fs[0])
+    if args.ship:
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        best_pure[1].save(ASSETS / f"router-{lm.name}.safetensors")
+        best_fs[1].save(ASSETS / f"router-{lm.name}-fs.safetensors")
+        heads16 = [tuple(h) for h in best16["heads"]]
+        save_heads(ASSETS / f"heads-{lm.name}.json", heads16, lm.identity(), norm=best16["norm"],
+                   max_doc_tokens=args.max_doc_tokens, detected_on=f"scifact/train ({len(tr_ids)} queries)",
+                   chosen_on=f"scifact/train dev split ({len(dev_ids)} queries)")
+        print("shipped to", ASSETS)
+
+
+if __name__ == "__main__":
+    main()

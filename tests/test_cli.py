@@ -1,0 +1,73 @@
+"""The command line as a user runs it: real default model, the example files shipped in the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from routehead.cli import main, read_documents
+from routehead.errors import RouteheadError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "routehead.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_read_documents_formats(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"title": "T", "text": "body"}\n{"text": "two"}\n')
+    assert read_documents(str(tmp_path / "d.jsonl")) == ["T. body", "two"]
+    (tmp_path / "d.tsv").write_text("1\tfirst doc\n2\tsecond doc\n")
+    assert read_documents(str(tmp_path / "d.tsv")) == ["first doc", "second doc"]
+    (tmp_path / "d.txt").write_text("one\n\ntwo\n")
+    assert read_documents(str(tmp_path / "d.txt")) == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"title": "no text"}\n')
+    with pytest.raises(RouteheadError, match="bad.jsonl:1"):
+        read_documents(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(RouteheadError, match="no documents"):
+        read_documents(str(tmp_path / "empty.txt"))
+
+
+def test_missing_docs_file_is_a_clear_error(capsys):
+    assert main(["rerank", "--query", "q", "--docs", "/nonexistent.jsonl"]) == 2
+    assert "documents file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rerank_json_icr_on_default_model():
+    out = run_cli("rerank", "--query", "What lowers the risk of heart disease?", "--docs", "examples/docs.jsonl",
+                  "--method", "icr", "--json")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    docs = read_documents(str(ROOT / "examples/docs.jsonl"))
+    assert sorted(r["index"] for r in body["results"]) == list(range(len(docs)))
+    assert [r["text"] for r in body["results"]] == [docs[r["index"]] for r in body["results"]]
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    best = body["results"][0]["text"].lower()
+    assert "heart" in best or "cardiovascular" in best or "cholesterol" in best
+
+
+@pytest.mark.slow
+def test_evaluate_json_on_example_collection(tmp_path):
+    out = run_cli("evaluate", "--data", "examples/scifact-mini", "--split", "test", "--reranker", "icr",
+                  "--max-queries", "2", "--top-k", "5", "--json", "--no-progress",
+                  env={"ROUTEHEAD_STORE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["dataset"] == "scifact-mini" and body["reranker"] == "icr" and body["n_queries"] == 2
+    assert 0.0 <= body["metrics"]["ndcg@10"] <= 1.0 and "mrr@10" in body["metrics"]
+    assert list(tmp_path.rglob("shard-*.npz")), "the forward passes were not stored"
+
+
+def test_bad_data_folder_is_a_clear_error(tmp_path):
+    out = run_cli("evaluate", "--data", str(tmp_path / "nope"), "--reranker", "bm25")
+    assert out.returncode == 2 and "error" in out.stderr and "Traceback" not in out.stderr
