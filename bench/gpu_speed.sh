@@ -5,6 +5,9 @@
 #
 #     OUT=/some/dir bash bench/gpu_speed.sh        # JSON under $OUT (default results/speed)
 #
+# Overrides (for a dry run of this script on CPU: MODEL=random:tiny DEVICE=cpu TOKENS="256 512" QUERIES=2):
+# MODEL, DEVICE, TOKENS, QUERIES, PYTHON.
+#
 # About 4-6 minutes on an H100 (model build ~20 s per step; eager is expected to run out of memory from
 # 8k tokens on: ~L*H*T^2 bf16 attentions). Each step writes its JSON as it goes, so a step cut short by its
 # timeout keeps the sizes it finished.
@@ -14,22 +17,26 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_P
 PY=${PYTHON:-python}
 OUT=${OUT:-results/speed}
 mkdir -p "$OUT"
-MODEL=random:llama-3.1-8b
+MODEL=${MODEL:-random:llama-3.1-8b}
+DEVICE=${DEVICE:-cuda}
+TOKENS=${TOKENS:-2048 8192 16384 32768}
+QUERIES=${QUERIES:-10}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_nvidia_smi.csv" 2>&1 || true
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')" \
   2>&1 | tee "$OUT/gpu_versions.txt"
 
-echo "== sizes: bare / full / static16 / routed / eager at 2048 8192 16384 32768 tokens"
-timeout 330 "$PY" bench/speed.py --model "$MODEL" --device cuda --tokens 2048 8192 16384 32768 \
+echo "== sizes: bare / full / static16 / routed / eager at $TOKENS tokens ($MODEL on $DEVICE)"
+# shellcheck disable=SC2086  # TOKENS is a list
+timeout 330 "$PY" bench/speed.py --model "$MODEL" --device "$DEVICE" --tokens $TOKENS \
   --repeats 3 --warmup 1 --json --out "$OUT/gpu_llama8b_sizes.json" \
   > "$OUT/gpu_llama8b_sizes.stdout" 2> "$OUT/gpu_llama8b_sizes.stderr"
 echo "sizes rc=$?"; tail -3 "$OUT/gpu_llama8b_sizes.stderr"
 
-echo "== throughput: 20 and 100 candidates (~170 tokens each), 10 queries, sequential"
-timeout 200 "$PY" bench/speed.py --model "$MODEL" --device cuda --no-methods --throughput \
-  --candidates 20 100 --queries 10 --throughput-methods full static16 routed --json \
+echo "== throughput: 20 and 100 candidates (~170 tokens each), $QUERIES queries, sequential"
+timeout 200 "$PY" bench/speed.py --model "$MODEL" --device "$DEVICE" --no-methods --throughput \
+  --candidates 20 100 --queries "$QUERIES" --throughput-methods full static16 routed --json \
   --out "$OUT/gpu_llama8b_throughput.json" \
   > "$OUT/gpu_llama8b_throughput.stdout" 2> "$OUT/gpu_llama8b_throughput.stderr"
 echo "throughput rc=$?"; tail -3 "$OUT/gpu_llama8b_throughput.stderr"

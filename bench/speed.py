@@ -26,15 +26,19 @@ Methods, each timed per query (tokenization included) on the same prompt:
   attentions it must return (``(L + 3) * H * T^2`` elements, see :func:`eager_bytes`) exceed ``--eager-max-gb``
   (default: 80 % of MemAvailable) and is recorded as ``"OOM"`` with ``eager_note`` saying it was predicted.
 
-``--quick`` (a smoke run that fits ~3 minutes on a busy 2-core CPU, where one 20-document pass alone takes
-10-25 s): 6 documents (~1.1k tokens) instead of 20, 2 repeats, and memory measured in-process (no child
+``--quick`` (a smoke run that fits ~3 minutes on a busy 2-core CPU, where one 20-document pass takes 10 s or
+more): 6 documents (~1.1k tokens) instead of 20, 2 repeats, and memory measured in-process (no child
 processes, whose import + model load would cost ~15 s each). Use the default run for numbers to quote.
+
+Threads (``--threads auto``, the default): torch's default, lowered on CPU to the cores the 1-minute load
+average leaves free (at least 1); the count and the reason are in ``config``. See :func:`auto_threads`.
 
 Times: median over ``--repeats`` after ``--warmup`` untimed calls (CUDA synchronised). Ratios:
 ``full_over_bare``, ``routed_over_full``, ``routed_over_bare``, ``static16_over_bare``, ``eager_over_bare``.
 
-Peak memory (``peak_mem_mb``: the peak *above* what was held before the method started, i.e. above the
-weights; ``peak_mem_over_bare`` is ``full``'s over ``bare``'s, every method's is in ``peak_mem_over_bare_by_method``):
+Peak memory (``peak_mem_mb``: the peak during the timed repeats *above* what was held after the warm-up,
+i.e. above the weights and any one-time allocations; ``peak_mem_over_bare`` is ``full``'s over ``bare``'s,
+every method's is in ``peak_mem_over_bare_by_method``):
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` before, stats reset per method.
 - CPU (default ``--isolate``): every method runs in its own fresh child process (multiprocessing ``spawn``)
@@ -43,7 +47,8 @@ weights; ``peak_mem_over_bare`` is ``full``'s over ``bare``'s, every method's is
   warm-up and repeats. A fresh process means no allocator cache carried over from another method. Where
   ``clear_refs`` cannot be written the child's ``ru_maxrss`` is used instead (which includes the load peak:
   an upper bound, said in ``memory_method``). ``--no-isolate`` measures in-process with the same ``VmHWM``
-  reset (memory freed by an earlier method but kept by the allocator is reused: an underestimate).
+  reset, after glibc ``malloc_trim(0)`` hands freed heap back (memory an allocator still keeps is reused
+  without raising RSS: an underestimate).
 
 Documents: ``--docs`` (20) SciFact documents from ``<data-root>/scifact/corpus.jsonl`` (``title. text``, cut to
 ``--doc-words`` (120) words): the judged documents of the first test query, then corpus documents in file order;
@@ -71,6 +76,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -178,6 +184,8 @@ def random_lm(shape: str, device: str, dtype: str | None) -> LoadedModel:
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dt)
     finally:
         torch.set_default_dtype(prev)
+    if next(model.parameters()).device.type != dev.type:  # a transformers that ignored the device context
+        model = model.to(dev)
     return wrap_model(model, byte_tokenizer(), name=f"random:{shape}")
 
 
@@ -290,6 +298,23 @@ def docs_for_tokens(scorer: HeadScorer, tokens: int, n_docs: int | None, doc_tok
 
 
 # -- one prompt size, one method ------------------------------------------------------------------------------
+def auto_threads(device: str) -> tuple[int, str]:
+    """torch's default thread count, lowered to the cores other processes leave free (CPU runs only).
+
+    On a shared CPU, an OpenMP team larger than the free cores waits at every barrier for a descheduled
+    thread: on the busy 2-core development machine a 1.1k-token SmolLM2 pass took 11.4 s with 2 threads
+    and 3.2 s with 1 (``full``: 23.6 s vs 3.4 s).
+    """
+    n = torch.get_num_threads()
+    if device != "cpu" or not hasattr(os, "getloadavg"):
+        return n, "torch default"
+    load = os.getloadavg()[0]
+    free = max(1, math.floor((os.cpu_count() or n) - load + 0.5))
+    if free < n:
+        return free, f"auto: load average {load:.1f} on {os.cpu_count()} cores leaves {free} free"
+    return n, f"auto: torch default (load average {load:.1f})"
+
+
 def _sync(lm: LoadedModel) -> None:
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
@@ -365,48 +390,51 @@ def measure(name: str, scorer: HeadScorer, query: str, docs: list[str], warmup: 
                                           f"{eager_max_bytes / 2**30:.1f} GiB allowed (--eager-max-gb)")
             return res
     fn = method_fn(name, scorer, query, docs)
+    cuda = lm.device.type == "cuda"
     if name == "eager":
         lm.model.set_attn_implementation("eager")
-    gc.collect()
-    cuda = lm.device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize(lm.device)
-        before = torch.cuda.memory_allocated(lm.device)
-        torch.cuda.reset_peak_memory_stats(lm.device)
-        mem_how = "cuda max_memory_allocated"
-    else:
-        reset = _reset_peak_rss()
-        before = _proc_status("VmRSS") or 0
-        mem_how = "VmHWM after clear_refs" if reset else "ru_maxrss (includes load: upper bound)"
     times: list[float] = []
+    before = peak = 0
+    mem_how = ""
     try:
-        for i in range(warmup + repeats):
+        for _ in range(warmup):  # outside the memory window: one-time allocations are no method's cost
+            fn()
+        gc.collect()
+        _sync(lm)
+        if cuda:
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated(lm.device)
+            torch.cuda.reset_peak_memory_stats(lm.device)
+            mem_how = "cuda max_memory_allocated"
+        else:
+            mem_how = "VmHWM after clear_refs" if _reset_peak_rss() else "ru_maxrss (includes load: upper bound)"
+            before = _proc_status("VmRSS") or 0
+        for _ in range(repeats):
             _sync(lm)
             t = time.perf_counter()
             fn()
             _sync(lm)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU: RuntimeError "can't allocate memory"
-        msg = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
-        oom = isinstance(exc, torch.OutOfMemoryError) or "allocate memory" in str(exc) or "out of memory" in str(exc)
-        res.update(status="OOM" if oom else "error", note=msg)
-        return res
-    finally:
-        if name == "eager":
-            capture.install(lm.model)
+            times.append(time.perf_counter() - t)
         if cuda:
             peak = torch.cuda.max_memory_allocated(lm.device)
         elif mem_how.startswith("VmHWM"):
             peak = _proc_status("VmHWM") or 0
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        res.update(peak_mem_mb=max(peak - before, 0) / 2**20, mem_before_mb=before / 2**20, memory_method=mem_how)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU: RuntimeError "can't allocate memory"
+        text = str(exc)
+        oom = isinstance(exc, torch.OutOfMemoryError) or "allocate memory" in text or "out of memory" in text
+        res.update(status="OOM" if oom else "error",
+                   note=f"{type(exc).__name__}: {(text.splitlines() or [''])[0][:300]}")
+        return res
+    finally:
+        if name == "eager":
+            capture.install(lm.model)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    res.update(status="ok", times=times, median_s=statistics.median(times), min_s=min(times))
+    res.update(status="ok", times=times, median_s=statistics.median(times), min_s=min(times),
+               peak_mem_mb=max(peak - before, 0) / 2**20, mem_before_mb=before / 2**20, memory_method=mem_how)
     return res
 
 
@@ -480,6 +508,7 @@ def summarize(per: dict[str, dict[str, Any]], prompt_tokens: int, n_docs: int, s
     run["static16_over_bare"] = _ratio(run.get("static16_s"), run.get("bare_s"))
     run["eager_over_bare"] = _ratio(run.get("eager_s"), run.get("bare_s"))
     run["peak_mem_mb"] = mem
+    run["mem_before_mb"] = {m: r["mem_before_mb"] for m, r in per.items() if r.get("status") == "ok"}
     run["peak_mem_over_bare"] = _ratio(mem.get("full"), mem.get("bare"))
     run["peak_mem_over_bare_by_method"] = {m: _ratio(v, mem.get("bare")) for m, v in mem.items()}
     if "eager" in per and per["eager"].get("status") != "ok":
@@ -606,9 +635,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 5; --quick 2)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
-                    help="CPU smoke run: 6 documents (~1.1k tokens), 2 repeats, in-process memory, "
+                    help="smoke run: 6 documents (~1.1k tokens), 2 repeats, in-process memory, "
                          "3 throughput queries")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--threads", default="auto",
+                    help="torch threads, or 'auto' (default): fewer on a busy CPU, see auto_threads()")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="each method in a fresh spawned process (default: on for CPU, off for CUDA)")
     ap.add_argument("--eager-max-gb", type=float, default=None,
@@ -627,13 +657,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads == "auto":
+        threads, why = auto_threads(device)
+    else:
+        threads, why = int(args.threads), "--threads"
+    torch.set_num_threads(threads)
     isolate = args.isolate if args.isolate is not None else (device == "cpu" and not args.quick)
     eager_max = (int(args.eager_max_gb * 2**30) if args.eager_max_gb is not None
                  else int(0.8 * (_meminfo("MemAvailable") or 0)) or None)
     cfg: dict[str, Any] = {
-        "model": args.model, "device": device, "dtype": args.dtype, "threads": args.threads or torch.get_num_threads(),
+        "model": args.model, "device": device, "dtype": args.dtype, "threads": threads, "threads_reason": why,
         "tokens_mode": args.tokens is not None, "max_doc_tokens": args.max_doc_tokens,
         "docs": args.docs or (6 if args.quick else 20), "docs_explicit": args.docs, "doc_words": args.doc_words,
         "doc_tokens": args.doc_tokens, "data_root": args.data_root,

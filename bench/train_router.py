@@ -65,14 +65,14 @@ def main() -> None:
 
     grid = []
     layers = [8, 15, 22] if not args.quick else [15]
-    for layer, norm, sparsity, label_max, fs in itertools.product(
-            layers, ["z", "sum"], [0.0, 0.05], [2, 4], [False, True]):
-        if fs and norm != "z":
+    for layer, norm, sparsity, label_max, fs, kind in itertools.product(
+            layers, ["z", "sum"], [0.0, 0.05], [2, 4], [False, True], ["greedy", "soft"]):
+        if (fs and norm != "z") or (kind == "soft" and label_max != 4):
             continue
         t = time.time()
         router, info = fit_router(sc, scorer, embed_layer=layer, norm=norm, use_first_stage=fs,
-                                  max_heads=label_max, settings=TrainSettings(sparsity=sparsity))
-        row = {"embed_layer": layer, "norm": norm, "sparsity": sparsity, "label_max_heads": label_max,
+                                  max_heads=label_max, labels_kind=kind, settings=TrainSettings(sparsity=sparsity))
+        row = {"labels": kind, "embed_layer": layer, "norm": norm, "sparsity": sparsity, "label_max_heads": label_max,
                "use_first_stage": fs, "dev_ndcg@10": router.config.training["dev_ndcg@10"],
                "threshold": router.config.threshold, "epochs": router.config.training["epochs_run"],
                "mean_label_size": router.config.training["mean_label_size"], "seconds": round(time.time() - t, 1)}

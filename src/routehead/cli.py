@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     sc, scorer = _scored(args)
     router, info = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling, norm=args.norm,
                               use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
-                              settings=TrainSettings(sparsity=args.sparsity, seed=args.seed))
+                              labels_kind=args.labels, settings=TrainSettings(sparsity=args.sparsity, seed=args.seed))
     router.save(args.out)
     if args.labels_out:
         Path(args.labels_out).write_text(json.dumps({"labels": info["labels"], "dev_ids": info["dev_ids"]}))
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="mean", choices=["mean", "last"])
     p.add_argument("--norm", default="z", choices=["sum", "z"])
     p.add_argument("--use-first-stage", action="store_true", help="let the router also route the first-stage score")
+    p.add_argument("--labels", default="greedy", choices=["greedy", "soft"],
+                   help="greedy: binary greedy head sets (paper); soft: each head's own nDCG@10 as the target")
     p.add_argument("--label-max-heads", type=int, default=4)
     p.add_argument("--sparsity", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)

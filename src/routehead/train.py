@@ -93,8 +93,14 @@ def train_router(config: RouterConfig, prior: np.ndarray, train_emb: torch.Tenso
 
 def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", norm: str = "z",
                use_first_stage: bool = False, max_heads: int = 4, route_max: int = 8, dim: int = 64,
-               dev_fraction: float = 0.2, settings: TrainSettings | None = None) -> tuple[Router, dict[str, Any]]:
-    """The whole recipe on a scored training split: carve dev, prior, greedy labels, embeddings, training."""
+               dev_fraction: float = 0.2, labels_kind: str = "greedy", settings: TrainSettings | None = None
+               ) -> tuple[Router, dict[str, Any]]:
+    """The whole recipe on a scored training split: carve dev, prior, pseudo labels, embeddings, training.
+
+    ``labels_kind="greedy"``: binary targets, the greedy head set of each query (the paper's pseudo labels).
+    ``labels_kind="soft"``: each signal's own nDCG@10 on the query as the target, so every query teaches the
+    router about every head, not only about the one or two the greedy search kept.
+    """
     from routehead.data import split_dev
     from routehead.evaluate import queries_for, query_embeddings
     from routehead.labels import label_queries, quality
@@ -112,14 +118,24 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", no
     emb = query_embeddings(sc, scorer, embed_layer, pooling)
     lab_ids = sorted(labels)
     y = np.zeros((len(lab_ids), n))
-    for i, q in enumerate(lab_ids):
-        y[i, labels[q][0]] = 1.0
+    if labels_kind == "soft":
+        by_id = {q.qid: q for q in train_q}
+        for i, qid in enumerate(lab_ids):
+            q = by_id[qid]
+            y[i] = ndcg_at_k(q.signals, q.gains, q.ideal)
+        freq = np.clip(prior, 1e-3, 1 - 1e-3)
+    elif labels_kind == "greedy":
+        for i, qid in enumerate(lab_ids):
+            y[i, labels[qid][0]] = 1.0
+    else:
+        raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
     config = RouterConfig(identity=scorer.lm.identity(), embed_layer=embed_layer, pooling=pooling, dim=dim,
                           max_heads=route_max, norm=norm, use_first_stage=use_first_stage,
                           max_doc_tokens=scorer.builder.max_doc_tokens,
                           training={"collection": sc.collection.name, "split": sc.collection.split,
                                     "train_queries": len(tr_ids), "labelled": len(lab_ids), "dev_queries": len(dev_ids),
-                                    "label_max_heads": max_heads, "mean_label_size": float(y.sum(1).mean())})
+                                    "label_max_heads": max_heads, "labels": labels_kind,
+                                    "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()]))})
     router, history = train_router(config, freq, torch.cat([emb[q] for q in lab_ids]), y,
                                    torch.cat([emb[q] for q in dev_ids]), dev_q, settings)
     return router, {"history": history, "labels": {q: labels[q] for q in lab_ids}, "dev_ids": dev_ids,
