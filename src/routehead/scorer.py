@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,12 @@ def normalize_heads(heads: Iterable[Head] | None, num_layers: int, num_heads: in
     return out
 
 
+def _read_only_update(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What DynamicLayer/DynamicSlidingWindowLayer.update return (cached + new states), without storing it."""
+    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
 class HeadScorer:
     """Scores documents for a query with every (or some) attention heads of a frozen causal LM."""
 
@@ -123,12 +130,20 @@ class HeadScorer:
 
     @staticmethod
     def _fork(cache: Any) -> Any:
-        """A cache that shares the prefix tensors: appending a suffix rebinds, never mutates, the originals."""
-        if hasattr(cache, "layers"):
-            twin = copy.copy(cache)
-            twin.layers = [copy.copy(layer) for layer in cache.layers]
-            return twin
-        return copy.deepcopy(cache)
+        """A read-only view of the prefix cache for one suffix pass.
+
+        Each layer returns ``prefix + suffix`` keys/values to attention but keeps nothing, so the suffix's
+        concatenation lives for one layer at a time (no second copy of the whole KV cache), and the prefix
+        cache stays untouched for the next suffix.
+        """
+        if not hasattr(cache, "layers"):  # older transformers: a full copy is the safe fallback
+            return copy.deepcopy(cache)
+        twin = copy.copy(cache)
+        twin.layers = [copy.copy(layer) for layer in cache.layers]
+        for layer in twin.layers:
+            if getattr(layer, "is_initialized", True) and hasattr(layer, "keys"):
+                layer.update = types.MethodType(_read_only_update, layer)
+        return twin
 
     @torch.inference_mode()
     def query_rows(self, prompt: Prompt, heads: list[Head], reuse_prefix: bool = True) -> tuple[torch.Tensor, ...]:
