@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from routehead.collect import score_collection
 from routehead.data import load_collection, split_dev
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--ship", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only contend with other jobs
     lm = load_model(args.model)
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
     coll = load_collection(args.data, "train")

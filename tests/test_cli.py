@@ -71,3 +71,13 @@ def test_evaluate_json_on_example_collection(tmp_path):
 def test_bad_data_folder_is_a_clear_error(tmp_path):
     out = run_cli("evaluate", "--data", str(tmp_path / "nope"), "--reranker", "bm25")
     assert out.returncode == 2 and "error" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_rerank_default_is_routehead_with_shipped_router():
+    out = run_cli("rerank", "--query", "What lowers the risk of heart disease?", "--docs", "examples/docs.jsonl",
+                  "--json")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["method"] == "route" and body["model"] == "smollm2-135m"
+    assert body["heads"] and all(0 <= lay < 30 and 0 <= h < 9 for lay, h in body["heads"])

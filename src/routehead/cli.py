@@ -151,6 +151,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             extra["route_mean_heads"] = sum(sizes) / max(len(sizes), 1)
         elif name == "dense":
             runs[name] = make_run(sc, "dense", dense_scores=dense_scores(sc))
+        elif name == "oracle":
+            runs[name] = make_run(sc, "oracle", norm="z")
         else:
             runs[name] = make_run(sc, name)
     rep = report(sc, runs, baselines=[b for b in ("bm25", "icr", "static") if b in runs])

@@ -1,0 +1,54 @@
+"""The README's workflow end to end on the shipped example: score -> detect -> train -> evaluate -> plot -> rerank.
+
+Real default model, a handful of queries and five candidates each, so it stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_cli import run_cli
+
+pytestmark = pytest.mark.slow
+DATA = ["--data", "examples/scifact-mini", "--top-k", "5", "--max-queries", "8", "--no-progress"]
+
+
+def test_score_detect_train_evaluate_plot(tmp_path):
+    env = {"ROUTEHEAD_STORE": str(tmp_path / "store")}
+    out = run_cli("score", *DATA, "--split", "test", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "8 queries stored" in out.stdout
+
+    heads = tmp_path / "heads.json"
+    out = run_cli("detect", *DATA, "--split", "test", "--top", "4", "--out", str(heads), env=env)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(heads.read_text())
+    assert len(body["heads"]) == 4 and body["model"]["model"] == "smollm2-135m"
+
+    router = tmp_path / "router.safetensors"
+    out = run_cli("train", *DATA, "--split", "test", "--out", str(router), "--embed-layer", "4", env=env)
+    assert out.returncode == 0, out.stderr
+    assert router.is_file() and "dev nDCG@10" in out.stdout
+
+    out = run_cli("evaluate", *DATA, "--split", "test", "--reranker", "bm25", "icr", "single", "static", "route",
+                  "oracle", "--heads", str(heads), "--router", str(router), "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    nd = {k: v["metrics"]["ndcg@10"] for k, v in rep["rerankers"].items()}
+    assert set(nd) == {"bm25", "icr", "single", "static", "route", "oracle"}
+    assert all(0.0 <= v <= 1.0 for v in nd.values())
+    # the oracle starts from each query's own best head and only adds heads that help: never below one fixed head
+    assert nd["oracle"] >= nd["single"] - 1e-9
+
+    out = run_cli("plot", *DATA, "--split", "test", "--router", str(router), "--out", str(tmp_path / "plots"),
+                  env=env)
+    assert out.returncode == 0, out.stderr
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+    out = run_cli("rerank", "--query", "heart disease", "--docs", "examples/docs.jsonl", "--router", str(router),
+                  "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["heads"], "routed heads are reported"
