@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/routehead rerank --query "What lowers the risk of heart disease?" --docs examples/docs.jsonl
-	$(BIN)/routehead evaluate --data examples/scifact-mini --split test --reranker route
+	$(BIN)/routehead evaluate --data examples/scifact-mini --split test --reranker bm25 icr single static route
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -17,7 +17,7 @@ from routehead.scorer import HeadScorer
 
 # name:split[:max_queries]; scifact train is done 200 queries first on CPU (about 7 s a query on 2 cores)
 DEFAULT_JOBS = ["scifact:train:200", "scifact:test:150", "trec-dl19-passage:test", "adi:test", "med:test", "cisi:test",
-                "cranfield:test:100", "scifact:test", "cranfield:test", "scifact:train:400", "scifact:train"]
+                "cranfield:test", "scifact:test", "scifact:train:400", "scifact:train"]
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import platform
 import time
 from pathlib import Path
 
+import torch
+
 from routehead.api import asset, default_heads_path, default_router_path
 from routehead.collect import score_collection
 from routehead.data import load_collection
@@ -38,7 +40,10 @@ def main() -> None:
     ap.add_argument("--max-doc-tokens", type=int, default=160)
     ap.add_argument("--no-compute", action="store_true", help="only queries already in the store")
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
     heads, hbody = load_heads(default_heads_path(lm.name), lm.identity())

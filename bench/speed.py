@@ -97,6 +97,7 @@ import torch  # noqa: E402
 from routehead import capture  # noqa: E402
 from routehead.model import LoadedModel, load_model, wrap_model  # noqa: E402
 from routehead.scorer import HeadScorer, mask_outliers_and_sum  # noqa: E402
+from routehead.testing import byte_tokenizer  # noqa: E402
 
 METHODS = ("bare", "full", "static16", "routed", "eager")
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,26 +138,6 @@ def eager_bytes(num_layers: int, num_heads: int, tokens: int, elem: int) -> int:
 
 
 # -- models ---------------------------------------------------------------------------------------------------
-def byte_tokenizer() -> Any:
-    """Every byte is a token (as tests/tiny.py), four special tokens and a minimal chat template on top."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    specials = ["<s>", "</s>", "<|user|>", "<|end|>", "<|assistant|>"]
-    for s in specials:
-        vocab[s] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=specials[2:])
-    fast.chat_template = ("{{ bos_token }}{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    return fast
-
-
 def random_lm(shape: str, device: str, dtype: str | None) -> LoadedModel:
     """A random-weight Llama of a named shape, built directly on ``device`` (no host copy of the weights)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
