@@ -81,3 +81,37 @@ def test_rerank_default_is_routehead_with_shipped_router():
     body = json.loads(out.stdout)
     assert body["method"] == "route" and body["model"] == "smollm2-135m"
     assert body["heads"] and all(0 <= lay < 30 and 0 <= h < 9 for lay, h in body["heads"])
+
+
+@pytest.mark.slow
+def test_serve_command_answers_rerank_on_loopback():
+    """`routehead serve` as the README runs it, then the README's request (with httpx instead of curl)."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "routehead.cli", "serve", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, trust_env=False) as client:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.time() < deadline, "the service did not start"
+                time.sleep(0.5)
+            r = client.post("/rerank", json={"query": "heart disease", "documents": ["statins lower cholesterol",
+                                             {"text": "jupiter is a gas giant"}], "top_n": 1, "return_heads": True})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["results"]) == 1 and body["heads"] and body["model"] == "smollm2-135m"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
