@@ -115,3 +115,15 @@ def test_serve_command_answers_rerank_on_loopback():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_readme_python_example():
+    from routehead import Reranker
+
+    rr = Reranker()
+    docs = ["Statins lower LDL cholesterol and heart-attack risk.", "Jupiter is a gas giant."]
+    out = rr.rank("What lowers the risk of heart disease?", docs, top_k=1)
+    assert len(out) == 1 and set(out[0]) == {"corpus_id", "score", "text"}
+    r = rr.rerank("What lowers the risk of heart disease?", docs)
+    assert sorted(r.indices) == [0, 1] and r.heads
