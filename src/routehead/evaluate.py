@@ -58,7 +58,7 @@ def detect_heads(sc: ScoredCollection, top: int = 16, qids: Sequence[str] | None
     for qid in ids:
         e = sc.entries[qid]
         gains, ideal = _gains(sc, qid, e.doc_ids)
-        qual.append(per_head_quality(np.nan_to_num(e.calibrated, nan=-np.inf), gains, ideal, k))
+        qual.append(per_head_quality(e.calibrated, gains, ideal, k))  # NaN (not computed) ranks last
     q = np.mean(qual, axis=0)
     return top_heads(q, top), q
 
@@ -72,7 +72,8 @@ def _run(sc: ScoredCollection, score_fn: Callable[[str], np.ndarray]) -> Run:
             continue
         top = sc.entries[qid].doc_ids
         order = rank_order(score_fn(qid))
-        rest = [d for d, _ in cands if d not in set(top)]
+        reranked = set(top)
+        rest = [d for d, _ in cands if d not in reranked]
         ranking[qid] = [top[i] for i in order] + rest
     return run_from_ranking(ranking)
 
