@@ -2,8 +2,9 @@
 
     python bench/quality.py [--model smollm2-135m] [--jobs scifact:test trec-dl19-passage:test ...]
 
-Re-rankers: bm25, dense (MiniLM), icr, single, static (shipped head set), route (shipped router), route+fs
-(router variant that may also route the first-stage score), oracle (analysis only). Paired t-tests on
+Re-rankers: bm25, dense (MiniLM), icr, single, static (shipped head set), route-bce (the paper's recipe: BCE
+on greedy pseudo labels), route (the shipped default router: listwise-trained, probability-weighted heads),
+route+fs (the same, may also route the first-stage score), oracle (analysis only). Paired t-tests on
 nDCG@10 against bm25, icr and static. Writes results/quality-<model>.json and prints a markdown table.
 Queries not yet in the store are scored first (slow on CPU: about 7 s a query for the default model).
 """
@@ -28,7 +29,7 @@ from routehead.router import load_router
 from routehead.scorer import HeadScorer
 
 JOBS = ["scifact:test", "trec-dl19-passage:test", "cranfield:test", "cisi:test", "med:test", "adi:test"]
-ORDER = ["bm25", "dense", "icr", "single", "static", "route", "route+fs", "oracle"]
+ORDER = ["bm25", "dense", "icr", "single", "static", "route-bce", "route", "route+fs", "oracle"]
 
 
 def main() -> None:
@@ -48,9 +49,10 @@ def main() -> None:
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
     heads, hbody = load_heads(default_heads_path(lm.name), lm.identity())
     routers = {"route": load_router(default_router_path(lm.name), lm.identity())}
-    fs_path = asset(f"router-{lm.name}-fs.safetensors")
-    if fs_path.is_file():
-        routers["route+fs"] = load_router(fs_path, lm.identity())
+    for variant in ("fs", "bce"):
+        path = asset(f"router-{lm.name}-{variant}.safetensors")
+        if path.is_file():
+            routers[f"route{'+' if variant == 'fs' else '-'}{variant}"] = load_router(path, lm.identity())
     results = []
     for job in args.jobs:
         name, split, *cap = job.split(":")
@@ -72,7 +74,7 @@ def main() -> None:
             sizes[rname] = []
             runs[rname] = make_run(sc, "route", router=router, embeddings=emb, routed_sizes=sizes[rname])
         runs["oracle"] = make_run(sc, "oracle", norm="z")
-        rep = report(sc, runs, baselines=["bm25", "icr", "static"])
+        rep = report(sc, runs, baselines=["bm25", "icr", "static", "single"])
         rep["mean_heads_routed"] = {k: sum(v) / max(len(v), 1) for k, v in sizes.items()}
         nd = {k: v["metrics"]["ndcg@10"] for k, v in rep["rerankers"].items()}
         gap = nd["oracle"] - nd["static"]
@@ -89,8 +91,12 @@ def main() -> None:
     print(markdown(out))
 
 
+MARK = {"bm25": "b", "icr": "i", "static": "s", "single": "1"}
+
+
 def markdown(out: dict) -> str:
-    """nDCG@10 table; marks: a/b/c = significantly above bm25/icr/static (paired t-test, p < 0.05), v = below."""
+    """nDCG@10 table; superscripts +b/+i/+s/+1 (-b...): significantly above (below) bm25/icr/static/single
+    (paired t-test, p < 0.05)."""
     cols = [c for c in ORDER if c in out["results"][0]["rerankers"]]
     lines = ["| collection | n | " + " | ".join(cols) + " | heads routed | gap closed |",
              "|---|---|" + "---|" * len(cols) + "---|---|"]
@@ -98,15 +104,14 @@ def markdown(out: dict) -> str:
         cells = []
         for c in cols:
             r = rep["rerankers"][c]
-            marks = "".join(("+" if v["better"] else "-" if v["worse"] else "") + (b[0] if v["better"] or v["worse"]
-                                                                                   else "") for b, v in r["vs"].items())
+            marks = "".join(("+" if v["better"] else "-") + MARK[b] for b, v in r["vs"].items()
+                            if v["better"] or v["worse"])
             cells.append(f"{r['metrics']['ndcg@10']:.3f}{'<sup>' + marks + '</sup>' if marks else ''}")
         routed = rep["mean_heads_routed"].get("route", 0.0)
         gap = rep["static_to_oracle_gap_closed"].get("route")
         gap_s = f"{gap:.0%}" if gap is not None else "-"
         lines.append(f"| {rep['dataset']} | {rep['n_queries']} | " + " | ".join(cells) + f" | {routed:.1f} | {gap_s} |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()

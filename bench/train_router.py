@@ -4,7 +4,9 @@
 
 Uses only scifact *train* queries already in the head-score store (bench/collect_scores.py fills it); dev is
 carved from them (20%, seeded). Writes results/router-grid-<model>.json with every configuration's dev nDCG@10,
-and with --ship copies the best router and the static head set into src/routehead/assets/.
+and with --ship copies into src/routehead/assets/ the static head set and the best router of each variant:
+``router-<model>.safetensors`` (listwise, heads only: the default), ``-fs`` (listwise, may also route the
+first-stage score) and ``-bce`` (the paper's recipe: BCE on greedy pseudo labels).
 """
 
 from __future__ import annotations
@@ -66,34 +68,45 @@ def main() -> None:
     prior = quality(queries_for(sc, "z", False, tr_ids))
 
     grid = []
-    layers = [8, 15, 22] if not args.quick else [15]
-    for layer, norm, sparsity, label_max, fs, kind in itertools.product(
-            layers, ["z", "sum"], [0.0, 0.05], [2, 4], [False, True], ["greedy", "soft"]):
-        if (fs and norm != "z") or (kind == "soft" and label_max != 4):
-            continue
+    layers = [8, 15, 22] if not args.quick else [8]
+    configs = []
+    for layer, fs, pool, lr in itertools.product(layers, [False, True], [None, 32], [3e-3, 1e-2]):
+        configs.append(dict(objective="listwise", embed_layer=layer, use_first_stage=fs, pool_size=pool, lr=lr,
+                            sparsity=0.0, label_max_heads=4))
+    for layer, sparsity, fs in itertools.product(layers, [0.0, 0.05], [False, True]):  # the paper's recipe
+        configs.append(dict(objective="bce", embed_layer=layer, use_first_stage=fs, pool_size=None, lr=3e-3,
+                            sparsity=sparsity, label_max_heads=4))
+    for c in configs:
         t = time.time()
-        router, info = fit_router(sc, scorer, embed_layer=layer, norm=norm, use_first_stage=fs,
-                                  max_heads=label_max, labels_kind=kind, settings=TrainSettings(sparsity=sparsity))
-        row = {"labels": kind, "embed_layer": layer, "norm": norm, "sparsity": sparsity, "label_max_heads": label_max,
-               "use_first_stage": fs, "dev_ndcg@10": router.config.training["dev_ndcg@10"],
-               "threshold": router.config.threshold, "epochs": router.config.training["epochs_run"],
-               "mean_label_size": router.config.training["mean_label_size"], "seconds": round(time.time() - t, 1)}
+        settings = TrainSettings(objective=c["objective"], lr=c["lr"], sparsity=c["sparsity"])
+        router, info = fit_router(sc, scorer, embed_layer=c["embed_layer"], norm="z",
+                                  use_first_stage=c["use_first_stage"], max_heads=c["label_max_heads"],
+                                  pool_size=c["pool_size"], settings=settings)
+        tr = router.config.training
+        row = {**c, "dev_ndcg@10": tr["dev_ndcg@10"], "threshold": router.config.threshold,
+               "best_epoch": tr["best_epoch"], "mean_label_size": tr["mean_label_size"],
+               "routed_dev": info["history"][[h["epoch"] for h in info["history"]].index(tr["best_epoch"])]["routed"],
+               "seconds": round(time.time() - t, 1)}
         grid.append((row, router))
-        print(json.dumps(row))
-    best_pure = max((g for g in grid if not g[0]["use_first_stage"]), key=lambda g: g[0]["dev_ndcg@10"])
-    best_fs = max((g for g in grid if g[0]["use_first_stage"]), key=lambda g: g[0]["dev_ndcg@10"])
+        print(json.dumps(row), flush=True)
+
+    def best(objective, fs):
+        return max((g for g in grid if g[0]["objective"] == objective and g[0]["use_first_stage"] == fs),
+                   key=lambda g: g[0]["dev_ndcg@10"])
+    chosen = {"route": best("listwise", False), "route+fs": best("listwise", True), "route-bce": best("bce", False)}
     out = {"model": lm.name, "train_queries": len(tr_ids), "dev_queries": len(dev_ids), "static": static,
            "static16_choice": {k: best16[k] for k in ("norm", "dev_ndcg@10")},
            "prior_best_head": [int(np.argmax(prior)) // lm.num_heads, int(np.argmax(prior)) % lm.num_heads],
-           "grid": [g[0] for g in grid], "best": best_pure[0], "best_first_stage": best_fs[0]}
+           "single_dev_ndcg@10": next(s["dev_ndcg@10"] for s in static if s["top"] == 1 and s["norm"] == "z"),
+           "grid": [g[0] for g in grid], "chosen": {k: v[0] for k, v in chosen.items()}}
     Path("results").mkdir(exist_ok=True)
     Path(f"results/router-grid-{lm.name}.json").write_text(json.dumps(out, indent=1))
-    print("best pure:", best_pure[0])
-    print("best with first stage:", best_fs[0])
+    for k, v in chosen.items():
+        print(k, json.dumps(v[0]))
     if args.ship:
         ASSETS.mkdir(parents=True, exist_ok=True)
-        best_pure[1].save(ASSETS / f"router-{lm.name}.safetensors")
-        best_fs[1].save(ASSETS / f"router-{lm.name}-fs.safetensors")
+        for k, (_, router) in chosen.items():
+            router.save(ASSETS / f"router-{lm.name}{k[5:]}.safetensors")
         heads16 = [tuple(h) for h in best16["heads"]]
         save_heads(ASSETS / f"heads-{lm.name}.json", heads16, lm.identity(), norm=best16["norm"],
                    max_doc_tokens=args.max_doc_tokens, detected_on=f"scifact/train ({len(tr_ids)} queries)",

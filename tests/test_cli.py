@@ -127,3 +127,20 @@ def test_readme_python_example():
     assert len(out) == 1 and set(out[0]) == {"corpus_id", "score", "text"}
     r = rr.rerank("What lowers the risk of heart disease?", docs)
     assert sorted(r.indices) == [0, 1] and r.heads
+
+
+def test_readme_bigger_model_command_with_a_local_folder(tmp_path):
+    """The README's "bigger model on a GPU" command, as far as a CPU box can run it: a model folder in the
+    Hugging Face layout (a tiny random Qwen2 saved with save_pretrained, standing in for the hub id), bf16."""
+    from routehead.testing import byte_tokenizer
+    from tests.tiny import tiny_model
+
+    folder = tmp_path / "tiny-qwen2"
+    tiny_model("qwen2").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    out = run_cli("evaluate", "--model", str(folder), "--device", "cpu", "--dtype", "bfloat16",
+                  "--data", "examples/scifact-mini", "--reranker", "icr", "--max-queries", "2", "--top-k", "3",
+                  "--no-progress", "--json", env={"ROUTEHEAD_STORE": str(tmp_path / "store")})
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["n_queries"] == 2 and rep["reranker"] == "icr" and 0.0 <= rep["metrics"]["ndcg@10"] <= 1.0

@@ -125,13 +125,45 @@ def test_router_learns_query_dependent_heads():
     labels = np.zeros((80, n))
     for i, d in enumerate(data):
         labels[i, d[2]] = 1
-    cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, max_heads=1)
     prior = quality([d[1] for d in data])
-    router, hist = train_router(cfg, np.full(n, 0.25), emb[:60], labels[:60], emb[60:], [d[1] for d in data[60:]],
-                                TrainSettings(epochs=200, eval_every=10, patience=20))
-    assert hist[-1]["dev_ndcg@10"] >= hist[0]["dev_ndcg@10"]
-    assert router.config.training["dev_ndcg@10"] == pytest.approx(1.0)
     assert prior.shape == (n,)
+    queries = [d[1] for d in data]
+    for objective, weighting in (("bce", "none"), ("listwise", "prob")):
+        cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, max_heads=1,
+                           weighting=weighting)
+        router, hist = train_router(cfg, np.full(n, 0.25), emb[:60], queries[:60], labels[:60], emb[60:],
+                                    queries[60:], TrainSettings(objective=objective, epochs=200, lr=1e-2,
+                                                                eval_every=10, patience=20))
+        assert hist[-1]["dev_ndcg@10"] >= hist[0]["dev_ndcg@10"], objective
+        assert router.config.training["dev_ndcg@10"] == pytest.approx(1.0), objective
+        picks = [router.route(e[None]).heads for e in emb[60:]]
+        assert picks == [[(0, 1)] if d[2] == 1 else [(1, 0)] for d in data[60:]], objective
+
+
+def test_listwise_loss_prefers_the_weighting_that_ranks_relevant_first():
+    from routehead.train import listwise_loss
+
+    X = torch.tensor([[[2.0, 0.0, -2.0], [-2.0, 0.0, 2.0]]])  # signal 0 ranks doc 0 first, signal 1 last
+    G = torch.tensor([[1.0, 0.0, 0.0]])
+    M = torch.ones(1, 3, dtype=torch.bool)
+    good = listwise_loss(torch.tensor([[0.9, 0.1]]), X, G, M, 4.0)
+    bad = listwise_loss(torch.tensor([[0.1, 0.9]]), X, G, M, 4.0)
+    assert good < bad
+    # a padded (masked) candidate changes nothing
+    Xp, Gp = torch.cat([X, torch.full((1, 2, 1), 9.0)], 2), torch.cat([G, torch.ones(1, 1)], 1)
+    Mp = torch.tensor([[True, True, True, False]])
+    assert torch.allclose(listwise_loss(torch.tensor([[0.9, 0.1]]), Xp, Gp, Mp, 4.0), good)
+
+
+def test_pool_and_probability_weighting():
+    cfg = RouterConfig(identity=_identity(L=2, H=2), embed_layer=0, threshold=0.3, max_heads=3, pool=[1, 2],
+                       weighting="prob")
+    r = Router(cfg, prior=np.array([0.9, 0.6, 0.4, 0.8]))
+    routing = r.route(torch.zeros(1, 8))
+    assert routing.signals == [1, 2]  # signals 0 and 3 are more probable but outside the pool
+    assert routing.heads == [(0, 1), (1, 0)]
+    assert np.allclose(routing.weights, routing.signal_weights)
+    assert np.allclose(routing.weights, routing.probabilities[[1, 2]].numpy())
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +187,25 @@ def test_routed_scores_equal_selection_over_full_tensor(tiny_router_reranker):
     got[r.indices] = r.scores
     assert np.allclose(got, expected, atol=1e-5)
     assert r.indices == list(np.argsort(-expected, kind="stable"))
+
+
+def test_probability_weighted_routing_equals_weighted_selection_over_full_tensor(tmp_path):
+    lm = tiny_lm("llama")
+    n = lm.num_layers * lm.num_heads
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, threshold=0.3, max_heads=4, norm="z",
+                       weighting="prob", pool=list(range(0, n, 2)), max_doc_tokens=None)
+    Router(cfg, prior=np.linspace(0.1, 0.9, n)).save(tmp_path / "r.safetensors")
+    rr = Reranker(model=lm, method="route", router=tmp_path / "r.safetensors")
+    query = "which enzyme digests starch?"
+    r = rr.rerank(query, DOCS)
+    routing = rr.route(query)
+    assert r.heads == routing.heads
+    assert all((lay * lm.num_heads + h) % 2 == 0 for lay, h in r.heads)  # pool respected
+    full = rr.scorer.score(query, DOCS).calibrated.numpy()
+    expected = sum(w * zscore(full[lay, h][None])[0] for (lay, h), w in zip(routing.heads, routing.weights))
+    got = np.empty(len(DOCS))
+    got[r.indices] = r.scores
+    assert np.allclose(got, expected, atol=1e-5)
 
 
 def test_router_for_another_model_is_refused(tmp_path):

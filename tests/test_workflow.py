@@ -1,4 +1,5 @@
-"""The README's workflow end to end on the shipped example: score -> detect -> train -> evaluate -> plot -> rerank.
+"""The README's workflow end to end on the shipped example: score -> detect -> label -> train -> evaluate -> plot
+-> rerank.
 
 Real default model, a handful of queries and five candidates each, so it stays well under a minute.
 """
@@ -27,6 +28,15 @@ def test_score_detect_train_evaluate_plot(tmp_path):
     body = json.loads(heads.read_text())
     assert len(body["heads"]) == 4 and body["model"]["model"] == "smollm2-135m"
 
+    labels = tmp_path / "labels.json"
+    out = run_cli("label", *DATA, "--split", "test", "--out", str(labels), env=env)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(labels.read_text())
+    assert body["settings"]["top_k"] == 5 and body["settings"]["identity"]["model"] == "smollm2-135m"
+    for lab in body["labels"].values():  # every label is a valid, capped head set with its nDCG
+        assert 1 <= len(lab["heads"]) <= 4 and all(0 <= a < 30 and 0 <= b < 9 for a, b in lab["heads"])
+        assert 0.0 < lab["ndcg@10"] <= 1.0
+
     router = tmp_path / "router.safetensors"
     out = run_cli("train", *DATA, "--split", "test", "--out", str(router), "--embed-layer", "4", env=env)
     assert out.returncode == 0, out.stderr
@@ -51,4 +61,5 @@ def test_score_detect_train_evaluate_plot(tmp_path):
     out = run_cli("rerank", "--query", "heart disease", "--docs", "examples/docs.jsonl", "--router", str(router),
                   "--json")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["heads"], "routed heads are reported"
+    res = json.loads(out.stdout)
+    assert res["heads"] and len(res["head_weights"]) == len(res["heads"]), "routed heads are reported"

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from routehead.errors import RouteheadError
 from routehead.heads import Head, aggregate, load_heads, zscore
 from routehead.model import DEFAULT_MODEL, LoadedModel, load_model
-from routehead.router import Router, load_router
+from routehead.router import Router, Routing, load_router
 from routehead.scorer import HeadScorer
 
 METHODS = ("route", "static", "icr")
@@ -49,6 +48,7 @@ class Ranking:
     indices: list[int]
     scores: list[float]
     heads: list[Head] | None = None
+    weights: list[float] | None = None  # routed heads' aggregation weights (route only), aligned with heads
     first_stage: bool = False  # whether the first-stage score was one of the routed signals
 
 
@@ -107,37 +107,34 @@ class Reranker:
                              "max_heads": self.router.config.max_heads}
         return out
 
-    def route(self, query: str) -> tuple[list[Head], bool]:
-        """The heads the router picks for ``query`` (and whether it also routed the first-stage score)."""
+    def route(self, query: str) -> Routing:
+        """The router's decision for ``query``: heads, their weights, and the first-stage score's weight."""
         assert self.router is not None
         cfg = self.router.config
-        emb = self.scorer.query_embedding(query, cfg.embed_layer, cfg.pooling)
-        probs = self.router.probabilities(emb)[0]
-        heads, use_fs = self.router.heads_of(self.router.select(probs))
-        if not heads:  # only the first stage was routed: keep the most probable head so the LLM still votes
-            LH = cfg.num_layers * cfg.num_heads
-            heads, _ = self.router.heads_of([int(torch.argmax(probs[:LH]))])
-        return heads, use_fs
+        return self.router.route(self.scorer.query_embedding(query, cfg.embed_layer, cfg.pooling))
 
     def rerank(self, query: str, documents: Sequence[str], first_stage_scores: Sequence[float] | None = None,
                routed_heads: bool = False) -> Ranking:
         """Score and order ``documents`` for ``query``. ``first_stage_scores`` feed routers that use them."""
-        use_fs = False
+        fs_weight, weights = 0.0, None
         if self.method == "route":
-            heads, use_fs = self.route(query)
-            if use_fs and first_stage_scores is None:
-                use_fs = False  # documented: without first-stage scores, the routed heads alone decide
+            routing = self.route(query)
+            heads, weights = routing.heads, routing.weights
+            if first_stage_scores is not None:  # documented: without them, the routed heads alone decide
+                fs_weight = routing.first_stage_weight
         else:
             heads = self.heads  # None for icr: all heads
+        if first_stage_scores is not None and len(first_stage_scores) != len(documents):
+            raise RouteheadError("first_stage_scores must have one score per document")
         S = self.scorer.score(query, documents, heads=heads)
-        scores = aggregate(S.calibrated.numpy(), heads, self.norm)
+        scores = aggregate(S.calibrated.numpy(), heads, self.norm, weights)
+        use_fs = fs_weight > 0
         if use_fs:
-            if len(first_stage_scores) != len(documents):
-                raise RouteheadError("first_stage_scores must have one score per document")
-            scores = scores + zscore(np.asarray(first_stage_scores, dtype=np.float64)[None])[0]
+            scores = scores + fs_weight * zscore(np.asarray(first_stage_scores, dtype=np.float64)[None])[0]
         order = np.argsort(-scores, kind="stable")
         return Ranking(indices=[int(i) for i in order], scores=[float(scores[i]) for i in order],
-                       heads=list(heads) if heads is not None else None, first_stage=use_fs)
+                       heads=list(heads) if heads is not None else None, first_stage=use_fs,
+                       weights=list(weights) if weights is not None else None)
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = True
              ) -> list[dict[str, Any]]:

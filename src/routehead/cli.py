@@ -1,4 +1,4 @@
-"""Command line: ``routehead rerank | score | evaluate | detect | train | plot | serve``."""
+"""Command line: ``routehead rerank | score | evaluate | detect | label | train | plot | serve``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         out: dict[str, Any] = {"results": results, "model": rr.lm.name, "method": rr.method}
         if r.heads is not None and rr.method != "icr":
             out["heads"] = [list(h) for h in r.heads]
+        if r.weights is not None:
+            out["head_weights"] = r.weights
+            out["first_stage"] = r.first_stage
         print(json.dumps(out, ensure_ascii=False))
         return
     print(f"{rr.method} on {rr.lm.name}" + (f", heads {r.heads}" if r.heads and rr.method != "icr" else ""))
@@ -112,16 +115,40 @@ def cmd_detect(args: argparse.Namespace) -> None:
         print(f"  layer {a:2d} head {b:2d}  nDCG@10 {q[a, b]:.4f}")
 
 
+def cmd_label(args: argparse.Namespace) -> None:
+    from routehead.evaluate import queries_for
+    from routehead.labels import label_queries, quality, save_labels
+
+    sc, scorer = _scored(args)
+    qs = queries_for(sc, args.norm, args.use_first_stage)
+    prior = quality(qs)
+    labels = label_queries(qs, prior, max_heads=args.label_max_heads)
+    save_labels(args.out, labels, scorer.lm.num_heads, scorer.lm.num_layers,
+                {**sc.settings, "identity": scorer.lm.identity(), "norm": args.norm, "search": "greedy",
+                 "tie_break": "prior (mean nDCG@10 alone over these queries)", "max_heads": args.label_max_heads,
+                 "use_first_stage": args.use_first_stage, "queries": len(qs)})
+    sizes = [len(c) for c, _ in labels.values()]
+    print(f"{len(labels)} of {len(qs)} queries labelled (the rest have no relevant candidate in reach), "
+          f"{sum(sizes) / max(len(sizes), 1):.2f} heads a label, mean label nDCG@10 "
+          f"{sum(v for _, v in labels.values()) / max(len(labels), 1):.4f} -> {args.out}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from routehead.train import TrainSettings, fit_router
 
     sc, scorer = _scored(args)
+    settings = TrainSettings(objective=args.objective, sparsity=args.sparsity, lr=args.lr, seed=args.seed,
+                             bce_weight=args.bce_weight)
     router, info = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling, norm=args.norm,
                               use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
-                              labels_kind=args.labels, settings=TrainSettings(sparsity=args.sparsity, seed=args.seed))
+                              labels_kind=args.labels, pool_size=args.pool_size, settings=settings)
     router.save(args.out)
     if args.labels_out:
-        Path(args.labels_out).write_text(json.dumps({"labels": info["labels"], "dev_ids": info["dev_ids"]}))
+        from routehead.labels import save_labels
+
+        save_labels(args.labels_out, info["labels"], scorer.lm.num_heads, scorer.lm.num_layers,
+                    {**sc.settings, "identity": scorer.lm.identity(), "norm": args.norm,
+                     "max_heads": args.label_max_heads, "dev_ids": info["dev_ids"]})
     t = router.config.training
     print(f"router -> {args.out}: dev nDCG@10 {t['dev_ndcg@10']:.4f}, threshold {router.config.threshold}, "
           f"{t['labelled']} labelled train queries, {t['dev_queries']} dev queries")
@@ -234,19 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_detect)
 
+    p = sub.add_parser("label", help="pseudo labels by greedy head-set search on a judged split (JSON)")
+    _data_args(p, "train")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="labels .json")
+    p.add_argument("--norm", default="z", choices=["sum", "z"], help="aggregation in the search (as at inference)")
+    p.add_argument("--use-first-stage", action="store_true", help="the first-stage score is one more signal")
+    p.add_argument("--label-max-heads", type=int, default=4, help="size cap of a label")
+    p.set_defaults(func=cmd_label)
+
     p = sub.add_parser("train", help="pseudo labels + router training on a train split (dev carved from it)")
     _data_args(p, "train")
     _model_args(p)
     p.add_argument("--out", required=True, help="router .safetensors")
     p.add_argument("--labels-out", default=None, help="also write the pseudo labels as JSON")
-    p.add_argument("--embed-layer", type=int, default=15)
+    p.add_argument("--objective", default="listwise", choices=["listwise", "bce"],
+                   help="listwise: through the ranking, probability-weighted heads (default); bce: the paper's "
+                        "BCE on greedy pseudo labels, heads summed")
+    p.add_argument("--embed-layer", type=int, default=8)
     p.add_argument("--pooling", default="mean", choices=["mean", "last"])
     p.add_argument("--norm", default="z", choices=["sum", "z"])
     p.add_argument("--use-first-stage", action="store_true", help="let the router also route the first-stage score")
+    p.add_argument("--pool-size", type=int, default=None, help="only the N best heads on train can be routed")
     p.add_argument("--labels", default="greedy", choices=["greedy", "soft"],
                    help="greedy: binary greedy head sets (paper); soft: each head's own nDCG@10 as the target")
     p.add_argument("--label-max-heads", type=int, default=4)
-    p.add_argument("--sparsity", type=float, default=0.05)
+    p.add_argument("--sparsity", type=float, default=0.0, help="weight of the mean routing probability")
+    p.add_argument("--bce-weight", type=float, default=0.0, help="listwise: auxiliary pseudo-label BCE weight")
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 

@@ -107,10 +107,10 @@ def make_run(sc: ScoredCollection, method: str, heads: Sequence[Head] | None = N
         qs = {q.qid: q for q in queries_for(sc, cfg.norm, cfg.use_first_stage)}
 
         def routed(qid: str) -> np.ndarray:
-            sel = router.select(router.probabilities(embeddings[qid])[0])
+            r = router.route(embeddings[qid])
             if routed_sizes is not None:
-                routed_sizes.append(len(sel))
-            return qs[qid].signals[sel].sum(0)
+                routed_sizes.append(len(r.signals))
+            return r.signal_weights @ qs[qid].signals[r.signals]
         return _run(sc, routed)
     raise ValueError(f"unknown re-ranker {method!r}; use one of {RERANKERS}")
 

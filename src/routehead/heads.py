@@ -20,11 +20,13 @@ Head = tuple[int, int]
 AGGREGATIONS = ("sum", "z")
 
 
-def aggregate(S: np.ndarray, heads: Iterable[Head] | None = None, norm: str = "sum") -> np.ndarray:
+def aggregate(S: np.ndarray, heads: Iterable[Head] | None = None, norm: str = "sum",
+              weights: Sequence[float] | None = None) -> np.ndarray:
     """Document scores ``[docs]`` from ``S [layers, heads, docs]`` summed over ``heads`` (None: all heads).
 
     ``norm="z"`` standardises each head's scores over the documents first, so a head counts by how it orders the
-    documents, not by the scale of its attention (heads differ in scale by orders of magnitude).
+    documents, not by the scale of its attention (heads differ in scale by orders of magnitude). ``weights``
+    (one per head, routers with ``weighting="prob"``) scale each head's term of the sum.
     """
     S = np.asarray(S, dtype=np.float64)
     x = S.reshape(-1, S.shape[-1]) if heads is None else np.stack([S[lay, h] for lay, h in heads])
@@ -32,6 +34,8 @@ def aggregate(S: np.ndarray, heads: Iterable[Head] | None = None, norm: str = "s
         x = zscore(x)
     elif norm != "sum":
         raise ValueError(f"unknown aggregation {norm!r}; use one of {AGGREGATIONS}")
+    if weights is not None:
+        x = x * np.asarray(weights, dtype=np.float64)[:, None]
     return x.sum(0)
 
 

@@ -12,7 +12,10 @@ ranks any relevant candidate in the top 10 have no informative label and are ski
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,3 +81,15 @@ def label_queries(queries: list[Query], prior: np.ndarray, max_heads: int = 4, p
         if chosen:
             out[q.qid] = (chosen, best)
     return out
+
+
+def save_labels(path: str | Path, labels: dict[str, tuple[list[int], float]], num_heads: int, num_layers: int,
+                settings: dict[str, Any]) -> None:
+    """Pseudo labels as JSON, each as (layer, head) pairs, with the settings (model, store, search) behind them."""
+    LH = num_layers * num_heads
+    body = {"format": "routehead-labels-v1", "settings": settings,
+            "labels": {qid: {"heads": [[i // num_heads, i % num_heads] for i in chosen if i < LH],
+                             "first_stage": any(i == LH for i in chosen), "ndcg@10": round(float(nd), 6)}
+                       for qid, (chosen, nd) in labels.items()}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(body, indent=1))

@@ -45,7 +45,7 @@ def head_maps(sc: Any, scorer: Any, out_dir: str | Path, router_path: str | Path
         emb = query_embeddings(sc, scorer, cfg.embed_layer, cfg.pooling)
         counts = np.zeros(cfg.num_layers * cfg.num_heads)
         for qid in sorted(sc.entries):
-            for i in router.select(router.probabilities(emb[qid])[0]):
+            for i in router.route(emb[qid]).signals:
                 if i < len(counts):
                     counts[i] += 1
         share = counts.reshape(cfg.num_layers, cfg.num_heads) / max(len(sc.entries), 1)

@@ -7,8 +7,11 @@ logit for (query, head) is ``<proj(query), head_embedding> + bias``. The biases 
 the globally strong heads, and training learns when a query should leave them.
 
 Selection: heads with probability >= ``threshold``, best first, at most ``max_heads``; when none passes, the
-single most probable head (so at least one head is always routed). The selected heads are aggregated exactly
-as in label search (:func:`routehead.heads.aggregate` with the router's ``norm``).
+single most probable head (so at least one head is always routed). Only heads in ``pool`` (None: all) can be
+routed. The selected heads are aggregated with :func:`routehead.heads.aggregate` and the router's ``norm``:
+summed as in label search (``weighting="none"``, the paper's rule, for routers trained on pseudo labels), or
+weighted by their routed probability (``weighting="prob"``, for routers trained through the ranking, whose
+training objective is exactly that weighted aggregation).
 
 Checkpoints are one ``.safetensors`` file: the weights, and the JSON config (model identity, embedding layer
 and pooling, selection rule, training settings) in the file's metadata. No pickle.
@@ -44,6 +47,8 @@ class RouterConfig:
     max_heads: int = 8
     norm: str = "z"  # aggregation of the selected heads (same as in label search)
     use_first_stage: bool = False  # the first-stage score is one more routable signal (index L*H)
+    weighting: str = "none"  # "none": selected signals summed; "prob": weighted by routed probability
+    pool: list[int] | None = None  # routable signal indices (None: all)
     max_doc_tokens: int | None = 160  # prompt setting the router was trained with
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -64,6 +69,19 @@ class RouterConfig:
         return int(self.identity["hidden_size"])
 
 
+@dataclass
+class Routing:
+    """Which heads one query is routed to, each head's aggregation weight, and the first-stage score's weight
+    (0 when the first stage is not routed)."""
+
+    heads: list[Head]
+    weights: list[float]
+    first_stage_weight: float
+    signals: list[int]  # the same selection as flat signal indices (layer * H + head; L * H: first stage)
+    signal_weights: np.ndarray  # their weights, aligned with ``signals``
+    probabilities: torch.Tensor  # [signals], for inspection
+
+
 class Router(nn.Module):
     """Bilinear scorer of (query embedding, head embedding) pairs, plus a per-head prior bias."""
 
@@ -81,10 +99,15 @@ class Router(nn.Module):
             bias = torch.log(p / (1 - p))
         self.bias = nn.Parameter(bias)
 
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[config.pool if config.pool is not None else slice(None)] = True
+        self.register_buffer("routable", mask, persistent=False)
+
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, signals]`` for query embeddings ``[batch, hidden]``."""
+        """Logits ``[batch, signals]`` for query embeddings ``[batch, hidden]``; -inf outside the pool."""
         q = self.proj(self.norm(emb.float()))
-        return q @ self.head_emb.T / math.sqrt(self.config.dim) + self.bias
+        logits = q @ self.head_emb.T / math.sqrt(self.config.dim) + self.bias
+        return logits.masked_fill(~self.routable, float("-inf"))
 
     @torch.no_grad()
     def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
@@ -100,11 +123,35 @@ class Router(nn.Module):
         chosen = [int(i) for i in order[:m] if p[i] >= t]
         return chosen or [int(order[0])]
 
+    def weights(self, probs: torch.Tensor | np.ndarray, signals: list[int]) -> np.ndarray:
+        """Aggregation weights of the selected signals (all ones unless ``weighting="prob"``)."""
+        if self.config.weighting == "none":
+            return np.ones(len(signals))
+        if self.config.weighting == "prob":
+            return np.asarray(probs, dtype=np.float64).reshape(-1)[signals]
+        raise RouteheadError(f"unknown router weighting {self.config.weighting!r}")
+
     def heads_of(self, signals: list[int]) -> tuple[list[Head], bool]:
         """Split selected signal indices into (layer, head) pairs and the first-stage flag."""
         H, LH = self.config.num_heads, self.config.num_layers * self.config.num_heads
         heads = sorted((i // H, i % H) for i in signals if i < LH)
         return heads, any(i == LH for i in signals)
+
+    def route(self, emb: torch.Tensor) -> Routing:
+        """The routing decision for one query embedding: heads, their weights, the first-stage weight."""
+        return self.route_probs(self.probabilities(emb)[0])
+
+    def route_probs(self, probs: torch.Tensor, threshold: float | None = None) -> Routing:
+        """:meth:`route` from the routing probabilities ``[signals]`` (threshold: override, for tuning)."""
+        sel = self.select(probs, threshold)
+        H, LH = self.config.num_heads, self.config.num_layers * self.config.num_heads
+        if all(i == LH for i in sel):  # only the first stage was routed: keep the most probable head too
+            sel = sel + [int(torch.argmax(probs[:LH]))]
+        w = self.weights(probs, sel)
+        pairs = sorted(((i // H, i % H), float(x)) for i, x in zip(sel, w) if i < LH)
+        fs = next((float(x) for i, x in zip(sel, w) if i == LH), 0.0)
+        return Routing(heads=[h for h, _ in pairs], weights=[x for _, x in pairs], first_stage_weight=fs,
+                       signals=sel, signal_weights=w, probabilities=probs)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

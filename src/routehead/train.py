@@ -1,14 +1,24 @@
-"""Training the router on pseudo labels: BCE + a sparsity regulariser, AdamW, early stopping on dev nDCG@10.
+"""Training the router: the paper's BCE on pseudo labels, or a listwise loss through the ranking itself.
 
 Training needs no LLM forward passes: the query embeddings and the stored per-head scores are inputs, so a
 router for the default model trains on CPU in seconds. The dev split is carved from the training queries;
-the threshold is picked on dev too. Test queries are never seen.
+early stopping and the threshold are chosen on dev nDCG@10 of the routed selection. Test queries are never seen.
+
+Objectives (both with a sparsity term, ``sparsity * mean routing probability`` over the routable pool):
+- ``bce`` (the paper): binary cross-entropy against the greedy pseudo labels; the selected heads are summed.
+- ``listwise``: the aggregated document scores are the probability-weighted mean of the z-scored signals, and
+  the loss is the cross-entropy between the softmax of those scores and the query's normalised relevance
+  grades (ListNet). It trains the router on what inference does, with every head of every query giving
+  gradient, instead of on binary labels that a greedy search picked among many near-equal sets. It starts
+  from the single best head on the training queries (logit +2, the rest -4), so the router is residual: it
+  learns when and where a query should leave the strong static default. Optional ``bce_weight`` adds the
+  pseudo-label BCE as an auxiliary term.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -18,29 +28,32 @@ from routehead.heads import ndcg_at_k
 from routehead.labels import Query
 from routehead.router import Router, RouterConfig
 
-THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+OBJECTIVES = ("bce", "listwise")
 
 
 @dataclass
 class TrainSettings:
+    objective: str = "listwise"
     epochs: int = 300
     lr: float = 3e-3
     weight_decay: float = 1e-2
-    sparsity: float = 0.05  # weight of the mean selection probability in the loss
+    sparsity: float = 0.0  # weight of the mean routing probability (over the pool) in the loss
+    bce_weight: float = 0.0  # listwise only: weight of the auxiliary pseudo-label BCE
+    temperature: float = 4.0  # listwise only: softmax temperature on the aggregated (z-scored) document scores
     eval_every: int = 10
-    patience: int = 6  # evaluations without dev improvement before stopping
+    patience: int = 8  # evaluations without dev improvement before stopping
     seed: int = 0
 
 
 def routed_ndcg(router: Router, emb: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
                 ) -> tuple[float, float]:
     """Mean nDCG@k of the routed selections on ``queries`` and the mean number of signals routed."""
-    probs = router.probabilities(emb).numpy()
     vals, sizes = [], []
-    for p, q in zip(probs, queries):
-        chosen = router.select(p, threshold)
-        vals.append(float(ndcg_at_k(q.signals[chosen].sum(0), q.gains, q.ideal, k)))
-        sizes.append(len(chosen))
+    for p, q in zip(router.probabilities(emb), queries):
+        r = router.route_probs(p, threshold)
+        vals.append(float(ndcg_at_k(r.signal_weights @ q.signals[r.signals], q.gains, q.ideal, k)))
+        sizes.append(len(r.signals))
     return float(np.mean(vals)), float(np.mean(sizes))
 
 
@@ -51,16 +64,54 @@ def best_threshold(router: Router, emb: torch.Tensor, queries: list[Query]) -> t
     return t, ndcg, size
 
 
-def train_router(config: RouterConfig, prior: np.ndarray, train_emb: torch.Tensor, train_labels: np.ndarray,
-                 dev_emb: torch.Tensor, dev_queries: list[Query], settings: TrainSettings | None = None
-                 ) -> tuple[Router, list[dict]]:
-    """Fit a router; returns the best-on-dev router (threshold set) and the evaluation history."""
+def padded(queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signals ``[Q, n, D]``, grades ``[Q, D]`` and a candidate mask, padded to the longest candidate list."""
+    D = max(q.signals.shape[1] for q in queries)
+    n = queries[0].signals.shape[0]
+    X = torch.zeros(len(queries), n, D)
+    G = torch.zeros(len(queries), D)
+    M = torch.zeros(len(queries), D, dtype=torch.bool)
+    for i, q in enumerate(queries):
+        d = q.signals.shape[1]
+        X[i, :, :d] = torch.as_tensor(q.signals, dtype=torch.float32)
+        G[i, :d] = torch.as_tensor(q.gains, dtype=torch.float32)
+        M[i, :d] = True
+    return X, G, M
+
+
+def listwise_loss(P: torch.Tensor, X: torch.Tensor, G: torch.Tensor, M: torch.Tensor, temperature: float
+                  ) -> torch.Tensor:
+    """ListNet cross-entropy of the probability-weighted mean of the signals against the relevance grades."""
+    s = torch.einsum("qn,qnd->qd", P, X) / P.sum(1, keepdim=True).clamp_min(1e-6)
+    logp = torch.log_softmax((temperature * s).masked_fill(~M, float("-inf")), dim=1)
+    G = G * M
+    target = G / G.sum(1, keepdim=True).clamp_min(1e-9)
+    return -torch.where(M, target * logp, torch.zeros_like(logp)).sum(1).mean()
+
+
+def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.Tensor, train_queries: list[Query],
+                 train_labels: np.ndarray | None, dev_emb: torch.Tensor, dev_queries: list[Query],
+                 settings: TrainSettings | None = None) -> tuple[Router, list[dict]]:
+    """Fit a router; returns the best-on-dev router (threshold set) and the evaluation history.
+
+    ``init_bias`` is each signal's starting selection probability; ``train_labels`` ``[Q, n]`` are the pseudo
+    labels (needed for ``bce``, optional auxiliary for ``listwise``). Queries without a relevant candidate
+    teach the listwise loss nothing and are left out of it.
+    """
     s = settings or TrainSettings()
+    if s.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {s.objective!r}; use one of {OBJECTIVES}")
     torch.manual_seed(s.seed)
-    router = Router(config, prior=prior)
+    router = Router(config, prior=init_bias)
     opt = torch.optim.AdamW(router.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    y = torch.as_tensor(train_labels, dtype=torch.float32)
-    bce = torch.nn.BCEWithLogitsLoss()
+    pool = router.routable
+    X, G, M = padded(train_queries)
+    useful = G.sum(1) > 0
+    y = torch.as_tensor(train_labels, dtype=torch.float32) if train_labels is not None else None
+    labelled = y.sum(1) > 0 if y is not None else None  # uninformative queries have no label
+    bce_weight = 1.0 if s.objective == "bce" else s.bce_weight
+    if bce_weight > 0 and y is None:
+        raise ValueError("the bce objective needs pseudo labels")
     history: list[dict] = []
     t0, d0, n0 = best_threshold(router, dev_emb, dev_queries)
     best = (d0, copy.deepcopy(router.state_dict()), t0)
@@ -69,7 +120,13 @@ def train_router(config: RouterConfig, prior: np.ndarray, train_emb: torch.Tenso
     for epoch in range(1, s.epochs + 1):
         router.train()
         logits = router(train_emb)
-        loss = bce(logits, y) + s.sparsity * torch.sigmoid(logits).mean()
+        P = torch.sigmoid(logits)
+        loss = s.sparsity * P[:, pool].mean()
+        if s.objective == "listwise":
+            loss = loss + listwise_loss(P[useful], X[useful], G[useful], M[useful], s.temperature)
+        if bce_weight > 0:
+            loss = loss + bce_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                logits[labelled][:, pool], y[labelled][:, pool])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -87,56 +144,64 @@ def train_router(config: RouterConfig, prior: np.ndarray, train_emb: torch.Tenso
     router.load_state_dict(best[1])
     router.config.threshold = best[2]
     router.config.training = {**config.training, "dev_ndcg@10": best[0], "epochs_run": history[-1]["epoch"],
-                              **{k: getattr(s, k) for k in ("lr", "weight_decay", "sparsity", "seed")}}
+                              "best_epoch": max(history, key=lambda h: h["dev_ndcg@10"])["epoch"], **asdict(s)}
     return router.eval(), history
 
 
 def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", norm: str = "z",
                use_first_stage: bool = False, max_heads: int = 4, route_max: int = 8, dim: int = 64,
-               dev_fraction: float = 0.2, labels_kind: str = "greedy", settings: TrainSettings | None = None
-               ) -> tuple[Router, dict[str, Any]]:
+               dev_fraction: float = 0.2, labels_kind: str = "greedy", pool_size: int | None = None,
+               settings: TrainSettings | None = None) -> tuple[Router, dict[str, Any]]:
     """The whole recipe on a scored training split: carve dev, prior, pseudo labels, embeddings, training.
 
     ``labels_kind="greedy"``: binary targets, the greedy head set of each query (the paper's pseudo labels).
     ``labels_kind="soft"``: each signal's own nDCG@10 on the query as the target, so every query teaches the
     router about every head, not only about the one or two the greedy search kept.
+    ``pool_size``: only the ``pool_size`` heads best on the training queries (and the first stage, if used) can
+    be routed; None: every head.
     """
     from routehead.data import split_dev
     from routehead.evaluate import queries_for, query_embeddings
     from routehead.labels import label_queries, quality
 
+    s = settings or TrainSettings()
     tr_ids, dev_ids = split_dev(sorted(sc.entries), dev_fraction=dev_fraction, seed=0)
     train_q = queries_for(sc, norm, use_first_stage, tr_ids)
     dev_q = queries_for(sc, norm, use_first_stage, dev_ids)
     prior = quality(train_q)
-    labels = label_queries(train_q, prior, max_heads=max_heads)
     n = len(prior)
-    freq = np.zeros(n)
-    for chosen, _ in labels.values():
-        freq[chosen] += 1
-    freq = (freq + 0.1) / (len(labels) + 1.0)
-    emb = query_embeddings(sc, scorer, embed_layer, pooling)
-    lab_ids = sorted(labels)
-    y = np.zeros((len(lab_ids), n))
-    if labels_kind == "soft":
-        by_id = {q.qid: q for q in train_q}
-        for i, qid in enumerate(lab_ids):
+    LH = n - int(use_first_stage)
+    pool = None
+    if pool_size is not None:
+        pool = sorted(int(i) for i in np.argsort(-prior[:LH], kind="stable")[:pool_size])
+        pool += [LH] if use_first_stage else []
+    labels = label_queries(train_q, prior, max_heads=max_heads, pool=None if pool is None else np.asarray(pool))
+    y = np.zeros((len(tr_ids), n))
+    by_id = {q.qid: q for q in train_q}
+    for i, qid in enumerate(tr_ids):
+        if labels_kind == "soft":
             q = by_id[qid]
             y[i] = ndcg_at_k(q.signals, q.gains, q.ideal)
-        freq = np.clip(prior, 1e-3, 1 - 1e-3)
-    elif labels_kind == "greedy":
-        for i, qid in enumerate(lab_ids):
-            y[i, labels[qid][0]] = 1.0
-    else:
-        raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
+        elif labels_kind == "greedy":
+            y[i, labels[qid][0] if qid in labels else []] = 1.0
+        else:
+            raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
+    if s.objective == "listwise":  # residual start: the single best head on the training queries
+        init = np.full(n, 1.0 / (1.0 + np.exp(4.0)))
+        init[int(np.argmax(prior[:LH]))] = 1.0 / (1.0 + np.exp(-2.0))
+    elif labels_kind == "soft":
+        init = np.clip(prior, 1e-3, 1 - 1e-3)
+    else:  # how often each signal is in a pseudo label (smoothed)
+        init = (y.sum(0) + 0.1) / (len(labels) + 1.0)
+    emb = query_embeddings(sc, scorer, embed_layer, pooling, tr_ids + dev_ids)
     config = RouterConfig(identity=scorer.lm.identity(), embed_layer=embed_layer, pooling=pooling, dim=dim,
                           max_heads=route_max, norm=norm, use_first_stage=use_first_stage,
+                          weighting="prob" if s.objective == "listwise" else "none", pool=pool,
                           max_doc_tokens=scorer.builder.max_doc_tokens,
                           training={"collection": sc.collection.name, "split": sc.collection.split,
-                                    "train_queries": len(tr_ids), "labelled": len(lab_ids), "dev_queries": len(dev_ids),
+                                    "train_queries": len(tr_ids), "labelled": len(labels), "dev_queries": len(dev_ids),
                                     "label_max_heads": max_heads, "labels": labels_kind,
                                     "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()]))})
-    router, history = train_router(config, freq, torch.cat([emb[q] for q in lab_ids]), y,
-                                   torch.cat([emb[q] for q in dev_ids]), dev_q, settings)
-    return router, {"history": history, "labels": {q: labels[q] for q in lab_ids}, "dev_ids": dev_ids,
-                    "prior": prior.tolist()}
+    router, history = train_router(config, init, torch.cat([emb[q] for q in tr_ids]), train_q, y,
+                                   torch.cat([emb[q] for q in dev_ids]), dev_q, s)
+    return router, {"history": history, "labels": labels, "dev_ids": dev_ids, "prior": prior.tolist()}
