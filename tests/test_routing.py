@@ -220,3 +220,22 @@ def test_rank_is_crossencoder_shaped(tiny_router_reranker):
     out = tiny_router_reranker.rank("starch", DOCS, top_k=2)
     assert len(out) == 2 and set(out[0]) == {"corpus_id", "score", "text"}
     assert out[0]["text"] == DOCS[out[0]["corpus_id"]] and out[0]["score"] >= out[1]["score"]
+
+
+def test_merged_router_averages_member_logits():
+    from routehead.router import merge_routers
+
+    cfg = RouterConfig(identity=_identity(L=2, H=3, hidden=8), embed_layer=0, dim=4)
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        r = Router(cfg)
+        with torch.no_grad():
+            for p in r.parameters():
+                p.add_(torch.randn_like(p) * 0.5)  # LayerNorm affine too, so the merge must fold it
+        members.append(r.eval())
+    merged = merge_routers(members)
+    emb = torch.randn(5, 8)
+    expected = torch.stack([m(emb) for m in members]).mean(0)
+    assert merged.config.dim == 12
+    assert torch.allclose(merged(emb), expected, atol=1e-5)

@@ -40,7 +40,7 @@ def test_score_detect_train_evaluate_plot(tmp_path):
     router = tmp_path / "router.safetensors"
     out = run_cli("train", *DATA, "--split", "test", "--out", str(router), "--embed-layer", "4", env=env)
     assert out.returncode == 0, out.stderr
-    assert router.is_file() and "dev nDCG@10" in out.stdout
+    assert router.is_file() and "out-of-fold (5 folds) nDCG@10" in out.stdout
 
     out = run_cli("evaluate", *DATA, "--split", "test", "--reranker", "bm25", "icr", "single", "static", "route",
                   "oracle", "--heads", str(heads), "--router", str(router), "--json", env=env)

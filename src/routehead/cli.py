@@ -141,7 +141,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                              bce_weight=args.bce_weight)
     router, info = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling, norm=args.norm,
                               use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
-                              labels_kind=args.labels, pool_size=args.pool_size, settings=settings)
+                              labels_kind=args.labels, pool_size=args.pool_size, folds=args.folds,
+                              settings=settings)
     router.save(args.out)
     if args.labels_out:
         from routehead.labels import save_labels
@@ -150,8 +151,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                     {**sc.settings, "identity": scorer.lm.identity(), "norm": args.norm,
                      "max_heads": args.label_max_heads, "dev_ids": info["dev_ids"]})
     t = router.config.training
-    print(f"router -> {args.out}: dev nDCG@10 {t['dev_ndcg@10']:.4f}, threshold {router.config.threshold}, "
-          f"{t['labelled']} labelled train queries, {t['dev_queries']} dev queries")
+    held_out = f"out-of-fold ({args.folds} folds)" if args.folds > 1 else "dev"
+    print(f"router -> {args.out}: {held_out} nDCG@10 {t['dev_ndcg@10']:.4f}, threshold {router.config.threshold}, "
+          f"{t['train_queries']} training queries")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="z", choices=["sum", "z"])
     p.add_argument("--use-first-stage", action="store_true", help="let the router also route the first-stage score")
     p.add_argument("--pool-size", type=int, default=None, help="only the N best heads on train can be routed")
+    p.add_argument("--folds", type=int, default=5, help="K cross-fitted routers merged into one (1: one dev split)")
     p.add_argument("--labels", default="greedy", choices=["greedy", "soft"],
                    help="greedy: binary greedy head sets (paper); soft: each head's own nDCG@10 as the target")
     p.add_argument("--label-max-heads", type=int, default=4)

@@ -162,6 +162,30 @@ class Router(nn.Module):
         save_file(tensors, str(path), metadata=meta)
 
 
+def merge_routers(routers: list[Router]) -> Router:
+    """One router whose logits are the mean of the members' logits (an exact merge, not an approximation).
+
+    Each member's logit is linear in the normalised query ``n(e)``: ``(W diag(g) n + W b + c) . h / sqrt(d) + bias``
+    (g, b: its LayerNorm affine; W, c: its projection; h: head embeddings). Stacking the members' projections
+    and head embeddings (scaled by 1/sqrt(K)) gives a router of dimension K*d with the averaged logits, so an
+    ensemble of K cross-validated routers is saved and run like a single one.
+    """
+    first = routers[0].config
+    K, d = len(routers), first.dim
+    cfg = RouterConfig(**{**asdict(first), "dim": K * d})
+    merged = Router(cfg)
+    with torch.no_grad():
+        merged.norm.weight.fill_(1.0)
+        merged.norm.bias.zero_()
+        W = [r.proj.weight * r.norm.weight[None] for r in routers]
+        c = [r.proj.weight @ r.norm.bias + r.proj.bias for r in routers]
+        merged.proj.weight.copy_(torch.cat(W))
+        merged.proj.bias.copy_(torch.cat(c))
+        merged.head_emb.copy_(torch.cat([r.head_emb for r in routers], 1) / math.sqrt(K))
+        merged.bias.copy_(torch.stack([r.bias for r in routers]).mean(0))
+    return merged.eval()
+
+
 def load_router(path: str | Path, identity: dict[str, Any] | None = None) -> Router:
     """Load a router checkpoint; with ``identity``, refuse a router trained for another model."""
     from safetensors import safe_open

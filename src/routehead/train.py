@@ -35,7 +35,7 @@ OBJECTIVES = ("bce", "listwise")
 @dataclass
 class TrainSettings:
     objective: str = "listwise"
-    epochs: int = 300
+    epochs: int = 500
     lr: float = 3e-3
     weight_decay: float = 1e-2
     sparsity: float = 0.0  # weight of the mean routing probability (over the pool) in the loss
@@ -151,7 +151,7 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
 def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", norm: str = "z",
                use_first_stage: bool = False, max_heads: int = 4, route_max: int = 8, dim: int = 64,
                dev_fraction: float = 0.2, labels_kind: str = "greedy", pool_size: int | None = None,
-               settings: TrainSettings | None = None) -> tuple[Router, dict[str, Any]]:
+               folds: int = 1, settings: TrainSettings | None = None) -> tuple[Router, dict[str, Any]]:
     """The whole recipe on a scored training split: carve dev, prior, pseudo labels, embeddings, training.
 
     ``labels_kind="greedy"``: binary targets, the greedy head set of each query (the paper's pseudo labels).
@@ -159,49 +159,97 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", no
     router about every head, not only about the one or two the greedy search kept.
     ``pool_size``: only the ``pool_size`` heads best on the training queries (and the first stage, if used) can
     be routed; None: every head.
+    ``folds > 1``: K-fold cross-fitting instead of one dev split. Each fold's router is early-stopped on its own
+    held-out fold; the K routers are merged into one (mean logits, :func:`routehead.router.merge_routers`) and
+    the threshold is chosen on the out-of-fold probabilities, so every training query is used for training and,
+    once, for validation, and the early-stopping noise of one small dev split averages out.
     """
     from routehead.data import split_dev
     from routehead.evaluate import queries_for, query_embeddings
-    from routehead.labels import label_queries, quality
+    from routehead.labels import quality
+    from routehead.router import merge_routers
 
     s = settings or TrainSettings()
-    tr_ids, dev_ids = split_dev(sorted(sc.entries), dev_fraction=dev_fraction, seed=0)
-    train_q = queries_for(sc, norm, use_first_stage, tr_ids)
-    dev_q = queries_for(sc, norm, use_first_stage, dev_ids)
-    prior = quality(train_q)
-    n = len(prior)
+    ids = sorted(sc.entries)
+    if folds > 1:
+        order = list(ids)
+        np.random.default_rng(0).shuffle(order)
+        parts = [(sorted(set(ids) - set(order[k::folds])), sorted(order[k::folds])) for k in range(folds)]
+    else:
+        parts = [split_dev(ids, dev_fraction=dev_fraction, seed=0)]
+    all_q = {q.qid: q for q in queries_for(sc, norm, use_first_stage, ids)}
+    n = len(next(iter(all_q.values())).signals)
     LH = n - int(use_first_stage)
     pool = None
-    if pool_size is not None:
+    if pool_size is not None:  # from all training queries, so every fold's router routes the same signals
+        prior = quality(list(all_q.values()))
         pool = sorted(int(i) for i in np.argsort(-prior[:LH], kind="stable")[:pool_size])
         pool += [LH] if use_first_stage else []
-    labels = label_queries(train_q, prior, max_heads=max_heads, pool=None if pool is None else np.asarray(pool))
-    y = np.zeros((len(tr_ids), n))
-    by_id = {q.qid: q for q in train_q}
-    for i, qid in enumerate(tr_ids):
-        if labels_kind == "soft":
-            q = by_id[qid]
-            y[i] = ndcg_at_k(q.signals, q.gains, q.ideal)
-        elif labels_kind == "greedy":
-            y[i, labels[qid][0] if qid in labels else []] = 1.0
-        else:
-            raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
-    if s.objective == "listwise":  # residual start: the single best head on the training queries
-        init = np.full(n, 1.0 / (1.0 + np.exp(4.0)))
-        init[int(np.argmax(prior[:LH]))] = 1.0 / (1.0 + np.exp(-2.0))
-    elif labels_kind == "soft":
-        init = np.clip(prior, 1e-3, 1 - 1e-3)
-    else:  # how often each signal is in a pseudo label (smoothed)
-        init = (y.sum(0) + 0.1) / (len(labels) + 1.0)
-    emb = query_embeddings(sc, scorer, embed_layer, pooling, tr_ids + dev_ids)
+    emb = query_embeddings(sc, scorer, embed_layer, pooling, ids)
     config = RouterConfig(identity=scorer.lm.identity(), embed_layer=embed_layer, pooling=pooling, dim=dim,
                           max_heads=route_max, norm=norm, use_first_stage=use_first_stage,
                           weighting="prob" if s.objective == "listwise" else "none", pool=pool,
                           max_doc_tokens=scorer.builder.max_doc_tokens,
                           training={"collection": sc.collection.name, "split": sc.collection.split,
-                                    "train_queries": len(tr_ids), "labelled": len(labels), "dev_queries": len(dev_ids),
-                                    "label_max_heads": max_heads, "labels": labels_kind,
-                                    "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()]))})
-    router, history = train_router(config, init, torch.cat([emb[q] for q in tr_ids]), train_q, y,
-                                   torch.cat([emb[q] for q in dev_ids]), dev_q, s)
-    return router, {"history": history, "labels": labels, "dev_ids": dev_ids, "prior": prior.tolist()}
+                                    "label_max_heads": max_heads, "labels": labels_kind})
+    members, infos, oof = [], [], {}
+    for tr_ids, dev_ids in parts:
+        router, info = _fit_split(copy.deepcopy(config), [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids],
+                                  emb, max_heads, labels_kind, s)
+        members.append(router)
+        infos.append(info)
+        for q in dev_ids:
+            oof[q] = router.probabilities(emb[q])[0]
+    if folds <= 1:
+        return members[0], infos[0]
+    merged = merge_routers(members)
+    scored = []
+    for t in THRESHOLDS:
+        picks = [merged.route_probs(oof[q], t) for q in ids]
+        nd = np.mean([ndcg_at_k(r.signal_weights @ all_q[q].signals[r.signals], all_q[q].gains, all_q[q].ideal)
+                      for q, r in zip(ids, picks)])
+        scored.append((round(float(nd), 6), t, float(np.mean([len(r.signals) for r in picks]))))
+    nd, t, size = max(scored)
+    merged.config.threshold = t
+    merged.config.training = {**members[0].config.training, "folds": folds, "oof_ndcg@10": nd, "routed_oof": size,
+                              "dev_ndcg@10": nd,
+                              "fold_dev_ndcg@10": [m.config.training["dev_ndcg@10"] for m in members],
+                              "best_epoch": [m.config.training["best_epoch"] for m in members],
+                              "train_queries": len(ids)}
+    return merged, {"history": [i["history"] for i in infos], "labels": {k: v for i in infos for k, v in
+                                                                          i["labels"].items()}, "dev_ids": ids}
+
+
+def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
+               max_heads: int, labels_kind: str, s: TrainSettings) -> tuple[Router, dict[str, Any]]:
+    """Prior, pseudo labels, starting point and training on one (train, dev) split."""
+    from routehead.labels import label_queries, quality
+
+    prior = quality(train_q)
+    n = len(prior)
+    LH = n - int(config.use_first_stage)
+    labels = label_queries(train_q, prior, max_heads=max_heads,
+                           pool=None if config.pool is None else np.asarray(config.pool))
+    y = np.zeros((len(train_q), n))
+    for i, q in enumerate(train_q):
+        if labels_kind == "soft":
+            y[i] = ndcg_at_k(q.signals, q.gains, q.ideal)
+        elif labels_kind == "greedy":
+            y[i, labels[q.qid][0] if q.qid in labels else []] = 1.0
+        else:
+            raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
+    if s.objective == "listwise":  # residual start: the single best routable head on the training queries
+        heads_prior = prior[:LH] if config.pool is None else np.where(np.isin(np.arange(LH), config.pool),
+                                                                       prior[:LH], -1.0)
+        init = np.full(n, 1.0 / (1.0 + np.exp(4.0)))
+        init[int(np.argmax(heads_prior))] = 1.0 / (1.0 + np.exp(-2.0))
+    elif labels_kind == "soft":
+        init = np.clip(prior, 1e-3, 1 - 1e-3)
+    else:  # how often each signal is in a pseudo label (smoothed)
+        init = (y.sum(0) + 0.1) / (len(labels) + 1.0)
+    config.training.update({"train_queries": len(train_q), "labelled": len(labels), "dev_queries": len(dev_q),
+                            "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()]))})
+    router, history = train_router(config, init, torch.cat([emb[q.qid] for q in train_q]), train_q, y,
+                                   torch.cat([emb[q.qid] for q in dev_q]), dev_q, s)
+    return router, {"history": history, "labels": labels, "dev_ids": [q.qid for q in dev_q],
+                    "prior": prior.tolist()}
