@@ -5,7 +5,7 @@
 Re-rankers: bm25, dense (MiniLM), icr, single, static (shipped head set), route-bce (the paper's recipe: BCE
 on greedy pseudo labels), route (the shipped default router: listwise-trained, probability-weighted heads),
 route+fs (the same, may also route the first-stage score), oracle (analysis only). Paired t-tests on
-nDCG@10 against bm25, icr and static. Writes results/quality-<model>.json and prints a markdown table.
+nDCG@10 against bm25, icr, static and single. Writes results/quality-<model>.json and prints a markdown table.
 Queries not yet in the store are scored first (slow on CPU: about 7 s a query for the default model).
 """
 
@@ -112,6 +112,7 @@ def markdown(out: dict) -> str:
         gap_s = f"{gap:.0%}" if gap is not None else "-"
         lines.append(f"| {rep['dataset']} | {rep['n_queries']} | " + " | ".join(cells) + f" | {routed:.1f} | {gap_s} |")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

@@ -87,7 +87,11 @@ def test_router_select_threshold_cap_and_fallback():
     r = Router(RouterConfig(identity=_identity(), embed_layer=0, threshold=0.5, max_heads=2))
     assert r.select(np.array([0.9, 0.2, 0.7, 0.6])) == [0, 2]
     assert r.select(np.array([0.1, 0.2, 0.3, 0.05])) == [2]  # none passes: the most probable one
-    assert r.heads_of([3, 0]) == ([(0, 0), (1, 1)], False)
+    routing = r.route_probs(torch.tensor([0.9, 0.2, 0.1, 0.8]))  # flat signals 0 and 3: heads (0, 0), (1, 1)
+    assert routing.heads == [(0, 0), (1, 1)] and routing.first_stage_weight == 0.0
+    fs = Router(RouterConfig(identity=_identity(), embed_layer=0, threshold=0.5, max_heads=2, use_first_stage=True))
+    only_fs = fs.route_probs(torch.tensor([0.1, 0.3, 0.2, 0.1, 0.9]))  # only the first stage passes
+    assert only_fs.first_stage_weight == 1.0 and only_fs.heads == [(0, 1)]  # the most probable head joins it
 
 
 def test_router_checkpoint_round_trip_and_refusals(tmp_path):

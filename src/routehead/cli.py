@@ -139,17 +139,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     sc, scorer = _scored(args)
     settings = TrainSettings(objective=args.objective, sparsity=args.sparsity, lr=args.lr, seed=args.seed,
                              bce_weight=args.bce_weight)
-    router, info = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling, norm=args.norm,
+    router, _ = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling, norm=args.norm,
                               use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
                               labels_kind=args.labels, pool_size=args.pool_size, folds=args.folds,
                               settings=settings)
     router.save(args.out)
-    if args.labels_out:
-        from routehead.labels import save_labels
-
-        save_labels(args.labels_out, info["labels"], scorer.lm.num_heads, scorer.lm.num_layers,
-                    {**sc.settings, "identity": scorer.lm.identity(), "norm": args.norm,
-                     "max_heads": args.label_max_heads, "dev_ids": info["dev_ids"]})
     t = router.config.training
     held_out = f"out-of-fold ({args.folds} folds)" if args.folds > 1 else "dev"
     print(f"router -> {args.out}: {held_out} nDCG@10 {t['dev_ndcg@10']:.4f}, threshold {router.config.threshold}, "
@@ -276,7 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, "train")
     _model_args(p)
     p.add_argument("--out", required=True, help="router .safetensors")
-    p.add_argument("--labels-out", default=None, help="also write the pseudo labels as JSON")
     p.add_argument("--objective", default="listwise", choices=["listwise", "bce"],
                    help="listwise: through the ranking, probability-weighted heads (default); bce: the paper's "
                         "BCE on greedy pseudo labels, heads summed")

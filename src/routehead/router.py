@@ -131,12 +131,6 @@ class Router(nn.Module):
             return np.asarray(probs, dtype=np.float64).reshape(-1)[signals]
         raise RouteheadError(f"unknown router weighting {self.config.weighting!r}")
 
-    def heads_of(self, signals: list[int]) -> tuple[list[Head], bool]:
-        """Split selected signal indices into (layer, head) pairs and the first-stage flag."""
-        H, LH = self.config.num_heads, self.config.num_layers * self.config.num_heads
-        heads = sorted((i // H, i % H) for i in signals if i < LH)
-        return heads, any(i == LH for i in signals)
-
     def route(self, emb: torch.Tensor) -> Routing:
         """The routing decision for one query embedding: heads, their weights, the first-stage weight."""
         return self.route_probs(self.probabilities(emb)[0])

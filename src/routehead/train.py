@@ -46,20 +46,20 @@ class TrainSettings:
     seed: int = 0
 
 
-def routed_ndcg(router: Router, emb: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
+def routed_ndcg(router: Router, probs: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
                 ) -> tuple[float, float]:
-    """Mean nDCG@k of the routed selections on ``queries`` and the mean number of signals routed."""
+    """Mean nDCG@k of the routed selections (from routing probabilities ``[Q, signals]``) and the mean routed."""
     vals, sizes = [], []
-    for p, q in zip(router.probabilities(emb), queries):
+    for p, q in zip(probs, queries):
         r = router.route_probs(p, threshold)
         vals.append(float(ndcg_at_k(r.signal_weights @ q.signals[r.signals], q.gains, q.ideal, k)))
         sizes.append(len(r.signals))
     return float(np.mean(vals)), float(np.mean(sizes))
 
 
-def best_threshold(router: Router, emb: torch.Tensor, queries: list[Query]) -> tuple[float, float, float]:
-    """(threshold, dev nDCG, mean routed) maximising dev nDCG; ties go to the higher (sparser) threshold."""
-    scored = [(routed_ndcg(router, emb, queries, t), t) for t in THRESHOLDS]
+def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query]) -> tuple[float, float, float]:
+    """(threshold, nDCG, mean routed) maximising nDCG; ties go to the higher (sparser) threshold."""
+    scored = [(routed_ndcg(router, probs, queries, t), t) for t in THRESHOLDS]
     (ndcg, size), t = max(scored, key=lambda x: (round(x[0][0], 6), x[1]))
     return t, ndcg, size
 
@@ -113,7 +113,7 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
     if bce_weight > 0 and y is None:
         raise ValueError("the bce objective needs pseudo labels")
     history: list[dict] = []
-    t0, d0, n0 = best_threshold(router, dev_emb, dev_queries)
+    t0, d0, n0 = best_threshold(router, router.probabilities(dev_emb), dev_queries)
     best = (d0, copy.deepcopy(router.state_dict()), t0)
     history.append({"epoch": 0, "dev_ndcg@10": d0, "threshold": t0, "routed": n0})
     waited = 0
@@ -132,7 +132,7 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
         opt.step()
         if epoch % s.eval_every == 0:
             router.eval()
-            t, d, n = best_threshold(router, dev_emb, dev_queries)
+            t, d, n = best_threshold(router, router.probabilities(dev_emb), dev_queries)
             history.append({"epoch": epoch, "loss": float(loss.detach()), "dev_ndcg@10": d, "threshold": t,
                             "routed": n})
             if d > best[0] + 1e-6:
@@ -159,10 +159,11 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", no
     router about every head, not only about the one or two the greedy search kept.
     ``pool_size``: only the ``pool_size`` heads best on the training queries (and the first stage, if used) can
     be routed; None: every head.
-    ``folds > 1``: K-fold cross-fitting instead of one dev split. Each fold's router is early-stopped on its own
-    held-out fold; the K routers are merged into one (mean logits, :func:`routehead.router.merge_routers`) and
-    the threshold is chosen on the out-of-fold probabilities, so every training query is used for training and,
-    once, for validation, and the early-stopping noise of one small dev split averages out.
+    ``folds > 1``: K-fold cross-fitting instead of one dev split (``info`` then holds per-fold lists). Each
+    fold's router is early-stopped on its own held-out fold; the K routers are merged into one (mean logits,
+    :func:`routehead.router.merge_routers`) and the threshold is chosen on the out-of-fold probabilities, so every
+    training query is used for training and, once, for validation, and the early-stopping noise of one small dev
+    split averages out.
     """
     from routehead.data import split_dev
     from routehead.evaluate import queries_for, query_embeddings
@@ -203,21 +204,15 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", no
     if folds <= 1:
         return members[0], infos[0]
     merged = merge_routers(members)
-    scored = []
-    for t in THRESHOLDS:
-        picks = [merged.route_probs(oof[q], t) for q in ids]
-        nd = np.mean([ndcg_at_k(r.signal_weights @ all_q[q].signals[r.signals], all_q[q].gains, all_q[q].ideal)
-                      for q, r in zip(ids, picks)])
-        scored.append((round(float(nd), 6), t, float(np.mean([len(r.signals) for r in picks]))))
-    nd, t, size = max(scored)
+    t, nd, size = best_threshold(merged, torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids])
     merged.config.threshold = t
     merged.config.training = {**members[0].config.training, "folds": folds, "oof_ndcg@10": nd, "routed_oof": size,
                               "dev_ndcg@10": nd,
                               "fold_dev_ndcg@10": [m.config.training["dev_ndcg@10"] for m in members],
                               "best_epoch": [m.config.training["best_epoch"] for m in members],
                               "train_queries": len(ids)}
-    return merged, {"history": [i["history"] for i in infos], "labels": {k: v for i in infos for k, v in
-                                                                          i["labels"].items()}, "dev_ids": ids}
+    return merged, {"history": [i["history"] for i in infos], "labels": [i["labels"] for i in infos],
+                    "dev_ids": [i["dev_ids"] for i in infos]}
 
 
 def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
