@@ -9,13 +9,15 @@
 Methods, each timed per query (tokenization included) on the same prompt:
 
 - ``bare``: :meth:`HeadScorer.bare_forward`, one plain SDPA pass over prefix + query, all layers: the floor.
-- ``full``: :meth:`HeadScorer.score` with all heads (ICR's tensor): prefix once, query and "N/A" on its cache.
+- ``full``: :meth:`HeadScorer.score` with all heads (ICR's tensor): one pass over prefix + query + "N/A".
 - ``static16``: ``score`` with a fixed set of 16 heads in the first half of the model. Rule: the pool is
   ``[(l, h) for l in range(L // 2) for h in range(H)]`` (layers ``0 .. L/2 - 1``) and the 16 heads are
   ``pool[round(i * (len(pool) - 1) / 15)]`` for ``i = 0..15`` (evenly spread, first and last included; the
   whole pool if it has fewer than 16). Exit after layer ``L/2 - 1``.
-- ``routed``: ``score`` with a routed-style set of 4 heads whose deepest layer sits at 2/3 of the depth.
-  Rule: ``d = round(2 L / 3)``; layers ``round(j * (d - 1) / 3)`` and heads ``(j * H) // 4`` for ``j = 0..3``
+- ``routed``: for a model with a shipped router (SmolLM2, Gemma-3-270M), RouteHead's real path: the
+  query-embedding pass, routing, then ``score`` with the routed heads only (exit after the deepest); the
+  heads it routed are in ``heads.routed``. For other models a routed-style set of 4 heads whose deepest
+  layer sits at 2/3 of the depth. Rule: ``d = round(2 L / 3)``; layers ``round(j * (d - 1) / 3)`` and heads ``(j * H) // 4`` for ``j = 0..3``
   (so the deepest head is in layer ``d - 1`` and ``d`` of ``L`` layers run). SmolLM2 (30 x 9):
   ``(0,0) (6,2) (13,4) (19,6)``; Llama-3.1-8B (32 x 32): ``(0,0) (7,8) (13,16) (20,24)``.
 - ``eager``: the naive way: the same weights switched to ``attn_implementation="eager"``, the whole prompt
@@ -41,6 +43,10 @@ i.e. above the weights and any one-time allocations; ``peak_mem_over_bare`` is `
 every method's is in ``peak_mem_over_bare_by_method``):
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` before, stats reset per method.
+- CPU: times come from a first phase under glibc's defaults (what users run); peak memory from a second phase
+  (one warm-up, one call per method) with glibc's mmap threshold fixed at 64 KiB (:func:`fix_malloc_thresholds`,
+  ``config.malloc``), so that RSS follows live tensors rather than heap fragments; the first phase's peaks stay
+  in ``peak_mem_mb_default_malloc``. ``--default-malloc`` skips the second phase.
 - CPU (default ``--isolate``): every method runs in its own fresh child process (multiprocessing ``spawn``)
   that loads the model and builds the prompt, then resets the kernel's peak-RSS mark (``echo 5 >
   /proc/self/clear_refs``) and reads ``VmHWM - VmRSS`` (before the method) from ``/proc/self/status`` after
@@ -95,7 +101,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from routehead import capture  # noqa: E402
+from routehead.api import default_router_path  # noqa: E402
 from routehead.model import LoadedModel, load_model, wrap_model  # noqa: E402
+from routehead.router import Router, load_router  # noqa: E402
 from routehead.scorer import HeadScorer, mask_outliers_and_sum  # noqa: E402
 from routehead.testing import byte_tokenizer  # noqa: E402
 
@@ -130,6 +138,30 @@ def routed_heads(num_layers: int, num_heads: int, k: int = 4) -> list[tuple[int,
     deepest = max(1, round(2 * num_layers / 3)) - 1
     picks = {(round(j * deepest / (k - 1)), (j * num_heads) // k) for j in range(k)}
     return sorted(picks)
+
+
+def shipped_router(lm: LoadedModel) -> Router | None:
+    """The router shipped for this model (SmolLM2, Gemma-3-270M), or None (random models)."""
+    path = default_router_path(lm.name)
+    return load_router(path, lm.identity()) if path.is_file() else None
+
+
+def route_and_score(scorer: HeadScorer, router: Router | None) -> Callable[[str, list[str]], Any]:
+    """The routed method: with a router, RouteHead's real path (query-embedding pass, routing, the routed
+    heads only, exit after the deepest); without one, the synthetic 4-head set of :func:`routed_heads`."""
+    if router is None:
+        heads = routed_heads(scorer.lm.num_layers, scorer.lm.num_heads)
+        return lambda q, docs: scorer.score(q, docs, heads=heads)
+    cfg = router.config
+    return lambda q, docs: scorer.score(q, docs, heads=router.route(
+        scorer.query_embedding(q, cfg.embed_layer, cfg.pooling)).heads)
+
+
+def routed_source(scorer: HeadScorer, router: Router | None, query: str) -> dict[str, Any]:
+    if router is None:
+        return {"source": "synthetic", "heads": routed_heads(scorer.lm.num_layers, scorer.lm.num_heads)}
+    heads = router.route(scorer.query_embedding(query, router.config.embed_layer, router.config.pooling)).heads
+    return {"source": "shipped router", "embed_layer": router.config.embed_layer, "heads": [list(h) for h in heads]}
 
 
 def eager_bytes(num_layers: int, num_heads: int, tokens: int, elem: int) -> int:
@@ -310,6 +342,23 @@ def _proc_status(field: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
+def fix_malloc_thresholds() -> bool:
+    """glibc: serve every buffer over 64 KiB by mmap, returned to the OS on free (``mallopt``).
+
+    With glibc's default, *dynamic* mmap threshold, a freed 4-10 MB buffer raises the threshold, later buffers
+    of that size come from the heap, and fragments of it stay resident: the peak RSS then reports the
+    allocator's history (measured: 2.4x the bare pass for the same live tensors) rather than what a method
+    keeps alive. Fixing the thresholds makes RSS follow live memory. Call before the model is loaded.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 0))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _reset_peak_rss() -> bool:
     """Return freed heap to the OS (glibc ``malloc_trim``), then reset the kernel's peak-RSS mark (VmHWM)."""
     try:
@@ -352,8 +401,8 @@ def method_fn(name: str, scorer: HeadScorer, query: str, docs: list[str]) -> Cal
         heads = static16_heads(L, H)
         return lambda: scorer.score(query, docs, heads=heads)
     if name == "routed":
-        heads = routed_heads(L, H)
-        return lambda: scorer.score(query, docs, heads=heads)
+        fn = route_and_score(scorer, shipped_router(scorer.lm))
+        return lambda: fn(query, docs)
     if name == "eager":
         return lambda: eager_scores(scorer, query, docs)
     raise ValueError(name)
@@ -444,6 +493,8 @@ def make_case(cfg: dict[str, Any], scorer: HeadScorer, tokens: int | None) -> tu
 
 def _child(cfg: dict[str, Any], method: str, tokens: int | None) -> dict[str, Any]:
     """One method in a fresh process (``spawn``): load, build the prompt, then measure."""
+    if cfg.get("phase") == "memory":
+        fix_malloc_thresholds()
     lm, scorer = setup(cfg)
     q, docs, _ = make_case(cfg, scorer, tokens)
     n_tok = _prompt_tokens(scorer, q, docs)
@@ -492,6 +543,10 @@ def summarize(per: dict[str, dict[str, Any]], prompt_tokens: int, n_docs: int, s
     run["mem_before_mb"] = {m: r["mem_before_mb"] for m, r in per.items() if r.get("status") == "ok"}
     run["peak_mem_over_bare"] = _ratio(mem.get("full"), mem.get("bare"))
     run["peak_mem_over_bare_by_method"] = {m: _ratio(v, mem.get("bare")) for m, v in mem.items()}
+    raw = {m: r["peak_mem_mb_default_malloc"] for m, r in per.items() if "peak_mem_mb_default_malloc" in r}
+    if raw:  # the same peaks under glibc's dynamic mmap threshold (heap fragments included)
+        run["peak_mem_mb_default_malloc"] = raw
+        run["peak_mem_over_bare_default_malloc"] = _ratio(raw.get("full"), raw.get("bare"))
     if "eager" in per and per["eager"].get("status") != "ok":
         run["peak_mem_over_bare_by_method"]["eager"] = "OOM"
     run["times_s"] = {m: r.get("times") for m, r in per.items()}
@@ -536,7 +591,8 @@ def _meminfo(field: str) -> int | None:
 def throughput(cfg: dict[str, Any], lm: LoadedModel, scorer: HeadScorer, sf: SciFact | None) -> dict[str, Any]:
     """Queries per second, sequential (one query at a time), at each candidate count."""
     L, H = lm.num_layers, lm.num_heads
-    heads = {"full": None, "static16": static16_heads(L, H), "routed": routed_heads(L, H)}
+    heads = {"full": None, "static16": static16_heads(L, H)}
+    routed = route_and_score(scorer, shipped_router(lm))
     out: dict[str, Any] = {"queries": cfg["queries"], "mode": "sequential, one query at a time, no batching"}
     for c in cfg["candidates"]:
         cases = []
@@ -547,12 +603,12 @@ def throughput(cfg: dict[str, Any], lm: LoadedModel, scorer: HeadScorer, sf: Sci
                 cases.append((SYNTH_QUERY, sized_docs(scorer, c, cfg["doc_tokens"], seed=1000 + i)))
         row: dict[str, Any] = {}
         for m in cfg["throughput_methods"]:
-            hs = heads[m]
-            r = scorer.score(*cases[0], heads=hs)
+            fn = routed if m == "routed" else (lambda q, docs, hs=heads[m]: scorer.score(q, docs, heads=hs))
+            r = fn(*cases[0])
             _sync(lm)
             t = time.perf_counter()
             for q, docs in cases[1:]:
-                r = scorer.score(q, docs, heads=hs)
+                r = fn(q, docs)
             _sync(lm)
             dt = time.perf_counter() - t
             row[m] = {"qps": cfg["queries"] / dt, "s_per_query": dt / cfg["queries"], "windows": len(r.windows),
@@ -631,6 +687,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     choices=["full", "static16", "routed"])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--out", default=None, help="JSON path (default results/speed/<name>.json)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="CPU: keep glibc's dynamic mmap threshold (peak RSS then includes heap fragmentation)")
     ap.add_argument("--name", default=None, help="file name under results/speed (default from model/device)")
     return ap.parse_args(argv)
 
@@ -643,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         threads, why = int(args.threads), "--threads"
     torch.set_num_threads(threads)
+    malloc = "fixed" if device == "cpu" and not args.default_malloc else "default"
     isolate = args.isolate if args.isolate is not None else (device == "cpu" and not args.quick)
     eager_max = (int(args.eager_max_gb * 2**30) if args.eager_max_gb is not None
                  else int(0.8 * (_meminfo("MemAvailable") or 0)) or None)
@@ -655,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "eager_max_bytes": eager_max if device == "cpu" else None,
         "queries": args.queries or (3 if args.quick else 10), "candidates": args.candidates,
         "throughput_methods": args.throughput_methods, "methods": [] if args.no_methods else list(args.methods),
-        "isolate": isolate,
+        "isolate": isolate, "malloc": malloc,
     }
     slug = (args.model or "default").replace("random:", "random-").replace("/", "_")
     name = args.name or f"{slug}-{device}{'-quick' if args.quick else ''}{'-throughput' if args.throughput else ''}"
@@ -671,20 +730,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                params_b=round(sum(p.numel() for p in lm.model.parameters()) / 1e9, 3))
 
     sizes: list[int | None] = list(args.tokens) if args.tokens else [None]
+    cases = []
     for tokens in sizes if cfg["methods"] else []:
         q, docs, source = make_case(cfg, scorer, tokens)
-        n_tok = _prompt_tokens(scorer, q, docs)
-        per: dict[str, dict[str, Any]] = {}
-        for m in cfg["methods"]:
-            if isolate:
-                per[m] = run_isolated(cfg, m, tokens)
-            else:
-                per[m] = measure(m, scorer, q, docs, cfg["warmup"], cfg["repeats"], cfg["eager_max_bytes"], n_tok)
+        cases.append((tokens, q, docs, source, _prompt_tokens(scorer, q, docs)))
+
+    def run_methods(case: tuple, run_cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        tokens, q, docs, _, n_tok = case
+        return {m: run_isolated(run_cfg, m, tokens) if isolate else
+                measure(m, scorer, q, docs, run_cfg["warmup"], run_cfg["repeats"], cfg["eager_max_bytes"], n_tok)
+                for m in cfg["methods"]}
+
+    def record(per: dict[str, dict[str, Any]], case: tuple) -> dict[str, Any]:
+        _, q, docs, source, n_tok = case
         run = summarize(per, n_tok, len(docs), source, L, H)
-        result["runs"].append(run)
+        run["heads"]["routed"] = routed_source(scorer, shipped_router(lm), q)
+        return run
+
+    # Phase 1, times (and memory) under glibc's defaults; phase 2 (CPU), memory alone with fixed thresholds.
+    pers = []
+    for case in cases:
+        pers.append(run_methods(case, cfg))
+        result["runs"].append(record(pers[-1], case))
         _write(out, result, t_start)
         if not args.json:
-            print(f"[{n_tok} tokens done, {time.perf_counter() - t_start:.0f} s]", file=sys.stderr, flush=True)
+            print(f"[{case[4]} tokens timed, {time.perf_counter() - t_start:.0f} s]", file=sys.stderr, flush=True)
+    if malloc == "fixed" and cases:
+        mem_cfg = {**cfg, "phase": "memory", "warmup": 1, "repeats": 1}
+        if not isolate:
+            fix_malloc_thresholds()
+        for i, (per, case) in enumerate(zip(pers, cases)):
+            for m, r in run_methods(case, mem_cfg).items():
+                if r.get("status") == "ok" and per[m].get("status") == "ok":
+                    per[m].update(peak_mem_mb_default_malloc=per[m]["peak_mem_mb"], peak_mem_mb=r["peak_mem_mb"],
+                                  mem_before_mb=r["mem_before_mb"])
+            result["runs"][i] = record(per, case)
+            _write(out, result, t_start)
 
     if args.throughput:
         sf = None

@@ -39,7 +39,8 @@ def test_quick_json_on_tiny_random_model(speed, tmp_path, capsys):
     out = tmp_path / "speed.json"
     result = speed.main(["--model", "random:tiny", "--device", "cpu", "--tokens", "384", "--docs", "4",
                          "--repeats", "1", "--warmup", "1", "--no-isolate", "--json", "--out", str(out),
-                         "--throughput", "--candidates", "2", "4", "--queries", "1", "--doc-tokens", "40"])
+                         "--throughput", "--candidates", "2", "4", "--queries", "1", "--doc-tokens", "40",
+                         "--default-malloc"])  # in-process: leave this test process's allocator as it is
     printed = json.loads(capsys.readouterr().out)
     stored = json.loads(out.read_text())
     for d in (printed, stored):
@@ -56,7 +57,7 @@ def test_quick_json_on_tiny_random_model(speed, tmp_path, capsys):
         assert _positive(stored[key]), (key, stored[key])
     assert stored["peak_mem_over_bare"] is None or _positive(stored["peak_mem_over_bare"])
     assert all(v >= 0 for v in stored["peak_mem_mb"].values())
-    assert stored["heads"]["routed"] == [[0, 0], [1, 1], [2, 2], [3, 3]]
+    assert stored["heads"]["routed"] == {"source": "synthetic", "heads": [[0, 0], [1, 1], [2, 2], [3, 3]]}
     for c in ("2", "4"):
         for m in ("full", "routed"):
             assert _positive(stored["throughput"][c][m]["qps"])
@@ -66,8 +67,25 @@ def test_eager_guard_records_oom(speed, tmp_path, capsys):
     out = tmp_path / "guard.json"
     r = speed.main(["--model", "random:tiny", "--device", "cpu", "--tokens", "256", "--docs", "2",
                     "--methods", "bare", "eager", "--repeats", "1", "--warmup", "0", "--no-isolate",
-                    "--eager-max-gb", "0.000001", "--json", "--out", str(out)])
+                    "--eager-max-gb", "0.000001", "--json", "--out", str(out), "--default-malloc"])
     capsys.readouterr()
     assert r["eager_s"] == "OOM" and r["eager_over_bare"] == "OOM"
     assert "predicted" in r["notes"]["eager"]
     assert _positive(r["bare_s"])
+
+
+def test_memory_phase_with_fixed_malloc(tmp_path):
+    """CPU default: times under glibc's defaults, then a memory-only phase with fixed mmap thresholds (own process)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "mem.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--model", "random:tiny", "--device", "cpu",
+                    "--tokens", "256", "--docs", "2", "--methods", "bare", "full", "--repeats", "1", "--warmup", "0",
+                    "--no-isolate", "--threads", "1", "--json", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    r = json.loads(out.read_text())
+    assert r["config"]["malloc"] == "fixed"
+    assert set(r["peak_mem_mb_default_malloc"]) == {"bare", "full"} and set(r["peak_mem_mb"]) == {"bare", "full"}
+    assert len(r["times_s"]["full"]) == 1  # the memory phase adds no times
+    assert _positive(r["peak_mem_over_bare"]) or r["peak_mem_over_bare"] is None

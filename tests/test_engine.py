@@ -63,28 +63,31 @@ def test_outputs_unchanged_by_capture(setup):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("reuse_prefix", [True, False])
-def test_rows_equal_eager_attention(setup, reuse_prefix):
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_rows_equal_eager_attention(setup, single_pass):
     _, lm, scorer, ref = setup
     b = scorer.builder
     prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
     assert prompt.prefix_len > 64, "prompt must be longer than the sliding window to test its mask"
-    q_rows, na_rows = scorer.query_rows(prompt, all_heads(lm), reuse_prefix=reuse_prefix)
+    q_rows, na_rows = scorer.query_rows(prompt, all_heads(lm), single_pass=single_pass)
     torch.testing.assert_close(q_rows, eager_rows(ref, prompt, prompt.query_ids), atol=1e-5, rtol=0)
     torch.testing.assert_close(na_rows, eager_rows(ref, prompt, prompt.na_ids), atol=1e-5, rtol=0)
 
 
-def test_kv_prefix_reuse_gives_full_pass_hidden_states(setup):
-    """The mask trap: a custom attention name without its mask function breaks cached suffixes."""
+def test_single_pass_gives_each_suffix_its_own_full_pass(setup):
+    """The two-branch pass: hidden states of query and "N/A" equal those of prefix+query and prefix+"N/A" alone."""
     _, lm, scorer, _ = setup
+    assert scorer.single_pass
     b = scorer.builder
     prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
     last = lm.num_layers - 1
-    full = scorer._forward(prompt.prefix_ids + prompt.query_ids, None, last, keep_output=True)
-    cache = scorer._new_cache()
-    scorer._forward(prompt.prefix_ids, cache, last)
-    suffix = scorer._forward(prompt.query_ids, scorer._fork(cache), last, keep_output=True)
-    torch.testing.assert_close(suffix[0], full[0, prompt.prefix_len:], atol=1e-4, rtol=1e-4)
+    both = scorer._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, last, keep_output=True,
+                           split=capture.Split(P, P + nq), positions=list(range(P + nq)) + list(range(P, P + nna)))
+    with_q = scorer._forward(prompt.prefix_ids + prompt.query_ids, last, keep_output=True)
+    with_na = scorer._forward(prompt.prefix_ids + prompt.na_ids, last, keep_output=True)
+    torch.testing.assert_close(both[0, :P + nq], with_q[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[0, P + nq:], with_na[0, P:], atol=1e-4, rtol=1e-4)
 
 
 def test_calibrated_score_equals_two_full_passes(setup):
@@ -113,7 +116,7 @@ def test_head_subset_is_slice_and_exits_early(setup):
     finally:
         for h in hooks:
             h.remove()
-    assert calls[:2] == [3, 3]  # prefix + two suffixes
+    assert calls[:2] == [1, 1]  # one pass: prefix, query and "N/A" together
     assert sum(calls[2:]) == 0, f"layers after the deepest selected one ran: {calls}"
     for lay, h in subset:
         torch.testing.assert_close(part.calibrated[lay, h], full.calibrated[lay, h], atol=1e-6, rtol=0)

@@ -4,8 +4,12 @@ The registered function returns exactly what SDPA returns (so the model's output
 a :class:`Recorder` is active, computes ``softmax(q K^T * scale + mask)`` for the query-span rows of the
 requested heads only, averaged over the query tokens: an ``[heads, keys]`` row per layer, never ``T x T``.
 The mask is the one the model passes to attention (causal, padding, sliding window), produced by the same
-mask function SDPA uses: a custom attention name must register its mask function too, or transformers falls
-back to a mask that is wrong once a KV cache is in play.
+mask function SDPA uses: a custom attention name must register its mask function too.
+
+Two suffixes in one pass (:class:`Split`): the sequence ``prefix + query + "N/A"`` runs once, with the "N/A"
+tokens given the positions right after the prefix. Each layer then attends in two branches: prefix and
+query causally (the plain pass), and "N/A" over the prefix and itself only, exactly as if it ran alone after
+the prefix. No KV cache is kept, so memory is that of one plain pass over the prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +25,7 @@ import torch
 ATTN_NAME = "routehead_capture"
 
 _RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("routehead_recorder", default=None)
+_SPLIT: contextvars.ContextVar[Split | None] = contextvars.ContextVar("routehead_split", default=None)
 _registered = False
 
 
@@ -38,7 +44,8 @@ class Recorder:
         self.rows: dict[int, torch.Tensor] = {}
 
     def record(self, module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-               scaling: float | None, softcap: float | None) -> None:
+               scaling: float | None, softcap: float | None, window: int | None = None) -> None:
+        """``attention_mask`` None means causal, bottom-right aligned, within ``window`` keys when given."""
         layer = getattr(module, "layer_idx", None)
         if layer not in self.heads:
             return
@@ -54,8 +61,8 @@ class Recorder:
         n_q, n_k = query.shape[2], key.shape[2]
         if attention_mask is None:
             # No mask means SDPA's is_causal path (q_len == kv_len, or a single query token): causal, bottom-right.
-            qpos = torch.arange(s, e, device=q.device)[:, None] + (n_k - n_q)
-            allowed = torch.arange(n_k, device=q.device)[None, :] <= qpos
+            qpos = torch.arange(s, e, device=q.device) + (n_k - n_q)
+            allowed = _allowed(qpos, torch.arange(n_k, device=q.device), window)
             logits = logits.masked_fill(~allowed, float("-inf"))
         else:
             m = attention_mask[:, :, s:e, :]
@@ -68,11 +75,65 @@ class Recorder:
         self.rows[layer] = probs
 
 
+def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[Q, K]`` causal mask by absolute positions; with ``window``, only the last ``window`` keys (incl. self)."""
+    ok = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        ok &= kpos[None, :] > qpos[:, None] - window
+    return ok
+
+
+@dataclass(frozen=True)
+class Split:
+    """Layout of a two-suffix pass: ``[0, prefix)`` prefix, ``[prefix, main)`` query, ``[main, end)`` "N/A".
+
+    The caller passes position ids ``0..main-1`` then ``prefix..``; ``query``/``na`` record each suffix's rows
+    (spans relative to its own branch: ``(prefix, main)`` and ``(0, n_na)``).
+    """
+
+    prefix: int
+    main: int
+    query: Recorder | None = None
+    na: Recorder | None = None
+
+
+def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
+                     dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    P, M = split.prefix, split.main
+    window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
+    softcap = kwargs.get("softcap")
+    dev = query.device
+    q_main, k_main, v_main = query[:, :, :M], key[:, :, :M], value[:, :, :M]
+    q_na = query[:, :, M:]
+    k_na = torch.cat([key[:, :, :P], key[:, :, M:]], dim=2)  # "N/A" sees the prefix and itself, never the query
+    v_na = torch.cat([value[:, :, :P], value[:, :, M:]], dim=2)
+    if split.query is not None:
+        split.query.record(module, q_main, k_main, None, scaling, softcap, window)
+    if split.na is not None:
+        split.na.record(module, q_na, k_na, None, scaling, softcap, window)
+    main_mask = None
+    if window is not None and M > window:  # what SDPA's own mask function materializes for a sliding layer
+        pos = torch.arange(M, device=dev)
+        main_mask = _allowed(pos, pos, window)[None, None]
+    out_main, _ = sdpa_attention_forward(module, q_main, k_main, v_main, main_mask, dropout=dropout,
+                                         scaling=scaling, is_causal=main_mask is None, **kwargs)
+    n_na = q_na.shape[2]
+    na_mask = _allowed(torch.arange(P, P + n_na, device=dev), torch.arange(P + n_na, device=dev), window)
+    out_na, _ = sdpa_attention_forward(module, q_na, k_na, v_na, na_mask[None, None], dropout=dropout,
+                                       scaling=scaling, is_causal=False, **kwargs)
+    return torch.cat([out_main, out_na], dim=1), None
+
+
 def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    split = _SPLIT.get()
+    if split is not None:
+        return _split_attention(module, query, key, value, split, dropout, scaling, kwargs)
     rec = _RECORDER.get()
     if rec is not None:
         rec.record(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
@@ -80,17 +141,33 @@ def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
                                   is_causal=is_causal, **kwargs)
 
 
+def _mask(*args: Any, **kwargs: Any) -> Any:
+    """SDPA's mask function; none in a split pass, whose attention builds its own two small masks."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _SPLIT.get() is not None else sdpa_mask(*args, **kwargs)
+
+
 def register() -> str:
-    """Register the capture function and its mask function (SDPA's) under :data:`ATTN_NAME`."""
+    """Register the capture function and its mask function under :data:`ATTN_NAME`."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTN_NAME, _capture_attention)
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        AttentionMaskInterface.register(ATTN_NAME, _mask)
         _registered = True
     return ATTN_NAME
+
+
+def split_supported(config: Any) -> bool:
+    """Whether :class:`Split` knows every mask this model uses (causal, optionally a sliding window)."""
+    from routehead.model import text_config
+
+    cfg = text_config(config)
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    return kinds <= {"full_attention", "sliding_attention"} and getattr(cfg, "attention_chunk_size", None) is None
 
 
 def install(model: Any) -> None:
@@ -110,6 +187,15 @@ def recording(recorder: Recorder | None) -> Iterator[Recorder | None]:
         yield recorder
     finally:
         _RECORDER.reset(token)
+
+
+@contextlib.contextmanager
+def splitting(split: Split | None) -> Iterator[Split | None]:
+    token = _SPLIT.set(split)
+    try:
+        yield split
+    finally:
+        _SPLIT.reset(token)
 
 
 class StopForward(Exception):

@@ -1,8 +1,9 @@
 """The per-head relevance tensor ``S[layer, head, doc]`` from one forward pass over the prompt.
 
-Flow: the prefix (instruction + documents) runs once and its KV cache is kept; the real query and the
-content-free query "N/A" run as two short suffixes on forks of that cache (a fork shares the prefix tensors,
-no copy). For each requested head, the attention the query tokens pay to each prefix token is recorded; the
+Flow: one forward pass over ``prefix + query + "N/A"`` (prefix = instruction + documents), in which "N/A"
+sees only the prefix and itself, at the positions right after the prefix (:class:`capture.Split`): both
+suffixes come out of one pass with no KV cache, so time and memory are those of one plain pass over the
+prompt. For each requested head, the attention the query tokens pay to each prefix token is recorded; the
 calibrated token score is ``attn(query) - attn("N/A")``; per head and document, tokens scoring below
 ``mean - 2 std`` (over that document's tokens) are masked out and the rest summed. ICR, static heads, routing,
 label search and the oracle are all selections over this one tensor.
@@ -16,9 +17,6 @@ size get comparable scores.
 
 from __future__ import annotations
 
-import copy
-import inspect
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,12 +80,6 @@ def normalize_heads(heads: Iterable[Head] | None, num_layers: int, num_heads: in
     return out
 
 
-def _read_only_update(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What DynamicLayer/DynamicSlidingWindowLayer.update return (cached + new states), without storing it."""
-    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-
 class HeadScorer:
     """Scores documents for a query with every (or some) attention heads of a frozen causal LM."""
 
@@ -100,8 +92,7 @@ class HeadScorer:
         capture.install(lm.model)
         self.base = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
         self.layers = capture.decoder_layers(lm.model)
-        params = inspect.signature(self.base.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.single_pass = capture.split_supported(lm.model.config)
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes S, for stores and checkpoints."""
@@ -113,44 +104,23 @@ class HeadScorer:
                 "chat_template": bool(self.builder.head_ids and self.builder.tail_ids)}
 
     # -- forward passes ---------------------------------------------------------------------------------------
-    def _forward(self, ids: list[int], cache: Any, last_layer: int, recorder: capture.Recorder | None = None,
-                 keep_output: bool = False) -> torch.Tensor | None:
+    def _forward(self, ids: list[int], last_layer: int, recorder: capture.Recorder | None = None,
+                 keep_output: bool = False, split: capture.Split | None = None,
+                 positions: list[int] | None = None) -> torch.Tensor | None:
         input_ids = torch.tensor([ids], device=self.lm.device)
-        with capture.recording(recorder), capture.exit_after(self.layers, last_layer, keep_output) as box:
-            self.base(input_ids=input_ids, use_cache=cache is not None, **{self._cache_kw: cache})
+        kw = {} if positions is None else {"position_ids": torch.tensor([positions], device=self.lm.device)}
+        with capture.recording(recorder), capture.splitting(split), \
+                capture.exit_after(self.layers, last_layer, keep_output) as box:
+            self.base(input_ids=input_ids, use_cache=False, **kw)
         return box.get("hidden")
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.lm.model.config)
-        except TypeError:
-            return DynamicCache()
-
-    @staticmethod
-    def _fork(cache: Any) -> Any:
-        """A read-only view of the prefix cache for one suffix pass.
-
-        Each layer returns ``prefix + suffix`` keys/values to attention but keeps nothing, so the suffix's
-        concatenation lives for one layer at a time (no second copy of the whole KV cache), and the prefix
-        cache stays untouched for the next suffix.
-        """
-        if not hasattr(cache, "layers"):  # older transformers: a full copy is the safe fallback
-            return copy.deepcopy(cache)
-        twin = copy.copy(cache)
-        twin.layers = [copy.copy(layer) for layer in cache.layers]
-        for layer in twin.layers:
-            if getattr(layer, "is_initialized", True) and hasattr(layer, "keys"):
-                layer.update = types.MethodType(_read_only_update, layer)
-        return twin
-
     @torch.inference_mode()
-    def query_rows(self, prompt: Prompt, heads: list[Head], reuse_prefix: bool = True) -> tuple[torch.Tensor, ...]:
+    def query_rows(self, prompt: Prompt, heads: list[Head], single_pass: bool | None = None
+                   ) -> tuple[torch.Tensor, ...]:
         """Attention rows ``[len(heads), prefix_len]`` of the real query and of "N/A", mean over query tokens.
 
-        With ``reuse_prefix`` the prefix runs once and both suffixes run on forks of its cache; without it each
-        suffix runs with the whole prefix again (the reference the cached path is tested against).
+        ``single_pass`` (default where the model's masks allow it) runs both suffixes in one pass; otherwise each
+        suffix runs with the whole prefix again (the reference the single pass is tested against).
         """
         by_layer: dict[int, list[int]] = {}
         for lay, h in heads:
@@ -159,21 +129,20 @@ class HeadScorer:
         order = [(lay, h) for lay in sorted(by_layer) for h in by_layer[lay]]
         if order != list(heads):
             raise ValueError("heads must be sorted by (layer, head)")
-        cache = None
-        if reuse_prefix:
-            cache = self._new_cache()
-            self._forward(prompt.prefix_ids, cache, last)
-        rows = []
-        for suffix in (prompt.query_ids, prompt.na_ids):
-            P = prompt.prefix_len
-            if reuse_prefix:
-                rec = capture.Recorder(by_layer, (0, len(suffix)), P + len(suffix))
-                self._forward(suffix, self._fork(cache), last, rec)
-            else:
-                rec = capture.Recorder(by_layer, (P, P + len(suffix)), P + len(suffix))
-                self._forward(prompt.prefix_ids + suffix, None, last, rec)
-            rows.append(torch.cat([rec.rows[lay][0] for lay in sorted(by_layer)])[:, :P].float().cpu())
-        return rows[0], rows[1]
+        P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
+        if self.single_pass if single_pass is None else single_pass:
+            recs = [capture.Recorder(by_layer, (P, P + nq), P + nq), capture.Recorder(by_layer, (0, nna), P + nna)]
+            split = capture.Split(P, P + nq, *recs)
+            self._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, last, split=split,
+                          positions=list(range(P + nq)) + list(range(P, P + nna)))
+        else:
+            recs = []
+            for suffix in (prompt.query_ids, prompt.na_ids):
+                recs.append(capture.Recorder(by_layer, (P, P + len(suffix)), P + len(suffix)))
+                self._forward(prompt.prefix_ids + suffix, last, recs[-1])
+        q_rows, na_rows = (torch.cat([r.rows[lay][0] for lay in sorted(by_layer)])[:, :P].float().cpu()
+                           for r in recs)
+        return q_rows, na_rows
 
     def _score_prompt(self, prompt: Prompt, heads: list[Head]) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated and raw scores ``[len(heads), docs]`` for one prompt."""
@@ -219,7 +188,7 @@ class HeadScorer:
         """
         q_ids = self.builder.encode_query(query)
         ids = list(self.builder.head_ids) + q_ids
-        hidden = self._forward(ids, None, layer, keep_output=True)
+        hidden = self._forward(ids, layer, keep_output=True)
         assert hidden is not None
         h = hidden[0, len(ids) - len(q_ids):].float()
         if pooling == "mean":
