@@ -17,9 +17,9 @@ Methods, each timed per query (tokenization included) on the same prompt:
 - ``routed``: for a model with a shipped router (SmolLM2, Gemma-3-270M), RouteHead's real path: the
   query-embedding pass, routing, then ``score`` with the routed heads only (exit after the deepest); the
   heads it routed are in ``heads.routed``. For other models a routed-style set of 4 heads whose deepest
-  layer sits at 2/3 of the depth. Rule: ``d = round(2 L / 3)``; layers ``round(j * (d - 1) / 3)`` and heads ``(j * H) // 4`` for ``j = 0..3``
-  (so the deepest head is in layer ``d - 1`` and ``d`` of ``L`` layers run). SmolLM2 (30 x 9):
-  ``(0,0) (6,2) (13,4) (19,6)``; Llama-3.1-8B (32 x 32): ``(0,0) (7,8) (13,16) (20,24)``.
+  layer sits at 2/3 of the depth. Rule: ``d = round(2 L / 3)``; layers ``round(j * (d - 1) / 3)`` and heads
+  ``(j * H) // 4`` for ``j = 0..3`` (so the deepest head is in layer ``d - 1`` and ``d`` of ``L`` layers run).
+  SmolLM2 (30 x 9): ``(0,0) (6,2) (13,4) (19,6)``; Llama-3.1-8B (32 x 32): ``(0,0) (7,8) (13,16) (20,24)``.
 - ``eager``: the naive way: the same weights switched to ``attn_implementation="eager"``, the whole prompt
   (prefix + query) in one pass with ``output_attentions=True``, then the query rows of every head and the same
   per-document masking and sum. One pass only (ICR's calibration pass with "N/A" would double it), so

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,34 +45,46 @@ class Recorder:
 
     def record(self, module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                scaling: float | None, softcap: float | None, window: int | None = None) -> None:
-        """``attention_mask`` None means causal, bottom-right aligned, within ``window`` keys when given."""
+        """``attention_mask`` None means causal, bottom-right aligned, within ``window`` keys when given.
+
+        One KV group at a time: float32 logits of that group's requested heads against its own keys, so no
+        grouped-query K is ever repeated or copied whole.
+        """
         layer = getattr(module, "layer_idx", None)
         if layer not in self.heads:
             return
-        heads = self.heads[layer].to(query.device)
+        heads = self.heads[layer].tolist()
         s, e = self.span
         n_rep = query.shape[1] // key.shape[1]
-        q = query[:, heads, s:e].float()  # [B, h, Q, D]
-        k = key[:, heads // n_rep].float()  # [B, h, K, D]: grouped KV heads shared by n_rep query heads
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
         n_q, n_k = query.shape[2], key.shape[2]
         if attention_mask is None:
-            # No mask means SDPA's is_causal path (q_len == kv_len, or a single query token): causal, bottom-right.
-            qpos = torch.arange(s, e, device=q.device) + (n_k - n_q)
-            allowed = _allowed(qpos, torch.arange(n_k, device=q.device), window)
-            logits = logits.masked_fill(~allowed, float("-inf"))
+            qpos = torch.arange(s, e, device=query.device) + (n_k - n_q)
+            mask = _allowed(qpos, torch.arange(n_k, device=query.device), window)
         else:
-            m = attention_mask[:, :, s:e, :]
-            if m.shape[1] > 1:
-                m = m[:, heads]
-            logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
-        probs = torch.softmax(logits, dim=-1).mean(dim=-2)  # [B, h, K]
-        if n_k < self.total_len:
-            probs = torch.nn.functional.pad(probs, (self.total_len - n_k, 0))
-        self.rows[layer] = probs
+            mask = attention_mask[:, :, s:e, :]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        rows = query.new_zeros(query.shape[0], len(heads), self.total_len, dtype=torch.float32)
+        for g in sorted({h // n_rep for h in heads}):
+            pos = [i for i, h in enumerate(heads) if h // n_rep == g]
+            hs = [heads[i] for i in pos]
+            m = mask[:, hs] if mask.dim() == 4 and mask.shape[1] > 1 else mask
+            probs = _softmax(_logits(query[:, hs, s:e], [key[:, g:g + 1]], scale, softcap), m)
+            rows[:, pos, self.total_len - n_k:] = probs.mean(dim=-2)  # sliding caches: right-aligned
+        self.rows[layer] = rows
+
+
+def _logits(q: torch.Tensor, keys: list[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:
+    """float32 ``q K^T * scale`` (softcapped) of query rows ``[B, h, Q, D]`` over key blocks ``[B, 1, K_i, D]``."""
+    q = q.float()
+    out = torch.cat([torch.matmul(q, k.float().transpose(-1, -2)) for k in keys], dim=-1) * scale
+    return torch.tanh(out / softcap) * softcap if softcap is not None else out
+
+
+def _softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys under a bool ``allowed`` mask or an additive one."""
+    if mask.dtype == torch.bool:
+        return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.softmax(logits + mask.float(), dim=-1)
 
 
 def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -88,42 +100,64 @@ class Split:
     """Layout of a two-suffix pass: ``[0, prefix)`` prefix, ``[prefix, main)`` query, ``[main, end)`` "N/A".
 
     The caller passes position ids ``0..main-1`` then ``prefix..``; ``query``/``na`` record each suffix's rows
-    (spans relative to its own branch: ``(prefix, main)`` and ``(0, n_na)``).
+    (spans relative to its own branch: ``(prefix, main)`` and ``(0, n_na)``). With ``on_layer``, each layer's
+    two rows are handed to it as soon as both exist and not kept, so rows of all layers never pile up.
     """
 
     prefix: int
     main: int
     query: Recorder | None = None
     na: Recorder | None = None
+    on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
 
 def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
                      dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    P, M = split.prefix, split.main
+    M = split.main
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
     softcap = kwargs.get("softcap")
-    dev = query.device
     q_main, k_main, v_main = query[:, :, :M], key[:, :, :M], value[:, :, :M]
-    q_na = query[:, :, M:]
-    k_na = torch.cat([key[:, :, :P], key[:, :, M:]], dim=2)  # "N/A" sees the prefix and itself, never the query
-    v_na = torch.cat([value[:, :, :P], value[:, :, M:]], dim=2)
     if split.query is not None:
         split.query.record(module, q_main, k_main, None, scaling, softcap, window)
-    if split.na is not None:
-        split.na.record(module, q_na, k_na, None, scaling, softcap, window)
     main_mask = None
     if window is not None and M > window:  # what SDPA's own mask function materializes for a sliding layer
-        pos = torch.arange(M, device=dev)
+        pos = torch.arange(M, device=query.device)
         main_mask = _allowed(pos, pos, window)[None, None]
     out_main, _ = sdpa_attention_forward(module, q_main, k_main, v_main, main_mask, dropout=dropout,
                                          scaling=scaling, is_causal=main_mask is None, **kwargs)
-    n_na = q_na.shape[2]
-    na_mask = _allowed(torch.arange(P, P + n_na, device=dev), torch.arange(P + n_na, device=dev), window)
-    out_na, _ = sdpa_attention_forward(module, q_na, k_na, v_na, na_mask[None, None], dropout=dropout,
-                                       scaling=scaling, is_causal=False, **kwargs)
+    out_na = _na_attention(module, query, key, value, split, window, scaling, softcap)
     return torch.cat([out_main, out_na], dim=1), None
+
+
+def _na_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
+                  window: int | None, scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """The "N/A" rows over the prefix keys and their own, one KV group at a time: a few query rows, so plain
+    float32 attention, with no copy or repeat of the prefix K/V. Records the rows ``split.na`` wants."""
+    P, M = split.prefix, split.main
+    B, H, T, D = query.shape
+    n_kv, n = key.shape[1], T - M
+    r = H // n_kv
+    dev = query.device
+    scale = scaling if scaling is not None else D ** -0.5
+    allowed = _allowed(torch.arange(P, P + n, device=dev), torch.arange(P + n, device=dev), window)
+    out = value.new_empty(B, n, H, value.shape[-1])
+    probs_by_head = []
+    for g in range(n_kv):
+        heads = slice(g * r, (g + 1) * r)
+        probs = _softmax(_logits(query[:, heads, M:], [key[:, g:g + 1, :P], key[:, g:g + 1, M:]], scale, softcap),
+                         allowed)  # [B, r, n, P + n]
+        pv = probs.to(value.dtype)
+        o = torch.matmul(pv[..., :P], value[:, g:g + 1, :P]) + torch.matmul(pv[..., P:], value[:, g:g + 1, M:])
+        out[:, :, heads] = o.transpose(1, 2)
+        probs_by_head.append(probs.mean(dim=-2))
+    rec, layer = split.na, getattr(module, "layer_idx", None)
+    if rec is not None and layer in rec.heads:
+        rec.rows[layer] = torch.cat(probs_by_head, dim=1)[:, rec.heads[layer].tolist()]
+        if split.on_layer is not None and split.query is not None:
+            split.on_layer(layer, split.query.rows.pop(layer), rec.rows.pop(layer))
+    return out
 
 
 def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -17,7 +17,7 @@ size get comparable scores.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,10 +52,11 @@ def mask_outliers_and_sum(token_scores: torch.Tensor, spans: Sequence[tuple[int,
 
     Population std over the document's tokens (a one-token document keeps its token).
     """
-    lengths = torch.tensor([e - s for s, e in spans])
-    starts = torch.tensor([s for s, _ in spans])
+    dev = token_scores.device
+    lengths = torch.tensor([e - s for s, e in spans], device=dev)
+    starts = torch.tensor([s for s, _ in spans], device=dev)
     width = max(int(lengths.max()), 1)
-    offs = torch.arange(width)
+    offs = torch.arange(width, device=dev)
     valid = offs[None, :] < lengths[:, None]  # [D, W]
     idx = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs)[None, :])
     x = token_scores[:, idx]  # [n, D, W]
@@ -78,6 +79,16 @@ def normalize_heads(heads: Iterable[Head] | None, num_layers: int, num_heads: in
         if not (0 <= lay < num_layers and 0 <= h < num_heads):
             raise ValueError(f"head ({lay}, {h}) is outside this model's {num_layers} layers x {num_heads} heads")
     return out
+
+
+def _by_layer(heads: list[Head]) -> dict[int, list[int]]:
+    """``{layer: [head, ...]}`` for heads sorted by (layer, head), the order rows are returned in."""
+    if list(heads) != sorted(heads):
+        raise ValueError("heads must be sorted by (layer, head)")
+    by_layer: dict[int, list[int]] = {}
+    for lay, h in heads:
+        by_layer.setdefault(lay, []).append(h)
+    return by_layer
 
 
 class HeadScorer:
@@ -114,41 +125,55 @@ class HeadScorer:
             self.base(input_ids=input_ids, use_cache=False, **kw)
         return box.get("hidden")
 
+    def _single_pass(self, prompt: Prompt, by_layer: dict[int, list[int]],
+                     on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+        """One pass over prefix + query + "N/A"; ``on_layer(layer, q_rows, na_rows)`` gets ``[heads, prefix]``."""
+        P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
+        split = capture.Split(P, P + nq, capture.Recorder(by_layer, (P, P + nq), P + nq),
+                              capture.Recorder(by_layer, (0, nna), P + nna),
+                              on_layer=lambda lay, q, na: on_layer(lay, q[0, :, :P], na[0, :, :P]))
+        self._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, max(by_layer), split=split,
+                      positions=list(range(P + nq)) + list(range(P, P + nna)))
+
     @torch.inference_mode()
     def query_rows(self, prompt: Prompt, heads: list[Head], single_pass: bool | None = None
-                   ) -> tuple[torch.Tensor, ...]:
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention rows ``[len(heads), prefix_len]`` of the real query and of "N/A", mean over query tokens.
 
         ``single_pass`` (default where the model's masks allow it) runs both suffixes in one pass; otherwise each
         suffix runs with the whole prefix again (the reference the single pass is tested against).
         """
-        by_layer: dict[int, list[int]] = {}
-        for lay, h in heads:
-            by_layer.setdefault(lay, []).append(h)
-        last = max(by_layer)
-        order = [(lay, h) for lay in sorted(by_layer) for h in by_layer[lay]]
-        if order != list(heads):
-            raise ValueError("heads must be sorted by (layer, head)")
-        P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
+        by_layer = _by_layer(heads)
+        P = prompt.prefix_len
+        rows: dict[int, tuple[torch.Tensor, ...]] = {}
         if self.single_pass if single_pass is None else single_pass:
-            recs = [capture.Recorder(by_layer, (P, P + nq), P + nq), capture.Recorder(by_layer, (0, nna), P + nna)]
-            split = capture.Split(P, P + nq, *recs)
-            self._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, last, split=split,
-                          positions=list(range(P + nq)) + list(range(P, P + nna)))
+            self._single_pass(prompt, by_layer, lambda lay, q, na: rows.__setitem__(lay, (q, na)))
         else:
             recs = []
             for suffix in (prompt.query_ids, prompt.na_ids):
                 recs.append(capture.Recorder(by_layer, (P, P + len(suffix)), P + len(suffix)))
-                self._forward(prompt.prefix_ids + suffix, last, recs[-1])
-        q_rows, na_rows = (torch.cat([r.rows[lay][0] for lay in sorted(by_layer)])[:, :P].float().cpu()
-                           for r in recs)
-        return q_rows, na_rows
+                self._forward(prompt.prefix_ids + suffix, max(by_layer), recs[-1])
+            rows = {lay: tuple(r.rows[lay][0, :, :P] for r in recs) for lay in by_layer}
+        return tuple(torch.cat([rows[lay][i] for lay in sorted(by_layer)]).float().cpu() for i in (0, 1))
 
+    @torch.inference_mode()
     def _score_prompt(self, prompt: Prompt, heads: list[Head]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Calibrated and raw scores ``[len(heads), docs]`` for one prompt."""
-        q_rows, na_rows = self.query_rows(prompt, heads)
-        cal = mask_outliers_and_sum(q_rows - na_rows, prompt.doc_spans)
-        return cal, mask_outliers_and_sum(q_rows, prompt.doc_spans)
+        """Calibrated and raw scores ``[len(heads), docs]`` for one prompt.
+
+        In a single pass each layer's rows become document scores as soon as the layer has run, so the pass
+        keeps ``heads x docs``, never ``heads x prompt tokens`` for all layers at once.
+        """
+        spans = prompt.doc_spans
+
+        def reduce(q_rows: torch.Tensor, na_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return mask_outliers_and_sum(q_rows - na_rows, spans), mask_outliers_and_sum(q_rows, spans)
+
+        if not self.single_pass:
+            return reduce(*self.query_rows(prompt, heads))
+        by_layer = _by_layer(heads)
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._single_pass(prompt, by_layer, lambda lay, q, na: done.__setitem__(lay, reduce(q, na)))
+        return tuple(torch.cat([done[lay][i] for lay in sorted(by_layer)]).float().cpu() for i in (0, 1))
 
     # -- public -------------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None) -> HeadScores:
