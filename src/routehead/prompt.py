@@ -1,10 +1,11 @@
 """The re-ranking prompt, built from token segments so every span is exact for every tokenizer.
 
 Layout (ICR): ``<chat head> instruction [1] doc1 \\n [2] doc2 ... late-instruction Query:`` | `` <query>``.
-Everything before the ``|`` is the *prefix*: it does not depend on the query, so its KV cache is computed once
-and reused for the real query and the content-free calibration query ("N/A"). The query tokens are the
-*suffix*. The chat template's tail (end of turn, assistant header) comes after the query; under causal
-attention it cannot change the query rows, so it is kept in :attr:`Prompt.tail_ids` but never run.
+Everything before the ``|`` is the *prefix*: it does not depend on the query, and the real query and the
+content-free calibration query ("N/A") both follow it, at the same positions, in one pass (see ``scorer``).
+The query tokens are the *suffix*. The chat template's tail (end of turn, assistant header) comes after the
+query; under causal attention it cannot change the query rows, so it is kept in :attr:`Prompt.tail_ids` but
+never run.
 
 Each segment is tokenized on its own and the ids are concatenated, so a document's span is known by
 construction (no offset arithmetic per tokenizer family). Segments start with a space or newline where text

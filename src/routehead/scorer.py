@@ -55,7 +55,7 @@ def mask_outliers_and_sum(token_scores: torch.Tensor, spans: Sequence[tuple[int,
     dev = token_scores.device
     lengths = torch.tensor([e - s for s, e in spans], device=dev)
     starts = torch.tensor([s for s, _ in spans], device=dev)
-    width = max(int(lengths.max()), 1)
+    width = max(max((e - s for s, e in spans), default=0), 1)  # from the spans: no device sync
     offs = torch.arange(width, device=dev)
     valid = offs[None, :] < lengths[:, None]  # [D, W]
     idx = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs)[None, :])
