@@ -11,7 +11,7 @@ from routehead.prompt import plan_windows
 from routehead.scorer import HeadScorer, mask_outliers_and_sum
 from tests.tiny import eager_twin, tiny_lm
 
-FAMILIES = ["llama", "qwen2", "gemma3"]
+FAMILIES = ["llama", "qwen2", "gemma3", "mistral"]
 QUERY = "which enzyme breaks down starch?"
 DOCS = [
     "Amylase is an enzyme that catalyses the hydrolysis of starch into sugars.",
@@ -179,3 +179,17 @@ def test_bad_input_is_clear(setup):
         scorer.score(QUERY, ["ok", 3])
     with pytest.raises(ValueError, match="outside this model"):
         scorer.score(QUERY, DOCS, heads=[(99, 0)])
+
+
+def test_unknown_mask_kind_falls_back_to_separate_passes():
+    """A model whose masks the single pass does not know (chunked attention) is scored with two full passes."""
+    lm = tiny_lm("llama")
+    lm.model.config.attention_chunk_size = 8
+    scorer = HeadScorer(lm, max_doc_tokens=None)
+    assert not scorer.single_pass
+    ref = eager_twin(lm, "llama")
+    b = scorer.builder
+    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    q, na = eager_rows(ref, prompt, prompt.query_ids), eager_rows(ref, prompt, prompt.na_ids)
+    expected = mask_outliers_and_sum(q - na, prompt.doc_spans).reshape(lm.num_layers, lm.num_heads, -1)
+    torch.testing.assert_close(scorer.score(QUERY, DOCS).calibrated, expected, atol=1e-5, rtol=0)

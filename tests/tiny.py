@@ -9,7 +9,7 @@ from routehead.testing import byte_tokenizer
 
 
 def tiny_config(family: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                   max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257)
@@ -21,6 +21,9 @@ def tiny_config(family: str):
         # sliding_window=16: most layers see only the last 16 keys, so the model's own mask matters.
         return Gemma3TextConfig(num_hidden_layers=6, num_key_value_heads=2, head_dim=16, sliding_window=16,
                                 **common)
+    if family == "mistral":
+        # one sliding window for every layer, passed to attention as a keyword (not a per-layer attribute)
+        return MistralConfig(num_hidden_layers=3, num_key_value_heads=2, sliding_window=16, **common)
     raise ValueError(family)
 
 
