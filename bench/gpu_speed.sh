@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speed of head scoring on one GPU, for a random-weight model of Llama-3.1-8B's shape (bf16, byte-level
+# First a correctness check of the single-pass engine on the GPU (bench/engine_check.py), then speed of head scoring on one GPU, for a random-weight model of Llama-3.1-8B's shape (bf16, byte-level
 # tokenizer): per-method time and peak memory at ~2k/8k/16k/32k-token prompts, then sequential throughput at
 # 20 and 100 candidates. Installs nothing; needs torch + transformers (>= 5) with CUDA. Run from the repo root:
 #
@@ -26,6 +26,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')" \
   2>&1 | tee "$OUT/gpu_versions.txt"
+
+echo "== engine check: single pass vs separate full passes on $DEVICE (tiny models, fp32 + bf16)"
+timeout 120 "$PY" bench/engine_check.py --device "$DEVICE" 2>&1 | tee "$OUT/gpu_engine_check.txt" | tail -7
 
 echo "== sizes: bare / full / static16 / routed / eager at $TOKENS tokens ($MODEL on $DEVICE)"
 # shellcheck disable=SC2086  # TOKENS is a list
