@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # First a correctness check of the single-pass engine on the GPU (bench/engine_check.py); then speed of head
-# scoring on one GPU, for a random-weight model of Llama-3.1-8B's shape (bf16, byte-level tokenizer): per-method time and peak memory at ~2k/8k/16k/32k-token prompts, then sequential throughput at
-# 20 and 100 candidates. Installs nothing; needs torch + transformers (>= 5) with CUDA. Run from the repo root:
+# scoring on one GPU, for a random-weight model of Llama-3.1-8B's shape (bf16, byte-level tokenizer):
+# per-method time and peak memory at ~2k/8k/16k/32k-token prompts, then sequential throughput at 20 and 100
+# candidates. Installs nothing; needs torch + transformers (>= 5) with CUDA. Run from the repo root:
 #
 #     OUT=/some/dir bash bench/gpu_speed.sh        # JSON under $OUT (default results/speed)
 #
