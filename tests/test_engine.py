@@ -56,7 +56,7 @@ def test_outputs_unchanged_by_capture(setup):
     plain = tiny_model(family)  # same seed, same weights, plain SDPA
     with torch.no_grad():
         expected = plain(input_ids=ids).logits
-        rec = capture.Recorder({0: [0, 1]}, (ids.shape[1] - 3, ids.shape[1]), ids.shape[1])
+        rec = capture.Recorder({0: [0, 1]}, (ids.shape[1] - 3, ids.shape[1]))
         with capture.recording(rec):
             got = lm.model(input_ids=ids).logits
     assert rec.rows, "the recorder saw no attention call"

@@ -33,14 +33,12 @@ class Recorder:
     """Collects query-span attention rows for chosen heads, keyed by layer.
 
     ``heads_by_layer`` maps a layer index to the head indices to record in it; ``span`` is the [start, end) of
-    the query tokens in the current call's query positions; ``total_len`` is the absolute key length (rows of
-    sliding-window layers, whose cache holds only the last keys, are right-aligned into it).
+    the query tokens among the call's query positions. A row covers every key of the call.
     """
 
-    def __init__(self, heads_by_layer: dict[int, list[int]], span: tuple[int, int], total_len: int) -> None:
-        self.heads = {layer: torch.as_tensor(h, dtype=torch.long) for layer, h in heads_by_layer.items()}
+    def __init__(self, heads_by_layer: dict[int, list[int]], span: tuple[int, int]) -> None:
+        self.heads = {layer: [int(x) for x in h] for layer, h in heads_by_layer.items()}
         self.span = span
-        self.total_len = total_len
         self.rows: dict[int, torch.Tensor] = {}
 
     def record(self, module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -53,7 +51,7 @@ class Recorder:
         layer = getattr(module, "layer_idx", None)
         if layer not in self.heads:
             return
-        heads = self.heads[layer].tolist()
+        heads = self.heads[layer]
         s, e = self.span
         n_rep = query.shape[1] // key.shape[1]
         n_q, n_k = query.shape[2], key.shape[2]
@@ -63,13 +61,13 @@ class Recorder:
         else:
             mask = attention_mask[:, :, s:e, :]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        rows = query.new_zeros(query.shape[0], len(heads), self.total_len, dtype=torch.float32)
+        rows = query.new_empty(query.shape[0], len(heads), n_k, dtype=torch.float32)
         for g in sorted({h // n_rep for h in heads}):
             pos = [i for i, h in enumerate(heads) if h // n_rep == g]
             hs = [heads[i] for i in pos]
             m = mask[:, hs] if mask.dim() == 4 and mask.shape[1] > 1 else mask
             probs = _softmax(_logits(query[:, hs, s:e], [key[:, g:g + 1]], scale, softcap), m)
-            rows[:, pos, self.total_len - n_k:] = probs.mean(dim=-2)  # sliding caches: right-aligned
+            rows[:, pos] = probs.mean(dim=-2)
         self.rows[layer] = rows
 
 
@@ -127,14 +125,20 @@ def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         main_mask = _allowed(pos, pos, window)[None, None]
     out_main, _ = sdpa_attention_forward(module, q_main, k_main, v_main, main_mask, dropout=dropout,
                                          scaling=scaling, is_causal=main_mask is None, **kwargs)
-    out_na = _na_attention(module, query, key, value, split, window, scaling, softcap)
+    out_na, na_rows = _na_attention(query, key, value, split, window, scaling, softcap)
+    layer, rec = getattr(module, "layer_idx", None), split.na
+    if rec is not None and layer in rec.heads:
+        rec.rows[layer] = na_rows[:, rec.heads[layer]]
+        if split.on_layer is not None and split.query is not None:
+            split.on_layer(layer, split.query.rows.pop(layer), rec.rows.pop(layer))
     return torch.cat([out_main, out_na], dim=1), None
 
 
-def _na_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
-                  window: int | None, scaling: float | None, softcap: float | None) -> torch.Tensor:
+def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split, window: int | None,
+                  scaling: float | None, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The "N/A" rows over the prefix keys and their own, one KV group at a time: a few query rows, so plain
-    float32 attention, with no copy or repeat of the prefix K/V. Records the rows ``split.na`` wants."""
+    float32 attention, with no copy or repeat of the prefix K/V. Returns the output ``[B, n, H, D]`` and every
+    head's attention row ``[B, H, P + n]`` (mean over the "N/A" tokens)."""
     P, M = split.prefix, split.main
     B, H, T, D = query.shape
     n_kv, n = key.shape[1], T - M
@@ -152,12 +156,7 @@ def _na_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: to
         o = torch.matmul(pv[..., :P], value[:, g:g + 1, :P]) + torch.matmul(pv[..., P:], value[:, g:g + 1, M:])
         out[:, :, heads] = o.transpose(1, 2)
         probs_by_head.append(probs.mean(dim=-2))
-    rec, layer = split.na, getattr(module, "layer_idx", None)
-    if rec is not None and layer in rec.heads:
-        rec.rows[layer] = torch.cat(probs_by_head, dim=1)[:, rec.heads[layer].tolist()]
-        if split.on_layer is not None and split.query is not None:
-            split.on_layer(layer, split.query.rows.pop(layer), rec.rows.pop(layer))
-    return out
+    return out, torch.cat(probs_by_head, dim=1)
 
 
 def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -129,8 +129,8 @@ class HeadScorer:
                      on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
         """One pass over prefix + query + "N/A"; ``on_layer(layer, q_rows, na_rows)`` gets ``[heads, prefix]``."""
         P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
-        split = capture.Split(P, P + nq, capture.Recorder(by_layer, (P, P + nq), P + nq),
-                              capture.Recorder(by_layer, (0, nna), P + nna),
+        split = capture.Split(P, P + nq, capture.Recorder(by_layer, (P, P + nq)),
+                              capture.Recorder(by_layer, (0, nna)),
                               on_layer=lambda lay, q, na: on_layer(lay, q[0, :, :P], na[0, :, :P]))
         self._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, max(by_layer), split=split,
                       positions=list(range(P + nq)) + list(range(P, P + nna)))
@@ -151,7 +151,7 @@ class HeadScorer:
         else:
             recs = []
             for suffix in (prompt.query_ids, prompt.na_ids):
-                recs.append(capture.Recorder(by_layer, (P, P + len(suffix)), P + len(suffix)))
+                recs.append(capture.Recorder(by_layer, (P, P + len(suffix))))
                 self._forward(prompt.prefix_ids + suffix, max(by_layer), recs[-1])
             rows = {lay: tuple(r.rows[lay][0, :, :P] for r in recs) for lay in by_layer}
         return tuple(torch.cat([rows[lay][i] for lay in sorted(by_layer)]).float().cpu() for i in (0, 1))
