@@ -755,10 +755,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _write(out, result, t_start)
         if not args.json:
             print(f"[{case[4]} tokens timed, {time.perf_counter() - t_start:.0f} s]", file=sys.stderr, flush=True)
+    if malloc == "fixed" and cases and not isolate and not fix_malloc_thresholds():
+        cfg["malloc"] = malloc = "default (mallopt unavailable: no memory phase)"
     if malloc == "fixed" and cases:
         mem_cfg = {**cfg, "phase": "memory", "warmup": 1, "repeats": 1}
-        if not isolate:
-            fix_malloc_thresholds()
         for i, (per, case) in enumerate(zip(pers, cases)):
             for m, r in run_methods(case, mem_cfg).items():
                 if r.get("status") == "ok" and per[m].get("status") == "ok":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,33 +42,39 @@ class Recorder:
         self.rows: dict[int, torch.Tensor] = {}
 
     def record(self, module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-               scaling: float | None, softcap: float | None, window: int | None = None) -> None:
-        """``attention_mask`` None means causal, bottom-right aligned, within ``window`` keys when given.
-
-        One KV group at a time: float32 logits of that group's requested heads against its own keys, so no
-        grouped-query K is ever repeated or copied whole.
-        """
+               scaling: float | None, softcap: float | None) -> None:
         layer = getattr(module, "layer_idx", None)
-        if layer not in self.heads:
-            return
-        heads = self.heads[layer]
-        s, e = self.span
-        n_rep = query.shape[1] // key.shape[1]
-        n_q, n_k = query.shape[2], key.shape[2]
-        if attention_mask is None:
-            qpos = torch.arange(s, e, device=query.device) + (n_k - n_q)
-            mask = _allowed(qpos, torch.arange(n_k, device=query.device), window)
-        else:
-            mask = attention_mask[:, :, s:e, :]
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        rows = query.new_empty(query.shape[0], len(heads), n_k, dtype=torch.float32)
-        for g in sorted({h // n_rep for h in heads}):
-            pos = [i for i, h in enumerate(heads) if h // n_rep == g]
-            hs = [heads[i] for i in pos]
-            m = mask[:, hs] if mask.dim() == 4 and mask.shape[1] > 1 else mask
-            probs = _softmax(_logits(query[:, hs, s:e], [key[:, g:g + 1]], scale, softcap), m)
-            rows[:, pos] = probs.mean(dim=-2)
-        self.rows[layer] = rows
+        if layer in self.heads:
+            self.rows[layer] = attention_rows(query, key, self.heads[layer], self.span, attention_mask, scaling,
+                                              softcap)
+
+
+def attention_rows(query: torch.Tensor, key: torch.Tensor, heads: list[int], span: tuple[int, int],
+                   attention_mask: torch.Tensor | None, scaling: float | None, softcap: float | None,
+                   window: int | None = None) -> torch.Tensor:
+    """``[B, len(heads), keys]``: the attention of query rows ``span`` per head, averaged over those rows.
+
+    ``attention_mask`` None means causal, bottom-right aligned, within ``window`` keys when given. One KV group
+    at a time: float32 logits of that group's requested heads against its own keys, so no grouped-query K is
+    ever repeated or copied whole.
+    """
+    s, e = span
+    n_rep = query.shape[1] // key.shape[1]
+    n_q, n_k = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        qpos = torch.arange(s, e, device=query.device) + (n_k - n_q)
+        mask = _allowed(qpos, torch.arange(n_k, device=query.device), window)
+    else:
+        mask = attention_mask[:, :, s:e, :]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rows = query.new_empty(query.shape[0], len(heads), n_k, dtype=torch.float32)
+    for g in sorted({h // n_rep for h in heads}):
+        pos = [i for i, h in enumerate(heads) if h // n_rep == g]
+        hs = [heads[i] for i in pos]
+        m = mask[:, hs] if mask.dim() == 4 and mask.shape[1] > 1 else mask
+        probs = _softmax(_logits(query[:, hs, s:e], [key[:, g:g + 1]], scale, softcap), m)
+        rows[:, pos] = probs.mean(dim=-2)
+    return rows
 
 
 def _logits(q: torch.Tensor, keys: list[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:
@@ -97,15 +103,14 @@ def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torc
 class Split:
     """Layout of a two-suffix pass: ``[0, prefix)`` prefix, ``[prefix, main)`` query, ``[main, end)`` "N/A".
 
-    The caller passes position ids ``0..main-1`` then ``prefix..``; ``query``/``na`` record each suffix's rows
-    (spans relative to its own branch: ``(prefix, main)`` and ``(0, n_na)``). With ``on_layer``, each layer's
-    two rows are handed to it as soon as both exist and not kept, so rows of all layers never pile up.
+    The caller passes position ids ``0..main-1`` then ``prefix..``. For each layer in ``heads`` (layer ->
+    head indices), ``on_layer(layer, query_rows, na_rows)`` gets both suffixes' rows ``[B, heads, keys]`` as
+    soon as the layer has run; nothing is kept, so rows of all layers never pile up.
     """
 
     prefix: int
     main: int
-    query: Recorder | None = None
-    na: Recorder | None = None
+    heads: dict[int, list[int]] = field(default_factory=dict)
     on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
 
@@ -117,8 +122,10 @@ def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
     softcap = kwargs.get("softcap")
     q_main, k_main, v_main = query[:, :, :M], key[:, :, :M], value[:, :, :M]
-    if split.query is not None:
-        split.query.record(module, q_main, k_main, None, scaling, softcap, window)
+    layer = getattr(module, "layer_idx", None)
+    heads = split.heads.get(layer) if split.on_layer is not None else None
+    if heads:
+        q_rows = attention_rows(q_main, k_main, heads, (split.prefix, M), None, scaling, softcap, window)
     main_mask = None
     if window is not None and M > window:  # what SDPA's own mask function materializes for a sliding layer
         pos = torch.arange(M, device=query.device)
@@ -126,11 +133,8 @@ def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     out_main, _ = sdpa_attention_forward(module, q_main, k_main, v_main, main_mask, dropout=dropout,
                                          scaling=scaling, is_causal=main_mask is None, **kwargs)
     out_na, na_rows = _na_attention(query, key, value, split, window, scaling, softcap)
-    layer, rec = getattr(module, "layer_idx", None), split.na
-    if rec is not None and layer in rec.heads:
-        rec.rows[layer] = na_rows[:, rec.heads[layer]]
-        if split.on_layer is not None and split.query is not None:
-            split.on_layer(layer, split.query.rows.pop(layer), rec.rows.pop(layer))
+    if heads:
+        split.on_layer(layer, q_rows, na_rows[:, heads])
     return torch.cat([out_main, out_na], dim=1), None
 
 
@@ -214,21 +218,20 @@ def install(model: Any) -> None:
 
 
 @contextlib.contextmanager
-def recording(recorder: Recorder | None) -> Iterator[Recorder | None]:
-    token = _RECORDER.set(recorder)
+def _bound(var: contextvars.ContextVar[Any], value: Any) -> Iterator[Any]:
+    token = var.set(value)
     try:
-        yield recorder
+        yield value
     finally:
-        _RECORDER.reset(token)
+        var.reset(token)
 
 
-@contextlib.contextmanager
-def splitting(split: Split | None) -> Iterator[Split | None]:
-    token = _SPLIT.set(split)
-    try:
-        yield split
-    finally:
-        _SPLIT.reset(token)
+def recording(recorder: Recorder | None) -> contextlib.AbstractContextManager[Recorder | None]:
+    return _bound(_RECORDER, recorder)
+
+
+def splitting(split: Split | None) -> contextlib.AbstractContextManager[Split | None]:
+    return _bound(_SPLIT, split)
 
 
 class StopForward(Exception):

@@ -129,9 +129,7 @@ class HeadScorer:
                      on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
         """One pass over prefix + query + "N/A"; ``on_layer(layer, q_rows, na_rows)`` gets ``[heads, prefix]``."""
         P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
-        split = capture.Split(P, P + nq, capture.Recorder(by_layer, (P, P + nq)),
-                              capture.Recorder(by_layer, (0, nna)),
-                              on_layer=lambda lay, q, na: on_layer(lay, q[0, :, :P], na[0, :, :P]))
+        split = capture.Split(P, P + nq, by_layer, lambda lay, q, na: on_layer(lay, q[0, :, :P], na[0, :, :P]))
         self._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, max(by_layer), split=split,
                       positions=list(range(P + nq)) + list(range(P, P + nna)))
 
