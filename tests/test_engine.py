@@ -74,20 +74,49 @@ def test_rows_equal_eager_attention(setup, single_pass):
     torch.testing.assert_close(na_rows, eager_rows(ref, prompt, prompt.na_ids), atol=1e-5, rtol=0)
 
 
-def test_single_pass_gives_each_suffix_its_own_full_pass(setup):
-    """The two-branch pass: hidden states of query and "N/A" equal those of prefix+query and prefix+"N/A" alone."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_single_pass_gives_each_suffix_its_own_full_pass(setup, rows):
+    """The two-branch pass: hidden states of query and "N/A" equal those of prefix+query and prefix+"N/A" alone,
+    also for prompts of different lengths sharing one pass as right-padded batch rows."""
     _, lm, scorer, _ = setup
     assert scorer.single_pass
     b = scorer.builder
-    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
-    P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
+    cases = [(QUERY, DOCS), ("starch?", DOCS[2:5]), (QUERY + " Which one, and why?", DOCS[:1])][:rows]
+    prompts = [b.build(b.encode_query(q), b.encode_documents(d)[0]) for q, d in cases]
+    split = capture.Split(tuple(p.prefix_len for p in prompts),
+                          tuple(p.prefix_len + len(p.query_ids) for p in prompts))
+    W, na = split.width, prompts[0].na_ids
     last = lm.num_layers - 1
-    both = scorer._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, last, keep_output=True,
-                           split=capture.Split(P, P + nq), positions=list(range(P + nq)) + list(range(P, P + nna)))
-    with_q = scorer._forward(prompt.prefix_ids + prompt.query_ids, last, keep_output=True)
-    with_na = scorer._forward(prompt.prefix_ids + prompt.na_ids, last, keep_output=True)
-    torch.testing.assert_close(both[0, :P + nq], with_q[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(both[0, P + nq:], with_na[0, P:], atol=1e-4, rtol=1e-4)
+    both = scorer._forward([p.prefix_ids + p.query_ids + [0] * (W - m) + na for p, m in zip(prompts, split.main)],
+                           last, keep_output=True, split=split,
+                           positions=[list(range(W)) + list(range(p.prefix_len, p.prefix_len + len(na)))
+                                      for p in prompts])
+    for row, p in enumerate(prompts):
+        M = p.prefix_len + len(p.query_ids)
+        with_q = scorer._forward([p.prefix_ids + p.query_ids], last, keep_output=True)
+        with_na = scorer._forward([p.prefix_ids + na], last, keep_output=True)
+        torch.testing.assert_close(both[row, :M], with_q[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(both[row, W:], with_na[0, p.prefix_len:], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_scores_equal_one_at_a_time(setup):
+    """score_many with several prompts per pass (different lengths, windows, head subsets) == score per query."""
+    _, lm, scorer, _ = setup
+    items = [(QUERY, DOCS), ("starch?", DOCS[2:5]), (QUERY + " Which one, and why?", DOCS[:1]), ("fats", DOCS[::-1])]
+    for heads in (None, [(0, 1), (lm.num_layers - 1, 0), (1, lm.num_heads - 1)]):
+        alone = [scorer.score(q, d, heads=heads) for q, d in items]
+        for batched, one in zip(scorer.score_many(items, heads=heads, batch_size=3), alone):
+            assert torch.equal(batched.computed, one.computed)
+            assert batched.prompt_tokens == one.prompt_tokens
+            torch.testing.assert_close(batched.calibrated, one.calibrated, atol=2e-6, rtol=1e-4, equal_nan=True)
+            torch.testing.assert_close(batched.raw, one.raw, atol=2e-6, rtol=1e-4, equal_nan=True)
+    windowed = HeadScorer(lm, max_doc_tokens=None, max_prompt_tokens=320)  # long lists split into windows
+    for batched, one in zip(windowed.score_many(items, batch_size=4), [windowed.score(q, d) for q, d in items]):
+        assert batched.windows == one.windows
+        torch.testing.assert_close(batched.calibrated, one.calibrated, atol=2e-6, rtol=1e-4)
+    assert any(len(windowed.score(q, d).windows) > 1 for q, d in items)
+    with pytest.raises(ValueError, match="batch_size"):
+        scorer.score_many(items, batch_size=0)
 
 
 def test_calibrated_score_equals_two_full_passes(setup):
@@ -193,3 +222,9 @@ def test_unknown_mask_kind_falls_back_to_separate_passes():
     q, na = eager_rows(ref, prompt, prompt.query_ids), eager_rows(ref, prompt, prompt.na_ids)
     expected = mask_outliers_and_sum(q - na, prompt.doc_spans).reshape(lm.num_layers, lm.num_heads, -1)
     torch.testing.assert_close(scorer.score(QUERY, DOCS).calibrated, expected, atol=1e-5, rtol=0)
+
+
+def test_take_by_slices_equals_list_indexing():
+    rows = torch.arange(2 * 7 * 3.0).reshape(2, 7, 3)
+    for idx in ([0, 1, 2, 3, 4, 5, 6], [3], [0, 2, 3, 6], [6, 5, 1, 2]):
+        assert torch.equal(capture.take(rows, idx), rows[:, idx])

@@ -9,7 +9,11 @@ mask function SDPA uses: a custom attention name must register its mask function
 Two suffixes in one pass (:class:`Split`): the sequence ``prefix + query + "N/A"`` runs once, with the "N/A"
 tokens given the positions right after the prefix. Each layer then attends in two branches: prefix and
 query causally (the plain pass), and "N/A" over the prefix and itself only, exactly as if it ran alone after
-the prefix. No KV cache is kept, so memory is that of one plain pass over the prompt.
+the prefix. No KV cache is kept, so memory is that of one plain pass over the prompt. Several prompts can
+share the pass as rows of a batch (right-padded; see :class:`Split`).
+
+Nothing here indexes a device tensor with a Python list or builds one from a list mid-pass: either makes the
+host wait for the GPU, and a pass of many small kernels then costs the host's time plus the GPU's.
 """
 
 from __future__ import annotations
@@ -54,34 +58,93 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, heads: list[int], spa
                    window: int | None = None) -> torch.Tensor:
     """``[B, len(heads), keys]``: the attention of query rows ``span`` per head, averaged over those rows.
 
-    ``attention_mask`` None means causal, bottom-right aligned, within ``window`` keys when given. One KV group
-    at a time: float32 logits of that group's requested heads against its own keys, so no grouped-query K is
-    ever repeated or copied whole.
+    ``attention_mask`` None means causal, bottom-right aligned, within ``window`` keys when given.
     """
     s, e = span
-    n_rep = query.shape[1] // key.shape[1]
-    n_q, n_k = query.shape[2], key.shape[2]
-    if attention_mask is None:
-        qpos = torch.arange(s, e, device=query.device) + (n_k - n_q)
-        mask = _allowed(qpos, torch.arange(n_k, device=query.device), window)
+    qpos = torch.arange(s, e, device=query.device) + (key.shape[2] - query.shape[2])
+    mask = None if attention_mask is None else attention_mask[:, :, s:e, :]
+    return _rows(query[:, :, s:e], key, heads, qpos, mask, scaling, softcap, window)
+
+
+def _rows(q: torch.Tensor, key: torch.Tensor, heads: list[int], qpos: torch.Tensor, mask: torch.Tensor | None,
+          scaling: float | None, softcap: float | None, window: int | None, valid: torch.Tensor | None = None,
+          free_before: int = 0) -> torch.Tensor:
+    """Mean attention row per head of query rows ``q`` ``[B, H, Q, D]`` at absolute positions ``qpos`` (``[Q]``
+    or ``[B, Q]``), over all of ``key``'s positions; ``valid`` ``[B, Q]`` marks the rows to average (padding
+    rows of a batch are left out). Keys before ``free_before`` are visible to every row (no window): only the
+    rest is masked, which spares a pass over the long prefix.
+
+    float32 logits of every head of the KV groups spanned by ``heads``, in one batched product over the groups
+    (a grouped-query K is never repeated). Only slicing, no index lists: a GPU never waits for the host here.
+    """
+    B, H, Q, D = q.shape
+    n_kv, n_k = key.shape[1], key.shape[2]
+    r = H // n_kv
+    g0, g1 = min(heads) // r, max(heads) // r + 1
+    qq = q[:, g0 * r:g1 * r].reshape(B, g1 - g0, r * Q, D)  # a group's heads' rows together
+    logits = _logits(qq, [key[:, g0:g1]], scaling, softcap).view(B, (g1 - g0) * r, Q, n_k)
+    if mask is None:
+        free = free_before if window is None else 0
+        tail = _allowed(qpos, torch.arange(free, n_k, device=q.device), window)
+        logits[..., free:].masked_fill_(~(tail[:, None] if tail.dim() == 3 else tail), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
     else:
-        mask = attention_mask[:, :, s:e, :]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    rows = query.new_empty(query.shape[0], len(heads), n_k, dtype=torch.float32)
-    for g in sorted({h // n_rep for h in heads}):
-        pos = [i for i, h in enumerate(heads) if h // n_rep == g]
-        hs = [heads[i] for i in pos]
-        m = mask[:, hs] if mask.dim() == 4 and mask.shape[1] > 1 else mask
-        probs = _softmax(_logits(query[:, hs, s:e], [key[:, g:g + 1]], scale, softcap), m)
-        rows[:, pos] = probs.mean(dim=-2)
-    return rows
+        probs = _softmax(logits, mask[:, g0 * r:g1 * r] if mask.shape[1] > 1 else mask)
+    if valid is None:
+        rows = probs.mean(dim=-2)
+    else:
+        w = valid.to(probs.dtype)
+        rows = (probs * w[:, None, :, None]).sum(dim=-2) / w.sum(-1)[:, None, None]
+    return take(rows, [h - g0 * r for h in heads])
 
 
-def _logits(q: torch.Tensor, keys: list[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:
-    """float32 ``q K^T * scale`` (softcapped) of query rows ``[B, h, Q, D]`` over key blocks ``[B, 1, K_i, D]``."""
-    q = q.float()
-    out = torch.cat([torch.matmul(q, k.float().transpose(-1, -2)) for k in keys], dim=-1) * scale
+def take(rows: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``rows[:, idx]`` by slices of consecutive indices: indexing a GPU tensor with a Python list copies the
+    list to the device and makes the host wait for every queued kernel."""
+    if idx == list(range(rows.shape[1])):
+        return rows
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i == runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, i + 1])
+    return torch.cat([rows[:, a:b] for a, b in runs], dim=1)
+
+
+def _logits(q: torch.Tensor, keys: list[torch.Tensor], scaling: float | None, softcap: float | None
+            ) -> torch.Tensor:
+    """float32 ``q K^T * scale`` (softcapped) of query rows ``[B, G, n, D]`` over key blocks ``[B, G, K_i, D]``."""
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    exact = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and all(k.dtype == q.dtype for k in keys)
+    with _tf32(exact):
+        parts = [torch.matmul(q.float(), k.float().transpose(-1, -2)) for k in keys]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # one block: no copy
+    out *= scale
     return torch.tanh(out / softcap) * softcap if softcap is not None else out
+
+
+@contextlib.contextmanager
+def _tf32(on: bool) -> Iterator[None]:
+    """TF32 tensor cores for float32 products of 16-bit values: a bf16/fp16 significand (8/11 bits) fits TF32's
+    11 exactly, so the products and float32 sums are those of plain float32, at tensor-core speed."""
+    mm = torch.backends.cuda.matmul
+    if not on:
+        yield
+        return
+    new_api = hasattr(mm, "fp32_precision")
+    prev = mm.fp32_precision if new_api else mm.allow_tf32
+    try:
+        if new_api:
+            mm.fp32_precision = "tf32"
+        else:
+            mm.allow_tf32 = True
+        yield
+    finally:
+        if new_api:
+            mm.fp32_precision = prev
+        else:
+            mm.allow_tf32 = prev
 
 
 def _softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,75 +155,102 @@ def _softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """``[Q, K]`` causal mask by absolute positions; with ``window``, only the last ``window`` keys (incl. self)."""
-    ok = kpos[None, :] <= qpos[:, None]
+    """``[..., Q, K]`` causal mask by absolute positions (``qpos`` ``[..., Q]``, ``kpos`` ``[K]``); with
+    ``window``, only the last ``window`` keys (incl. self)."""
+    ok = kpos <= qpos[..., None]
     if window is not None:
-        ok &= kpos[None, :] > qpos[:, None] - window
+        ok &= kpos > qpos[..., None] - window
     return ok
 
 
 @dataclass(frozen=True)
 class Split:
-    """Layout of a two-suffix pass: ``[0, prefix)`` prefix, ``[prefix, main)`` query, ``[main, end)`` "N/A".
+    """Layout of a two-suffix pass over B prompts, one per batch row. Row ``b``: ``[0, prefix[b])`` prefix,
+    ``[prefix[b], main[b])`` query, padding up to ``width = max(main)``, then ``[width, end)`` "N/A" (the same
+    tokens in every row).
 
-    The caller passes position ids ``0..main-1`` then ``prefix..``. For each layer in ``heads`` (layer ->
-    head indices), ``on_layer(layer, query_rows, na_rows)`` gets both suffixes' rows ``[B, heads, keys]`` as
-    soon as the layer has run; nothing is kept, so rows of all layers never pile up.
+    The caller passes position ids ``0..width-1`` then ``prefix[b]..``. Padding sits after every real token
+    of the causal part and "N/A" never sees it, so it changes nothing. For each layer in ``heads`` (layer ->
+    head indices), ``on_layer(layer, query_rows, na_rows)`` gets both suffixes' rows, ``[B, heads, width]``
+    and ``[B, heads, max(prefix) + n]``, as soon as the layer has run; nothing is kept, so rows of all layers
+    never pile up.
     """
 
-    prefix: int
-    main: int
+    prefix: tuple[int, ...]
+    main: tuple[int, ...]
     heads: dict[int, list[int]] = field(default_factory=dict)
     on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+    _dev: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def width(self) -> int:
+        return max(self.main)
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-row layout on ``device``, built once per pass and copied without making the host wait."""
+        if not self._dev:
+            P, M = torch.tensor(self.prefix), torch.tensor(self.main)
+            offs = torch.arange(int((M - P).max()))
+            valid = offs[None, :] < (M - P)[:, None]  # [B, Qmax] real query rows
+            qidx = torch.where(valid, P[:, None] + offs[None, :], P[:, None])  # padding rows repeat the first
+            for name, t in (("prefix", P), ("qidx", qidx), ("valid", valid)):
+                if device.type == "cuda":
+                    t = t.pin_memory()
+                self._dev[name] = t.to(device, non_blocking=True)
+        return self._dev
 
 
 def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
                      dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    M = split.main
+    W = split.width
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
     softcap = kwargs.get("softcap")
-    q_main, k_main, v_main = query[:, :, :M], key[:, :, :M], value[:, :, :M]
+    q_main, k_main, v_main = query[:, :, :W], key[:, :, :W], value[:, :, :W]
     layer = getattr(module, "layer_idx", None)
     heads = split.heads.get(layer) if split.on_layer is not None else None
+    lay = split.tensors(query.device)
     if heads:
-        q_rows = attention_rows(q_main, k_main, heads, (split.prefix, M), None, scaling, softcap, window)
+        qidx = lay["qidx"]
+        q_sel = q_main.gather(2, qidx[:, None, :, None].expand(-1, q_main.shape[1], -1, q_main.shape[-1]))
+        q_rows = _rows(q_sel, k_main, heads, qidx, None, scaling, softcap, window, lay["valid"], min(split.prefix))
     main_mask = None
-    if window is not None and M > window:  # what SDPA's own mask function materializes for a sliding layer
-        pos = torch.arange(M, device=query.device)
+    if window is not None and W > window:  # what SDPA's own mask function materializes for a sliding layer
+        pos = torch.arange(W, device=query.device)
         main_mask = _allowed(pos, pos, window)[None, None]
     out_main, _ = sdpa_attention_forward(module, q_main, k_main, v_main, main_mask, dropout=dropout,
                                          scaling=scaling, is_causal=main_mask is None, **kwargs)
-    out_na, na_rows = _na_attention(query, key, value, split, window, scaling, softcap)
+    out_na, na_rows = _na_attention(query, key, value, split, lay["prefix"], window, scaling, softcap)
     if heads:
-        split.on_layer(layer, q_rows, na_rows[:, heads])
+        split.on_layer(layer, q_rows, take(na_rows, heads))
     return torch.cat([out_main, out_na], dim=1), None
 
 
-def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split, window: int | None,
-                  scaling: float | None, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "N/A" rows over the prefix keys and their own, one KV group at a time: a few query rows, so plain
-    float32 attention, with no copy or repeat of the prefix K/V. Returns the output ``[B, n, H, D]`` and every
-    head's attention row ``[B, H, P + n]`` (mean over the "N/A" tokens)."""
-    P, M = split.prefix, split.main
+def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
+                  prefix: torch.Tensor, window: int | None, scaling: float | None, softcap: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "N/A" rows over their row's prefix keys and their own: a few query rows, so plain float32
+    attention, every KV group in one batched product, with no repeat of the prefix K/V. ``prefix`` ``[B]``
+    holds each row's prefix length. Returns the output ``[B, n, H, D]`` and every head's attention row
+    ``[B, H, max(prefix) + n]`` (mean over the "N/A" tokens)."""
+    Pm, W = max(split.prefix), split.width
     B, H, T, D = query.shape
-    n_kv, n = key.shape[1], T - M
+    n_kv, n = key.shape[1], T - W
     r = H // n_kv
     dev = query.device
-    scale = scaling if scaling is not None else D ** -0.5
-    allowed = _allowed(torch.arange(P, P + n, device=dev), torch.arange(P + n, device=dev), window)
-    out = value.new_empty(B, n, H, value.shape[-1])
-    probs_by_head = []
-    for g in range(n_kv):
-        heads = slice(g * r, (g + 1) * r)
-        probs = _softmax(_logits(query[:, heads, M:], [key[:, g:g + 1, :P], key[:, g:g + 1, M:]], scale, softcap),
-                         allowed)  # [B, r, n, P + n]
-        pv = probs.to(value.dtype)
-        o = torch.matmul(pv[..., :P], value[:, g:g + 1, :P]) + torch.matmul(pv[..., P:], value[:, g:g + 1, M:])
-        out[:, :, heads] = o.transpose(1, 2)
-        probs_by_head.append(probs.mean(dim=-2))
-    return out, torch.cat(probs_by_head, dim=1)
+    own = torch.arange(n, device=dev)
+    qpos = prefix[:, None] + own  # [B, n]
+    kpos = torch.arange(Pm, device=dev)
+    to_prefix = _allowed(qpos, kpos, window) & (kpos < prefix[:, None, None])  # [B, n, Pm]
+    to_own = _allowed(own, own, window).expand(B, n, n)  # same relative positions in every row
+    allowed = torch.cat([to_prefix, to_own], dim=-1)[:, None]  # [B, 1, n, Pm + n]
+    q = query[:, :, W:].reshape(B, n_kv, r * n, D)
+    logits = _logits(q, [key[:, :, :Pm], key[:, :, W:]], scaling, softcap).view(B, H, n, Pm + n)
+    probs = _softmax(logits, allowed)
+    pv = probs.to(value.dtype).view(B, n_kv, r * n, Pm + n)
+    out = torch.matmul(pv[..., :Pm], value[:, :, :Pm]) + torch.matmul(pv[..., Pm:], value[:, :, W:])
+    return out.view(B, H, n, value.shape[-1]).transpose(1, 2), probs.mean(dim=-2)
 
 
 def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

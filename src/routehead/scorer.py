@@ -46,25 +46,40 @@ class HeadScores:
         return int(self.calibrated.shape[-1])
 
 
-def mask_outliers_and_sum(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]], n_std: float = 2.0
-                          ) -> torch.Tensor:
+@dataclass(frozen=True)
+class SpanIndex:
+    """Token indices of each document span, padded to the longest: ``idx``/``valid`` ``[docs, width]``.
+
+    Built once per prompt, on the scores' device, so that reducing every layer's rows needs no host-to-device
+    copy (each such copy makes the host wait for the GPU).
+    """
+
+    idx: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def build(cls, spans: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> SpanIndex:
+        lengths = torch.tensor([e - s for s, e in spans], dtype=torch.long)
+        starts = torch.tensor([s for s, _ in spans], dtype=torch.long)
+        offs = torch.arange(max(int(lengths.max()) if len(spans) else 0, 1))
+        valid = offs[None, :] < lengths[:, None]
+        idx = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs)[None, :])
+        return cls(idx.to(device), valid.to(device))
+
+
+def mask_outliers_and_sum(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]] | SpanIndex,
+                          n_std: float = 2.0) -> torch.Tensor:
     """``[n, T]`` token scores -> ``[n, docs]``: per row and document, drop tokens below mean - n_std * std.
 
     Population std over the document's tokens (a one-token document keeps its token).
     """
-    dev = token_scores.device
-    lengths = torch.tensor([e - s for s, e in spans], device=dev)
-    starts = torch.tensor([s for s, _ in spans], device=dev)
-    width = max(max((e - s for s, e in spans), default=0), 1)  # from the spans: no device sync
-    offs = torch.arange(width, device=dev)
-    valid = offs[None, :] < lengths[:, None]  # [D, W]
-    idx = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs)[None, :])
-    x = token_scores[:, idx]  # [n, D, W]
-    v = valid.to(x.dtype)
+    si = spans if isinstance(spans, SpanIndex) else SpanIndex.build(spans, token_scores.device)
+    x = token_scores[:, si.idx]  # [n, D, W]
+    v = si.valid.to(x.dtype)
     cnt = v.sum(-1).clamp(min=1)
     mean = (x * v).sum(-1) / cnt
     std = ((((x - mean[..., None]) * v) ** 2).sum(-1) / cnt).sqrt()
-    keep = valid & (x >= (mean - n_std * std)[..., None])
+    keep = si.valid & (x >= (mean - n_std * std)[..., None])
     return (x * keep).sum(-1)
 
 
@@ -115,23 +130,29 @@ class HeadScorer:
                 "chat_template": bool(self.builder.head_ids and self.builder.tail_ids)}
 
     # -- forward passes ---------------------------------------------------------------------------------------
-    def _forward(self, ids: list[int], last_layer: int, recorder: capture.Recorder | None = None,
+    def _forward(self, ids: list[list[int]], last_layer: int, recorder: capture.Recorder | None = None,
                  keep_output: bool = False, split: capture.Split | None = None,
-                 positions: list[int] | None = None) -> torch.Tensor | None:
-        input_ids = torch.tensor([ids], device=self.lm.device)
-        kw = {} if positions is None else {"position_ids": torch.tensor([positions], device=self.lm.device)}
+                 positions: list[list[int]] | None = None) -> torch.Tensor | None:
+        input_ids = torch.tensor(ids, device=self.lm.device)
+        kw = {} if positions is None else {"position_ids": torch.tensor(positions, device=self.lm.device)}
         with capture.recording(recorder), capture.splitting(split), \
                 capture.exit_after(self.layers, last_layer, keep_output) as box:
             self.base(input_ids=input_ids, use_cache=False, **kw)
         return box.get("hidden")
 
-    def _single_pass(self, prompt: Prompt, by_layer: dict[int, list[int]],
+    def _single_pass(self, prompts: Sequence[Prompt], by_layer: dict[int, list[int]],
                      on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
-        """One pass over prefix + query + "N/A"; ``on_layer(layer, q_rows, na_rows)`` gets ``[heads, prefix]``."""
-        P, nq, nna = prompt.prefix_len, len(prompt.query_ids), len(prompt.na_ids)
-        split = capture.Split(P, P + nq, by_layer, lambda lay, q, na: on_layer(lay, q[0, :, :P], na[0, :, :P]))
-        self._forward(prompt.prefix_ids + prompt.query_ids + prompt.na_ids, max(by_layer), split=split,
-                      positions=list(range(P + nq)) + list(range(P, P + nna)))
+        """One pass over prefix + query + "N/A" of every prompt, one batch row each (see :class:`capture.Split`);
+        ``on_layer(layer, q_rows, na_rows)`` gets ``[B, heads, width]`` and ``[B, heads, max prefix + n]``."""
+        na = prompts[0].na_ids
+        if any(p.na_ids != na for p in prompts):
+            raise ValueError("prompts of one batch must share the calibration suffix")
+        split = capture.Split(tuple(p.prefix_len for p in prompts),
+                              tuple(p.prefix_len + len(p.query_ids) for p in prompts), by_layer, on_layer)
+        W = split.width
+        ids = [p.prefix_ids + p.query_ids + [0] * (W - m) + na for p, m in zip(prompts, split.main)]
+        positions = [list(range(W)) + list(range(p.prefix_len, p.prefix_len + len(na))) for p in prompts]
+        self._forward(ids, max(by_layer), split=split, positions=positions)
 
     @torch.inference_mode()
     def query_rows(self, prompt: Prompt, heads: list[Head], single_pass: bool | None = None
@@ -145,62 +166,95 @@ class HeadScorer:
         P = prompt.prefix_len
         rows: dict[int, tuple[torch.Tensor, ...]] = {}
         if self.single_pass if single_pass is None else single_pass:
-            self._single_pass(prompt, by_layer, lambda lay, q, na: rows.__setitem__(lay, (q, na)))
+            self._single_pass([prompt], by_layer,
+                              lambda lay, q, na: rows.__setitem__(lay, (q[0, :, :P], na[0, :, :P])))
         else:
             recs = []
             for suffix in (prompt.query_ids, prompt.na_ids):
                 recs.append(capture.Recorder(by_layer, (P, P + len(suffix))))
-                self._forward(prompt.prefix_ids + suffix, max(by_layer), recs[-1])
+                self._forward([prompt.prefix_ids + suffix], max(by_layer), recs[-1])
             rows = {lay: tuple(r.rows[lay][0, :, :P] for r in recs) for lay in by_layer}
         return tuple(torch.cat([rows[lay][i] for lay in sorted(by_layer)]).float().cpu() for i in (0, 1))
 
     @torch.inference_mode()
-    def _score_prompt(self, prompt: Prompt, heads: list[Head]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Calibrated and raw scores ``[len(heads), docs]`` for one prompt.
+    def _score_prompts(self, prompts: Sequence[Prompt], heads: list[Head]
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Calibrated and raw scores ``[len(heads), docs]`` of each prompt, all prompts in one pass.
 
-        In a single pass each layer's rows become document scores as soon as the layer has run, so the pass
-        keeps ``heads x docs``, never ``heads x prompt tokens`` for all layers at once.
+        Each layer's rows become document scores as soon as the layer has run, so the pass keeps
+        ``heads x docs``, never ``heads x prompt tokens`` for all layers at once.
         """
-        spans = prompt.doc_spans
-
-        def reduce(q_rows: torch.Tensor, na_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return mask_outliers_and_sum(q_rows - na_rows, spans), mask_outliers_and_sum(q_rows, spans)
-
         if not self.single_pass:
-            return reduce(*self.query_rows(prompt, heads))
+            out = []
+            for p in prompts:
+                q, na = self.query_rows(p, heads)
+                both = mask_outliers_and_sum(torch.cat([q - na, q]), p.doc_spans)
+                out.append((both[:len(heads)], both[len(heads):]))
+            return out
+        Pm = max(p.prefix_len for p in prompts)
+        spans = SpanIndex.build([(b * Pm + s, b * Pm + e) for b, p in enumerate(prompts) for s, e in p.doc_spans],
+                                self.lm.device)  # every prompt's documents, rows laid end to end
+        done: dict[int, torch.Tensor] = {}
+
+        def reduce(layer: int, q_rows: torch.Tensor, na_rows: torch.Tensor) -> None:
+            q = q_rows[:, :, :Pm]
+            both = torch.cat([q - na_rows[:, :, :Pm], q], dim=1)  # [B, 2h, Pm]: calibrated, raw
+            done[layer] = mask_outliers_and_sum(both.transpose(0, 1).reshape(both.shape[1], -1), spans)
+
         by_layer = _by_layer(heads)
-        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._single_pass(prompt, by_layer, lambda lay, q, na: done.__setitem__(lay, reduce(q, na)))
-        return tuple(torch.cat([done[lay][i] for lay in sorted(by_layer)]).float().cpu() for i in (0, 1))
+        self._single_pass(prompts, by_layer, reduce)
+        flat = torch.cat([done[lay] for lay in sorted(by_layer)]).float().cpu()  # one copy back, not one a layer
+        per_layer = flat.split([2 * len(by_layer[lay]) for lay in sorted(by_layer)])
+        cal, raw = (torch.cat([x.split(len(x) // 2)[i] for x in per_layer]) for i in (0, 1))
+        counts = [len(p.doc_spans) for p in prompts]
+        return list(zip(cal.split(counts, dim=1), raw.split(counts, dim=1)))
 
     # -- public -------------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None) -> HeadScores:
         """``S[layer, head, doc]`` for ``documents`` in input order; only ``heads`` are computed (None: all)."""
+        return self.score_many([(query, documents)], heads)[0]
+
+    def score_many(self, items: Sequence[tuple[str, Sequence[str]]], heads: Iterable[Head] | None = None,
+                   batch_size: int = 1) -> list[HeadScores]:
+        """:meth:`score` for many ``(query, documents)`` pairs, ``batch_size`` prompts per forward pass.
+
+        Batching pays where one prompt leaves a GPU idle (small models, short lists): a pass costs a fixed
+        number of kernel launches, however many rows it carries. Prompts are grouped by length (least padding);
+        results are the same as one at a time, in input order.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         L, H = self.lm.num_layers, self.lm.num_heads
         sel = normalize_heads(heads, L, H)
-        q_ids = self.builder.encode_query(query)
-        d_ids, truncated = self.builder.encode_documents(documents)
-        n = len(d_ids)
-        fixed = self.builder.fixed_tokens(0, len(q_ids))
-        per_doc = self.builder.fixed_tokens(1, 0) - self.builder.fixed_tokens(0, 0)
-        windows = plan_windows([len(x) for x in d_ids], per_doc, fixed, self.budget)
-        cal = torch.full((L, H, n), float("nan"))
-        raw = torch.full((L, H, n), float("nan"))
         li = torch.tensor([lay for lay, _ in sel])
         hi = torch.tensor([h for _, h in sel])
-        longest = 0
-        for win in windows:
-            prompt = self.builder.build(q_ids, [d_ids[i] for i in win], [truncated[i] for i in win])
-            longest = max(longest, prompt.length)
-            c, r = self._score_prompt(prompt, sel)
-            factor = len(win) / n
-            for j, doc in enumerate(win):
-                cal[li, hi, doc] = c[:, j] * factor
-                raw[li, hi, doc] = r[:, j] * factor
-        computed = torch.zeros(L, H, dtype=torch.bool)
-        computed[li, hi] = True
-        return HeadScores(calibrated=cal, raw=raw, computed=computed, windows=windows, prompt_tokens=longest,
-                          truncated=truncated)
+        results: list[HeadScores] = []
+        jobs: list[tuple[int, list[int], Prompt]] = []  # (item, window, prompt)
+        for i, (query, documents) in enumerate(items):
+            q_ids = self.builder.encode_query(query)
+            d_ids, truncated = self.builder.encode_documents(documents)
+            fixed = self.builder.fixed_tokens(0, len(q_ids))
+            per_doc = self.builder.fixed_tokens(1, 0) - self.builder.fixed_tokens(0, 0)
+            windows = plan_windows([len(x) for x in d_ids], per_doc, fixed, self.budget)
+            n = len(d_ids)
+            computed = torch.zeros(L, H, dtype=torch.bool)
+            computed[li, hi] = True
+            results.append(HeadScores(calibrated=torch.full((L, H, n), float("nan")),
+                                      raw=torch.full((L, H, n), float("nan")), computed=computed,
+                                      windows=windows, truncated=truncated))
+            for win in windows:
+                jobs.append((i, win, self.builder.build(q_ids, [d_ids[j] for j in win], [truncated[j] for j in win])))
+        jobs.sort(key=lambda job: job[2].length)
+        for k in range(0, len(jobs), batch_size):
+            batch = jobs[k:k + batch_size]
+            for (i, win, prompt), (c, r) in zip(batch, self._score_prompts([p for _, _, p in batch], sel)):
+                S = results[i]
+                S.prompt_tokens = max(S.prompt_tokens, prompt.length)
+                factor = len(win) / S.num_docs
+                for j, doc in enumerate(win):
+                    S.calibrated[li, hi, doc] = c[:, j] * factor
+                    S.raw[li, hi, doc] = r[:, j] * factor
+        return results
 
     @torch.inference_mode()
     def query_embedding(self, query: str, layer: int, pooling: str = "mean") -> torch.Tensor:
@@ -211,7 +265,7 @@ class HeadScorer:
         """
         q_ids = self.builder.encode_query(query)
         ids = list(self.builder.head_ids) + q_ids
-        hidden = self._forward(ids, layer, keep_output=True)
+        hidden = self._forward([ids], layer, keep_output=True)
         assert hidden is not None
         h = hidden[0, len(ids) - len(q_ids):].float()
         if pooling == "mean":
