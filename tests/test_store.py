@@ -161,3 +161,21 @@ def test_shard_filter_partitions_stably() -> None:
     assert shard_filter(qids, 0, 1) == qids
     with pytest.raises(RouteheadError):
         shard_filter(qids, 3, 3)
+
+
+def test_collection_scored_in_batches_equals_one_at_a_time(tmp_path: Path) -> None:
+    """``routehead score --batch-size``: several prompts per pass store the same S as one query at a time."""
+    from routehead.collect import score_collection
+    from routehead.data import load_collection
+    from routehead.scorer import HeadScorer
+    from tests.tiny import tiny_lm
+
+    coll = load_collection("examples/scifact-mini", "test")
+    scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=40)
+    runs = [score_collection(coll, scorer, scorer.settings(), top_k=4, max_queries=5, root=tmp_path / str(b),
+                             progress=False, batch_size=b) for b in (1, 3)]
+    assert len(runs[0].entries) == 5 and runs[0].entries.keys() == runs[1].entries.keys()
+    for qid, one in runs[0].entries.items():
+        batched = runs[1].entries[qid]
+        assert batched.doc_ids == one.doc_ids
+        np.testing.assert_allclose(batched.calibrated, one.calibrated, atol=2e-6, rtol=1e-4)

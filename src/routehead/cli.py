@@ -51,6 +51,8 @@ def _data_args(ap: argparse.ArgumentParser, split: str) -> None:
     ap.add_argument("--top-k", type=int, default=20, help="candidates re-ranked per query (default 20)")
     ap.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick runs)")
     ap.add_argument("--max-doc-tokens", type=int, default=160, help="per-document truncation (default 160)")
+    ap.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass when computing S "
+                    "(same scores; more queries/s on a GPU with a small model; default 1)")
     ap.add_argument("--no-progress", action="store_true")
 
 
@@ -65,7 +67,8 @@ def _scored(args: argparse.Namespace, compute: bool = True) -> tuple[Any, Any]:
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
     shard, num = getattr(args, "shard", (0, 1))
     sc = score_collection(coll, scorer if compute else None, scorer.settings(), top_k=args.top_k,
-                          max_queries=args.max_queries, shard=shard, num_shards=num, progress=not args.no_progress)
+                          max_queries=args.max_queries, shard=shard, num_shards=num, progress=not args.no_progress,
+                          batch_size=args.batch_size)
     return sc, scorer
 
 
