@@ -3,7 +3,7 @@
     python bench/speed.py --quick --json                     # CPU smoke run, default model (SmolLM2-135M)
     python bench/speed.py                                    # 20 SciFact docs, 5 repeats, isolated, table
     python bench/speed.py --model random:llama-3.1-8b --device cuda --tokens 2048 8192 16384 32768
-    python bench/speed.py --model random:llama-3.1-8b --device cuda --throughput --no-methods
+    python bench/speed.py --model random:llama-3.1-8b --device cuda --throughput --no-methods --batch-sizes 1 4
     python bench/speed.py --model random:tiny --tokens 256 --no-isolate    # seconds, for tests
 
 Methods, each timed per query (tokenization included) on the same prompt:
@@ -63,13 +63,15 @@ are deterministic synthetic text sized in the model's tokens (``--doc-tokens``, 
 SmolLM2's tokenizer). ``--tokens T ...`` builds prompts of about ``T`` tokens: ``--docs`` documents if given,
 else ``round(T / (doc_tokens + 6))``, each sized so prefix + query reaches ``T`` (no per-document truncation).
 
-``--throughput``: queries per second at ``--candidates`` (20 100) documents for ``--queries`` queries,
-sequentially (one query at a time, no batching), for ``--throughput-methods`` (full routed); each query has its
-own candidate list (SciFact: its judged documents then corpus documents from a query-dependent offset).
-Windows are used when a list does not fit the model's context (SmolLM2: 8192 tokens).
+``--throughput``: queries per second at ``--candidates`` (20 100) documents for ``--queries`` queries, for
+``--throughput-methods`` (full routed) and each of ``--batch-sizes`` (1: one query at a time; b: b prompts per
+forward pass, :meth:`HeadScorer.score_many`; keys ``full@b``); each query has its own candidate list (SciFact:
+its judged documents then corpus documents from a query-dependent offset). Windows are used when a list does
+not fit the model's context (SmolLM2: 8192 tokens). On CUDA, ``gpu_busy`` is the share of the time per query
+the GPU spends in kernels (:func:`gpu_busy`).
 
-``random:<shape>`` builds a random-weight model of that shape (``llama-3.1-8b``, ``tiny``) with a byte-level
-tokenizer (one token per byte), directly on the device (bf16 on CUDA, fp32 on CPU).
+``random:<shape>`` builds a random-weight model of that shape (``llama-3.1-8b``, ``smollm2-135m``, ``tiny``) with
+a byte-level tokenizer (one token per byte), directly on the device (bf16 on CUDA, fp32 on CPU).
 
 Output: one JSON object (``--json``) or a table, and the JSON written to ``results/speed/<name>.json``
 (``--out``). With one prompt size the run's fields are also at the top level; ``runs`` always has them all.
@@ -119,6 +121,10 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
                          rope_theta=500000.0, tie_word_embeddings=False,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # SmolLM2-135M (the default model's shape; its config.json): hidden 576, 30 layers, 9 heads, 3 kv heads.
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=96, vocab_size=300, max_position_embeddings=32768, rope_theta=10000.0),
 }
@@ -588,33 +594,82 @@ def _meminfo(field: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def throughput(cfg: dict[str, Any], lm: LoadedModel, scorer: HeadScorer, sf: SciFact | None) -> dict[str, Any]:
-    """Queries per second, sequential (one query at a time), at each candidate count."""
-    L, H = lm.num_layers, lm.num_heads
-    heads = {"full": None, "static16": static16_heads(L, H)}
-    routed = route_and_score(scorer, shipped_router(lm))
-    out: dict[str, Any] = {"queries": cfg["queries"], "mode": "sequential, one query at a time, no batching"}
+def batch_scorer(scorer: HeadScorer, method: str, router: Router | None, batch_size: int
+                 ) -> Callable[[list[tuple[str, list[str]]]], Any]:
+    """Scores a list of queries ``batch_size`` prompts per pass. ``routed``: each query's embedding pass and
+    routing, then one pass per batch with the union of the batch's routed heads (a superset of each query's)."""
+    L, H = scorer.lm.num_layers, scorer.lm.num_heads
+    if method != "routed":
+        heads = {"full": None, "static16": static16_heads(L, H)}[method]
+        return lambda items: scorer.score_many(items, heads=heads, batch_size=batch_size)
+
+    def routed(items: list[tuple[str, list[str]]]) -> list[Any]:
+        out = []
+        for k in range(0, len(items), batch_size):
+            batch = items[k:k + batch_size]
+            if router is None:
+                union = routed_heads(L, H)
+            else:
+                cfg = router.config
+                union = sorted({h for q, _ in batch
+                                for h in router.route(scorer.query_embedding(q, cfg.embed_layer, cfg.pooling)).heads})
+            out += scorer.score_many(batch, heads=union, batch_size=batch_size)
+        return out
+    return routed
+
+
+def throughput(cfg: dict[str, Any], lm: LoadedModel, scorer: HeadScorer, sf: SciFact | None,
+               save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """Queries per second at each candidate count, method and batch size (prompts per forward pass)."""
+    router = shipped_router(lm)
+    out: dict[str, Any] = {"queries": cfg["queries"], "batch_sizes": cfg["batch_sizes"],
+                           "mode": "batch_size prompts per pass (1: one query at a time)"}
+    n = cfg["queries"]
     for c in cfg["candidates"]:
         cases = []
-        for i in range(cfg["queries"] + 1):  # case 0 is the warm-up
+        for i in range(n + max(cfg["batch_sizes"])):  # the first max(batch) cases warm up, the rest are timed
             if sf is not None:
                 cases.append(sf.case(i + 1, c, cfg["doc_words"]))
             else:
                 cases.append((SYNTH_QUERY, sized_docs(scorer, c, cfg["doc_tokens"], seed=1000 + i)))
+        warm, timed = cases[:-n], cases[-n:]
         row: dict[str, Any] = {}
         for m in cfg["throughput_methods"]:
-            fn = routed if m == "routed" else (lambda q, docs, hs=heads[m]: scorer.score(q, docs, heads=hs))
-            r = fn(*cases[0])
-            _sync(lm)
-            t = time.perf_counter()
-            for q, docs in cases[1:]:
-                r = fn(q, docs)
-            _sync(lm)
-            dt = time.perf_counter() - t
-            row[m] = {"qps": cfg["queries"] / dt, "s_per_query": dt / cfg["queries"], "windows": len(r.windows),
-                      "prompt_tokens": r.prompt_tokens}
-        out[str(c)] = row
+            for bs in cfg["batch_sizes"]:
+                fn = batch_scorer(scorer, m, router, bs)
+                fn(warm[:bs])
+                _sync(lm)
+                t = time.perf_counter()
+                r = fn(timed)
+                _sync(lm)
+                dt = time.perf_counter() - t
+                key = m if bs == 1 else f"{m}@{bs}"
+                row[key] = {"qps": n / dt, "s_per_query": dt / n, "batch_size": bs,
+                            "windows": len(r[0].windows), "prompt_tokens": r[0].prompt_tokens}
+                if lm.device.type == "cuda":
+                    row[key]["gpu_busy"] = gpu_busy(fn, timed[:bs], dt / n)
+                out[str(c)] = row
+                save(out)
     return out
+
+
+def gpu_busy(fn: Callable[[list], Any], items: list, s_per_query: float) -> float | None:
+    """Share of the (unprofiled) time per query the GPU spends in kernels: kernel time per query of ``fn`` over
+    ``items`` (torch.profiler, device activity only), over ``s_per_query``. Near 1: the GPU is busy and more
+    batching cannot add much; far below: launch- or host-bound, where batching pays."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(items)
+            torch.cuda.synchronize()
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages()
+                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    except Exception as e:  # a profiler that cannot see the device: say so, do not fail the run
+        print(f"gpu_busy: profiler unavailable ({e})", file=sys.stderr)
+        return None
+    return round(kernel_us / 1e6 / len(items) / s_per_query, 3)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -640,7 +695,8 @@ def format_table(result: dict[str, Any]) -> str:
         tp = result["throughput"]
         lines.append(f"\nthroughput ({tp['mode']}, {tp['queries']} queries)")
         for c in result["config"]["candidates"]:
-            cells = "  ".join(f"{m} {v['qps']:.3f} q/s ({v['windows']} win, {v['prompt_tokens']} tok)"
+            cells = "  ".join(f"{m} {v['qps']:.3f} q/s ({v['windows']} win, {v['prompt_tokens']} tok"
+                              f"{', GPU busy ' + format(v['gpu_busy'], '.2f') if v.get('gpu_busy') else ''})"
                               for m, v in tp[str(c)].items())
             lines.append(f"  {c:>4} candidates: {cells}")
     return "\n".join(lines)
@@ -682,6 +738,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="CPU: do not start eager above this predicted size (default: 80%% of MemAvailable)")
     ap.add_argument("--throughput", action="store_true", help="queries/s at --candidates documents")
     ap.add_argument("--candidates", type=int, nargs="+", default=[20, 100])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                    help="throughput: prompts per forward pass, each measured (default 1)")
     ap.add_argument("--queries", type=int, default=None, help="throughput queries (default 10; --quick 3)")
     ap.add_argument("--throughput-methods", nargs="+", default=["full", "routed"],
                     choices=["full", "static16", "routed"])
@@ -713,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats or (2 if args.quick else 5), "warmup": args.warmup,
         "eager_max_bytes": eager_max if device == "cpu" else None,
         "queries": args.queries or (3 if args.quick else 10), "candidates": args.candidates,
-        "throughput_methods": args.throughput_methods, "methods": [] if args.no_methods else list(args.methods),
+        "throughput_methods": args.throughput_methods, "batch_sizes": args.batch_sizes,
+        "methods": [] if args.no_methods else list(args.methods),
         "isolate": isolate, "malloc": malloc,
     }
     slug = (args.model or "default").replace("random:", "random-").replace("/", "_")
@@ -771,7 +830,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sf = None
         if not (args.model or "").startswith("random:") and (Path(args.data_root) / "scifact").is_dir():
             sf = SciFact(Path(args.data_root))
-        result["throughput"] = throughput(cfg, lm, scorer, sf)
+        result["throughput"] = throughput(cfg, lm, scorer, sf,
+                                          lambda tp: _write(out, {**result, "throughput": tp}, t_start))
     if len(result["runs"]) == 1:
         result = {**result["runs"][0], **result}
     _write(out, result, t_start)
