@@ -152,17 +152,6 @@ def shipped_router(lm: LoadedModel) -> Router | None:
     return load_router(path, lm.identity()) if path.is_file() else None
 
 
-def route_and_score(scorer: HeadScorer, router: Router | None) -> Callable[[str, list[str]], Any]:
-    """The routed method: with a router, RouteHead's real path (query-embedding pass, routing, the routed
-    heads only, exit after the deepest); without one, the synthetic 4-head set of :func:`routed_heads`."""
-    if router is None:
-        heads = routed_heads(scorer.lm.num_layers, scorer.lm.num_heads)
-        return lambda q, docs: scorer.score(q, docs, heads=heads)
-    cfg = router.config
-    return lambda q, docs: scorer.score(q, docs, heads=router.route(
-        scorer.query_embedding(q, cfg.embed_layer, cfg.pooling)).heads)
-
-
 def routed_source(scorer: HeadScorer, router: Router | None, query: str) -> dict[str, Any]:
     if router is None:
         return {"source": "synthetic", "heads": routed_heads(scorer.lm.num_layers, scorer.lm.num_heads)}
@@ -407,8 +396,8 @@ def method_fn(name: str, scorer: HeadScorer, query: str, docs: list[str]) -> Cal
         heads = static16_heads(L, H)
         return lambda: scorer.score(query, docs, heads=heads)
     if name == "routed":
-        fn = route_and_score(scorer, shipped_router(scorer.lm))
-        return lambda: fn(query, docs)
+        fn = batch_scorer(scorer, "routed", shipped_router(scorer.lm), 1)
+        return lambda: fn([(query, docs)])
     if name == "eager":
         return lambda: eager_scores(scorer, query, docs)
     raise ValueError(name)

@@ -203,9 +203,10 @@ class HeadScorer:
 
         by_layer = _by_layer(heads)
         self._single_pass(prompts, by_layer, reduce)
-        flat = torch.cat([done[lay] for lay in sorted(by_layer)]).float().cpu()  # one copy back, not one a layer
-        per_layer = flat.split([2 * len(by_layer[lay]) for lay in sorted(by_layer)])
-        cal, raw = (torch.cat([x.split(len(x) // 2)[i] for x in per_layer]) for i in (0, 1))
+        order = sorted(by_layer)
+        cal = torch.cat([done[lay][:len(by_layer[lay])] for lay in order])
+        raw = torch.cat([done[lay][len(by_layer[lay]):] for lay in order])
+        cal, raw = torch.stack([cal, raw]).float().cpu()  # one copy back, not one a layer
         counts = [len(p.doc_spans) for p in prompts]
         return list(zip(cal.split(counts, dim=1), raw.split(counts, dim=1)))
 
@@ -230,11 +231,11 @@ class HeadScorer:
         hi = torch.tensor([h for _, h in sel])
         results: list[HeadScores] = []
         jobs: list[tuple[int, list[int], Prompt]] = []  # (item, window, prompt)
+        per_doc = self.builder.fixed_tokens(1, 0) - self.builder.fixed_tokens(0, 0)
         for i, (query, documents) in enumerate(items):
             q_ids = self.builder.encode_query(query)
             d_ids, truncated = self.builder.encode_documents(documents)
             fixed = self.builder.fixed_tokens(0, len(q_ids))
-            per_doc = self.builder.fixed_tokens(1, 0) - self.builder.fixed_tokens(0, 0)
             windows = plan_windows([len(x) for x in d_ids], per_doc, fixed, self.budget)
             n = len(d_ids)
             computed = torch.zeros(L, H, dtype=torch.bool)
