@@ -3,7 +3,8 @@
 Text, as ``OSU-NLP-Group/In-Context-Reranking`` (instruct template, query last) and ``princeton-pli/QRHead``
 build it::
 
-    <chat head> Here are some paragraphs:{sep}[1] doc1{sep}[2] doc2 ... {sep}<late instruction>{sep}Query: <query><chat tail>
+    <chat head> Here are some paragraphs:{sep}[1] doc1{sep}[2] doc2 ...
+    {sep}<late instruction>{sep}Query: <query><chat tail>
 
 ``sep`` is ``"\\n\\n"`` (``" \\n\\n"`` for Llama models, as both references do); a document is
 ``title + "\\n" + text``; the late instruction is ICR's IE text ("Please find information that are relevant to
@@ -232,6 +233,11 @@ class PromptBuilder:
         spans = [(first_token(base + a), last_token(base + b) + 1) for a, b in ranges]
         return Prompt(prefix_ids=ids[:q0], doc_spans=spans, query_ids=ids[q0:], na_ids=na_ids[q0:],
                       truncated=list(truncated) if truncated is not None else [False] * len(docs))
+
+    def prompt(self, query: str, documents: Sequence[str]) -> Prompt:
+        """:meth:`build` from raw inputs (one window, documents in prompt order)."""
+        texts, _, truncated = self.prepare_documents(documents)
+        return self.build(self.prepare_query(query), texts, truncated)
 
     def settings(self) -> dict[str, Any]:
         """Everything in the prompt that changes scores (for stores and checkpoints)."""

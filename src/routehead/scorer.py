@@ -68,7 +68,9 @@ class HeadScores:
     raw: torch.Tensor  # the same from the query's attention alone (no "N/A" calibration)
     computed: torch.Tensor  # [layers, heads] bool
     sets: torch.Tensor | None = None  # [len(sets), docs]: each requested HeadSet, summed then masked
-    tokens: TokenScores | None = None  # with keep_tokens
+    tokens: TokenScores | None = None  # with keep_tokens: every computed head's token scores
+    set_tokens: TokenScores | None = None  # with keep_tokens: each set's summed token scores (before the mask)
+    token_ids: list[list[int]] = field(default_factory=list)  # with keep_tokens: each document span's token ids
     windows: list[list[int]] = field(default_factory=list)
     prompt_tokens: int = 0  # tokens run for the longest window (prefix + query suffix)
     truncated: list[bool] = field(default_factory=list)
@@ -273,14 +275,16 @@ class HeadScorer:
         nh = {lay: len(by_layer[lay]) for lay in order}
         cal = torch.cat([done[lay][:nh[lay]] for lay in order])
         raw = torch.cat([done[lay][nh[lay]:] for lay in order])
-        sets = mask_outliers_and_sum(acc.transpose(0, 1).reshape(acc.shape[1], -1), spans)
+        sets = mask_outliers_and_sum(acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm), spans)
         counts = [len(p.doc_spans) for p in prompts]
         out = [{"cal": c, "raw": r, "sets": t} for c, r, t in zip(*(x.float().cpu().split(counts, dim=1)
                                                                   for x in (cal, raw, sets)))]
         if keep_tokens:
             lens = [sum(e - s for s, e in p.doc_spans) for p in prompts]
-            for o, t in zip(out, torch.cat([toks[lay] for lay in order]).float().cpu().split(lens, dim=1)):
-                o["tokens"] = t
+            set_toks = acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm)[:, spans.flat]
+            for o, t, st in zip(out, torch.cat([toks[lay] for lay in order]).float().cpu().split(lens, dim=1),
+                                set_toks.float().cpu().split(lens, dim=1)):
+                o["tokens"], o["set_tokens"] = t, st
         return out
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -323,8 +327,7 @@ class HeadScorer:
                                       raw=torch.full((L, H, n), float("nan")), computed=computed,
                                       sets=torch.zeros(len(sets), n), windows=windows, truncated=truncated))
             for win in windows:
-                jobs.append((i, win, self.builder.build(q, [texts[j] for j in win], [truncated[j] for j in win],
-                                                        numbering_start=1 + win[0])))
+                jobs.append((i, win, self.builder.build(q, [texts[j] for j in win], [truncated[j] for j in win])))
         jobs.sort(key=lambda job: (tuple(job[2].na_ids), job[2].length))
         parts: dict[int, dict[int, torch.Tensor]] = {}
         k = 0
@@ -348,12 +351,17 @@ class HeadScorer:
                     for s, e in prompt.doc_spans:
                         bounds.append(bounds[-1] + e - s)
                     for j, doc in enumerate(win):
-                        parts.setdefault(i, {})[doc] = out["tokens"][:, bounds[j]:bounds[j + 1]] * factor
+                        a, b = bounds[j], bounds[j + 1]
+                        s0, e0 = prompt.doc_spans[j]
+                        parts.setdefault(i, {})[doc] = (out["tokens"][:, a:b] * factor,
+                                                        out["set_tokens"][:, a:b] * factor, prompt.prefix_ids[s0:e0])
         if keep_tokens:
             for i, S in enumerate(results):
                 docs = [parts[i][d] for d in range(S.num_docs)]
-                S.tokens = TokenScores(rows=torch.cat(docs, dim=1), counts=[int(d.shape[1]) for d in docs],
-                                       heads=list(sel))
+                counts = [len(d[2]) for d in docs]
+                S.tokens = TokenScores(rows=torch.cat([d[0] for d in docs], dim=1), counts=counts, heads=list(sel))
+                S.set_tokens = TokenScores(rows=torch.cat([d[1] for d in docs], dim=1), counts=counts, heads=[])
+                S.token_ids = [list(d[2]) for d in docs]
         return results
 
     @torch.inference_mode()
@@ -377,8 +385,7 @@ class HeadScorer:
     @torch.inference_mode()
     def bare_forward(self, query: str, documents: Sequence[str]) -> int:
         """One plain pass over the whole prompt, all layers, no capture: the speed floor. Returns its length."""
-        texts, _, truncated = self.builder.prepare_documents(documents)
-        prompt = self.builder.build(self.builder.prepare_query(query), texts, truncated)
+        prompt = self.builder.prompt(query, documents)
         ids = prompt.prefix_ids + prompt.query_ids
         self.base(input_ids=torch.tensor([ids], device=self.lm.device), use_cache=False)
         return len(ids)
