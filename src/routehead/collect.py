@@ -8,6 +8,7 @@ shardable (``shard``/``num_shards`` split the queries across processes or machin
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def select_queries(collection: Collection, max_queries: int | None = None) -> li
 def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_settings: dict[str, Any],
                      top_k: int = 20, depth: int = 100, max_queries: int | None = None, shard: int = 0,
                      num_shards: int = 1, root: Path | None = None, progress: bool = True,
-                     batch_size: int = 1, doc_order: str = "reverse") -> ScoredCollection:
+                     batch_size: int = 1, doc_order: str = "reverse", only: Sequence[str] | None = None
+                     ) -> ScoredCollection:
     """Score the missing queries (if a scorer is given) and return everything stored for this setting.
 
     ``scorer_settings`` identifies the store even when ``scorer`` is None (evaluation from the store alone).
@@ -73,11 +75,14 @@ def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_s
     where one prompt leaves a GPU idle). ``doc_order`` places the candidates in the prompt
     (:mod:`routehead.order`); stored scores are always in candidate order, with each document's prompt position.
     Every head is computed and its token scores kept, so any head selection can be aggregated later exactly
-    as inference aggregates it.
+    as inference aggregates it. ``only``: score and return just these queries (e.g. a dev split).
     """
     fs = first_stage(collection, max(depth, top_k))
     settings = store_settings(scorer_settings, collection, top_k, doc_order)
     qids = select_queries(collection, max_queries)
+    if only is not None:
+        wanted = set(only)
+        qids = [q for q in qids if q in wanted]
     store = HeadScoreStore(root or store_root(), settings)
     todo = [q for q in shard_filter(qids, shard, num_shards) if q not in store.done()]
     if todo and scorer is not None:
