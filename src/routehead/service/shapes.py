@@ -38,6 +38,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from routehead.calibration import Calibration
@@ -63,7 +64,12 @@ def _check_document(value: object) -> object:
                               {"got": json_type(value)})
 
 
-Document = Annotated[StrictStr | dict[str, Any], BeforeValidator(_check_document)]
+_DOCUMENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
+                                                    "required": ["text"], "additionalProperties": True}],
+                    "description": 'A string, or an object with "text" (other keys allowed; with rank_fields, '
+                                   'the named fields instead of "text").'}
+Document = Annotated[StrictStr | dict[str, Any], BeforeValidator(_check_document), WithJsonSchema(_DOCUMENT_SCHEMA)]
+_QUERY = {"pattern": r"\S"}  # the schema says what the validator checks: at least one non-space character
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 EvidenceK = Annotated[StrictInt, Field(ge=0, le=MAX_EVIDENCE)]
 
@@ -89,7 +95,8 @@ class RerankRequest(Extras):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: StrictStr = Field(description="The search query; must contain a non-whitespace character.")
+    query: StrictStr = Field(description="The search query; must contain a non-whitespace character.",
+                             json_schema_extra=_QUERY)
     documents: list[Document] = Field(min_length=1, description='Strings, or objects with "text" (other keys '
                                       'are allowed and ignored unless named in rank_fields).')
     model: StrictStr | None = Field(default=None, description="Accepted and ignored: any name; the response "
@@ -160,7 +167,8 @@ class TEIRequest(Extras):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: StrictStr = Field(description="The search query; must contain a non-whitespace character.")
+    query: StrictStr = Field(description="The search query; must contain a non-whitespace character.",
+                             json_schema_extra=_QUERY)
     texts: list[StrictStr] = Field(min_length=1, description="The documents.")
     raw_scores: StrictBool = Field(default=False, description="score is the raw attention score instead of "
                                    "the calibrated relevance in [0, 1].")
