@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from routehead.aio import model_lock
+
 logger = logging.getLogger("routehead.service")
 
 
@@ -102,7 +104,8 @@ class _Replica:
             kwargs["routed_heads"] = True
         if work.evidence and self.one_evidence:
             kwargs["evidence"] = work.evidence
-        return self.reranker.rerank(work.query, work.documents, **kwargs)
+        with model_lock(self.reranker):  # also excludes Reranker.arerank callers sharing this model
+            return self.reranker.rerank(work.query, work.documents, **kwargs)
 
     def rerank_batch(self, works: Sequence[Work]) -> list[Any]:
         """One ``rerank_many`` call where the reranker has it (and it can give the evidence asked for)."""
@@ -112,7 +115,8 @@ class _Replica:
         items = [(w.query, w.documents) if w.first_stage_scores is None
                  else (w.query, w.documents, w.first_stage_scores) for w in works]
         kwargs = {"evidence": evidence} if evidence else {}
-        out = list(self.many(items, batch_size=len(items), **kwargs))
+        with model_lock(self.reranker):
+            out = list(self.many(items, batch_size=len(items), **kwargs))
         if len(out) != len(works):
             raise RuntimeError(f"rerank_many returned {len(out)} rankings for {len(works)} requests")
         return out
