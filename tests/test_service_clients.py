@@ -159,10 +159,18 @@ def test_load_32_clients_x_20_requests_tiny_model_identical_to_sequential(one_to
             metrics = c.get("/metrics").text
     assert elapsed < 60
     assert [s for _, s, _ in outcomes if s != 200] == []
+    bitwise = 0
     for which, _, body in outcomes:
-        assert body["results"] == sequential[which], f"answer for input {which} changed under load"
+        got, want = body["results"], sequential[which]
+        # the order must be the same; scores agree to float rounding: rerank_many's padded batch rows are not
+        # bit-identical to one prompt per pass (up to 7e-9 absolute on this model; reported to the engine)
+        assert [r["index"] for r in got] == [r["index"] for r in want], f"order for input {which} changed"
+        for key in ("raw_score", "relevance_score"):
+            assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-5, abs=1e-7)
+        bitwise += got == want
     batched = sum(body["meta"]["batch_size"] > 1 for _, _, body in outcomes)
-    print(f"\nload: 640 requests / 32 clients in {elapsed:.2f}s; {batched} answered from a batch of >1")
+    print(f"\nload: 640 requests / 32 clients in {elapsed:.2f}s; {batched} answered from a batch of >1; "
+          f"{bitwise} bit-identical to the sequential answer")
     assert "routehead_batch_size_count" in metrics
 
 
