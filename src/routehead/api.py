@@ -198,6 +198,18 @@ class Reranker:
             out.append(item)
         return out
 
+    async def arerank(self, query: str, documents: Sequence[str], **kwargs: Any) -> Ranking:
+        """:meth:`rerank` for async callers: runs in a thread, one call at a time per model (``routehead.aio``)."""
+        from routehead.aio import arerank
+
+        return await arerank(self, query, documents, **kwargs)
+
+    async def rank_async(self, query: str, documents: Sequence[str], **kwargs: Any) -> list[dict[str, Any]]:
+        """:meth:`rank` for async callers, sharing the model safely like :meth:`arerank`."""
+        from routehead.aio import arank
+
+        return await arank(self, query, documents, **kwargs)
+
 
 def document_evidence(tokenizer: Any, S: HeadScores, set_index: int, k: int) -> list[list[dict[str, Any]]]:
     """Per document (prompt order): the ``k`` words that carried most of its score, each with its share.
