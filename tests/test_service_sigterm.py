@@ -47,7 +47,14 @@ def test_sigterm_drains_in_flight_work_and_exits() -> None:
         threads = [threading.Thread(target=one, args=(k,)) for k in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # all six are in flight (0.4 s a batch of two: about 1.2 s of work)
+        admitted = time.monotonic() + 20  # wait until all six are admitted (a loaded machine can be slow)
+        while time.monotonic() < admitted:
+            text = httpx.get(f"{base}/metrics", timeout=2, trust_env=False).text
+            gauge = [ln for ln in text.splitlines() if ln.startswith("routehead_requests_in_flight ")]
+            done = len(results)
+            if gauge and float(gauge[0].split()[1]) + done >= 6:
+                break
+            time.sleep(0.02)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
