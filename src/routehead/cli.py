@@ -112,6 +112,12 @@ def cmd_rerank(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    import signal
+
+    # a stopped run keeps its finished queries: SIGTERM (and SIGINT, which background jobs may ignore) unwind
+    # through the store, which flushes what is buffered
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     sc, _ = _scored(args)
     print(f"{len(sc.entries)} queries stored for {sc.collection.name}/{sc.collection.split}")
 
