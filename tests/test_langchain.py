@@ -1,0 +1,60 @@
+"""LangChain adapter: a BaseDocumentCompressor on a tiny random model (and one end-to-end run on the default)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
+
+from routehead.integrations.langchain import RouteheadCompressor  # noqa: E402
+from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, expected, tiny_reranker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rr(tmp_path_factory):
+    return tiny_reranker(tmp_path_factory.mktemp("lc"))
+
+
+def _docs(scores=FIRST_STAGE):
+    return [Document(page_content=t, metadata={"source": f"d{i}", **({"score": s} if s is not None else {})},
+                     id=f"d{i}") for i, (t, s) in enumerate(zip(DOCS, scores))]
+
+
+def test_compressor_matches_the_reranker_and_routes_the_retriever_score(rr):
+    comp = RouteheadCompressor(model=rr, top_n=3)
+    assert isinstance(comp, BaseDocumentCompressor)
+    docs = _docs()
+    out = comp.compress_documents(docs, QUERY)
+    want = expected(rr, fs=FIRST_STAGE)
+    assert [d.id for d in out] == [f"d{i}" for i in want.indices[:3]]
+    assert [d.metadata["relevance_score"] for d in out] == want.scores[:3]
+    assert all(d.metadata["routed_heads"] == [list(h) for h in want.heads] for d in out)
+    assert out[0].metadata["first_stage_used"] is True and out[0].metadata["source"] == f"d{want.indices[0]}"
+    assert "relevance_score" not in docs[0].metadata  # inputs are not modified
+
+
+def test_without_retriever_scores_the_heads_alone_decide(rr):
+    out = RouteheadCompressor(model=rr, top_n=None).compress_documents(_docs([None] * len(DOCS)), QUERY)
+    want = expected(rr)
+    assert [d.metadata["relevance_score"] for d in out] == want.scores and len(out) == len(DOCS)
+    assert out[0].metadata["first_stage_used"] is False
+    assert RouteheadCompressor(model=rr).compress_documents([], QUERY) == []
+
+
+def test_async_and_callbacks_argument(rr):
+    import asyncio
+
+    comp = RouteheadCompressor(model=rr, top_n=2, first_stage_key=None)
+    out = asyncio.run(comp.acompress_documents(_docs(), QUERY, callbacks=None))
+    assert [d.metadata["relevance_score"] for d in out] == expected(rr).scores[:2]
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end():
+    out = RouteheadCompressor(top_n=1).compress_documents(
+        [Document(page_content="Jupiter is a gas giant."),
+         Document(page_content="Statins lower LDL cholesterol and heart-attack risk.")],
+        "What lowers the risk of heart disease?")
+    assert len(out) == 1 and out[0].metadata["routed_heads"] and "Statins" in out[0].page_content
