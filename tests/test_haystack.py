@@ -77,11 +77,3 @@ def test_a_model_object_does_not_serialise(rr):
     with pytest.raises(ValueError, match="cannot be serialised"):
         RouteheadRanker(model=rr).to_dict()
 
-
-@pytest.mark.slow
-def test_default_model_end_to_end(default_lm):
-    docs = [Document(content="Jupiter is a gas giant."),
-            Document(content="Statins lower LDL cholesterol and heart-attack risk.")]
-    out = RouteheadRanker(model=default_lm, top_k=1).run(query="What lowers the risk of heart disease?",
-                                                         documents=docs)["documents"]
-    assert len(out) == 1 and "Statins" in out[0].content and 0 < out[0].score < 1

@@ -50,11 +50,3 @@ def test_async_and_callbacks_argument(rr):
     out = asyncio.run(comp.acompress_documents(_docs(), QUERY, callbacks=None))
     assert [d.metadata["relevance_score"] for d in out] == expected(rr).scores[:2]
 
-
-@pytest.mark.slow
-def test_default_model_end_to_end():
-    out = RouteheadCompressor(top_n=1).compress_documents(
-        [Document(page_content="Jupiter is a gas giant."),
-         Document(page_content="Statins lower LDL cholesterol and heart-attack risk.")],
-        "What lowers the risk of heart disease?")
-    assert len(out) == 1 and out[0].metadata["routed_heads"] and "Statins" in out[0].page_content

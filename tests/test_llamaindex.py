@@ -65,10 +65,3 @@ def test_query_str_and_no_retriever_scores(rr):
     with pytest.raises(ValueError):
         post.postprocess_nodes(_nodes())
 
-
-@pytest.mark.slow
-def test_default_model_end_to_end():
-    nodes = [NodeWithScore(node=TextNode(text="Jupiter is a gas giant."), score=1.0),
-             NodeWithScore(node=TextNode(text="Statins lower LDL cholesterol and heart-attack risk."), score=0.5)]
-    out = RouteheadRerank(top_n=1).postprocess_nodes(nodes, query_str="What lowers the risk of heart disease?")
-    assert len(out) == 1 and "Statins" in out[0].node.get_content()

@@ -54,10 +54,3 @@ def test_through_the_rerankers_factory(tmp_path):
     res = ranker.rank(QUERY, DOCS)
     assert len(res.results) == len(DOCS)
 
-
-@pytest.mark.slow
-def test_default_model_end_to_end(default_lm):
-    res = RouteheadRanker(model=default_lm).rank("What lowers the risk of heart disease?",
-                                                ["Jupiter is a gas giant.",
-                                                 "Statins lower LDL cholesterol and heart-attack risk."])
-    assert res.top_k(1)[0].doc_id == 1
