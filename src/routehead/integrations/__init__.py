@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from routehead.api import Ranking, Reranker
     from routehead.model import LoadedModel
 
-__all__ = ["ModelSpec", "first_stage_scores", "load_reranker", "ranking_metadata", "require", "supports_instruction"]
+__all__ = ["ModelSpec", "first_stage_scores", "load_reranker", "ranking_metadata", "require", "reranker_for",
+           "supports_instruction"]
 
 # What an adapter accepts as ``model``: a name/path/hub id (None: the embedded default), an already loaded model,
 # a ready Reranker to share between adapters, or a zero-argument factory returning a LoadedModel or a Reranker
@@ -81,6 +82,15 @@ def load_reranker(model: ModelSpec = None, method: str = "route", router: str | 
         kwargs["instruction"] = instruction
     return Reranker(model=model, method=method, router=router, heads=heads, max_doc_tokens=max_doc_tokens,
                     device=device, dtype=dtype, **kwargs)
+
+
+# the Reranker settings every adapter exposes under the same names (besides ``model``)
+SETTINGS = ("method", "router", "heads", "max_doc_tokens", "instruction", "device", "dtype")
+
+
+def reranker_for(adapter: Any) -> Reranker:
+    """:func:`load_reranker` from an adapter's ``model`` and :data:`SETTINGS` attributes."""
+    return load_reranker(adapter.model, **{k: getattr(adapter, k) for k in SETTINGS})
 
 
 def _is_reranker(obj: Any) -> bool:

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from routehead.integrations import first_stage_scores, load_reranker, ranking_metadata, require
+from routehead.integrations import first_stage_scores, ranking_metadata, require, reranker_for
 
 require("haystack", "haystack")
 
@@ -59,9 +59,7 @@ class RouteheadRanker:
     def warm_up(self) -> None:
         """Load the model (once); pipelines call this before their first run."""
         if self._reranker is None:
-            self._reranker = load_reranker(self.model, method=self.method, router=self.router, heads=self.heads,
-                                           max_doc_tokens=self.max_doc_tokens, instruction=self.instruction,
-                                           device=self.device, dtype=self.dtype)
+            self._reranker = reranker_for(self)
 
     def to_dict(self) -> dict[str, Any]:
         if self.model is not None and not isinstance(self.model, str):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from routehead.integrations import first_stage_scores, load_reranker, ranking_metadata, require
+from routehead.integrations import first_stage_scores, ranking_metadata, require, reranker_for
 
 require("langchain_core", "langchain")
 
@@ -53,9 +53,7 @@ class RouteheadCompressor(BaseDocumentCompressor):
     def reranker(self) -> Any:
         """The underlying :class:`routehead.Reranker` (built on first access)."""
         if self._reranker is None:
-            self._reranker = load_reranker(self.model, method=self.method, router=self.router, heads=self.heads,
-                                           max_doc_tokens=self.max_doc_tokens, instruction=self.instruction,
-                                           device=self.device, dtype=self.dtype)
+            self._reranker = reranker_for(self)
         return self._reranker
 
     def compress_documents(self, documents: Sequence[Document], query: str,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from routehead.integrations import HEADS_KEY, WEIGHTS_KEY, first_stage_scores, load_reranker, ranking_metadata, require
+from routehead.integrations import HEADS_KEY, WEIGHTS_KEY, first_stage_scores, ranking_metadata, require, reranker_for
 
 require("llama_index.core", "llamaindex")
 
@@ -57,9 +57,7 @@ class RouteheadRerank(BaseNodePostprocessor):
     def reranker(self) -> Any:
         """The underlying :class:`routehead.Reranker` (built on first access)."""
         if self._reranker is None:
-            self._reranker = load_reranker(self.model, method=self.method, router=self.router, heads=self.heads,
-                                           max_doc_tokens=self.max_doc_tokens, instruction=self.instruction,
-                                           device=self.device, dtype=self.dtype)
+            self._reranker = reranker_for(self)
         return self._reranker
 
     def _model_name(self) -> str:
