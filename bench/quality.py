@@ -1,12 +1,16 @@
-"""Quality table: every re-ranker on the stored forward passes of each collection, in one run.
+"""Quality table: every re-ranker on the stored forward passes of each collection and prompt order, in one run.
 
-    python bench/quality.py [--model smollm2-135m] [--jobs scifact:test trec-dl19-passage:test ...]
+    python bench/quality.py [--model smollm2-135m] [--orders reverse input shuffle] [--jobs scifact:test ...]
 
-Re-rankers: bm25, dense (MiniLM), icr, single, static (shipped head set), route-bce (the paper's recipe: BCE
-on greedy pseudo labels), route (the shipped default router: listwise-trained, probability-weighted heads),
-route+fs (the same, may also route the first-stage score), oracle (analysis only). Paired t-tests on
-nDCG@10 against bm25, icr, static and single. Writes results/quality-<model>.json and prints a markdown table.
-Queries not yet in the store are scored first (slow on CPU: about 7 s a query for the default model).
+Re-rankers: bm25, position (the prompt position alone: what position bias gives without reading), dense
+(MiniLM), icr, single (the best shipped head), static (the shipped 16 heads, QRHead), route-bce (the paper's
+recipe: BCE on greedy pseudo labels), route (the shipped default router: listwise-trained, probability-weighted
+heads), route+fs (may also route the first-stage score), oracle (analysis only). Every attention re-ranker
+aggregates as the references do (sum over its heads, outlier mask, sum). Orders (:mod:`routehead.order`):
+reverse (the references' published order, best first-stage candidate last), input (first-stage order) and
+shuffle (a fixed random order per query: the content signal). Paired t-tests on nDCG@10 against bm25, icr,
+static and single. Writes results/quality-<model>.json and prints a markdown table. Queries not yet in the
+store are scored first (slow on CPU: seconds a query for the default model).
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from routehead.data import load_collection
 from routehead.evaluate import dense_scores, make_run, query_embeddings, report
 from routehead.heads import load_heads
 from routehead.model import load_model
+from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
 from routehead.router import load_router
 from routehead.scorer import HeadScorer
 
 JOBS = ["scifact:test", "trec-dl19-passage:test", "cranfield:test", "cisi:test", "med:test", "adi:test"]
-ORDER = ["bm25", "dense", "icr", "single", "static", "route-bce", "route", "route+fs", "oracle"]
+ORDER = ["bm25", "position", "dense", "icr", "single", "static", "route-bce", "route", "route+fs", "oracle"]
 
 
 def main() -> None:
@@ -37,11 +42,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--jobs", nargs="+", default=JOBS, help="name:split[:max_queries]")
+    ap.add_argument("--orders", nargs="+", default=["reverse", "input", "shuffle"])
     ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--max-doc-tokens", type=int, default=160)
+    ap.add_argument("--max-doc-tokens", type=int, default=DEFAULT_MAX_DOC_TOKENS)
     ap.add_argument("--no-compute", action="store_true", help="only queries already in the store")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the CPU)")
+    ap.add_argument("--out", default=None, help="default results/quality-<model>.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,37 +64,46 @@ def main() -> None:
     for job in args.jobs:
         name, split, *cap = job.split(":")
         coll = load_collection(f"{args.data_root}/{name}", split)
-        sc = score_collection(coll, None if args.no_compute else scorer, scorer.settings(), top_k=args.top_k,
-                              max_queries=int(cap[0]) if cap else None)
-        scored = set(sc.entries)
-        sc.first_stage = {q: c for q, c in sc.first_stage.items() if q in scored}  # evaluate scored queries only
-        t = time.time()
-        runs = {"bm25": make_run(sc, "bm25")}
-        if not args.no_dense:
-            runs["dense"] = make_run(sc, "dense", dense_scores=dense_scores(sc))
-        runs["icr"] = make_run(sc, "icr")
-        runs["single"] = make_run(sc, "single", heads=heads[:1], norm=hbody.get("norm", "sum"))
-        runs["static"] = make_run(sc, "static", heads=heads, norm=hbody.get("norm", "sum"))
-        sizes = {}
-        for rname, router in routers.items():
-            emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
-            sizes[rname] = []
-            runs[rname] = make_run(sc, "route", router=router, embeddings=emb, routed_sizes=sizes[rname])
-        runs["oracle"] = make_run(sc, "oracle", norm="z")
-        rep = report(sc, runs, baselines=["bm25", "icr", "static", "single"])
-        rep["mean_heads_routed"] = {k: sum(v) / max(len(v), 1) for k, v in sizes.items()}
-        nd = {k: v["metrics"]["ndcg@10"] for k, v in rep["rerankers"].items()}
-        gap = nd["oracle"] - nd["static"]
-        rep["static_to_oracle_gap_closed"] = {k: (nd[k] - nd["static"]) / gap if gap > 0 else None for k in routers}
-        rep["seconds"] = round(time.time() - t, 1)
-        results.append(rep)
-        print(json.dumps({"dataset": name, "n": rep["n_queries"], **{k: round(v, 4) for k, v in nd.items()}}),
-              flush=True)
+        dense = None
+        for order in args.orders:
+            sc = score_collection(coll, None if args.no_compute else scorer, scorer.settings(), top_k=args.top_k,
+                                  max_queries=int(cap[0]) if cap else None, doc_order=order)
+            scored = set(sc.entries)
+            if not scored:
+                continue
+            sc.first_stage = {q: c for q, c in sc.first_stage.items() if q in scored}  # scored queries only
+            t = time.time()
+            runs = {"bm25": make_run(sc, "bm25"), "position": make_run(sc, "position")}
+            if not args.no_dense:
+                dense = dense or dense_scores(sc)
+                runs["dense"] = make_run(sc, "dense", dense_scores=dense)
+            runs["icr"] = make_run(sc, "icr")
+            runs["single"] = make_run(sc, "single", heads=heads[:1])
+            runs["static"] = make_run(sc, "static", heads=heads)
+            sizes = {}
+            for rname, router in routers.items():
+                emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
+                sizes[rname] = []
+                runs[rname] = make_run(sc, "route", router=router, embeddings=emb, routed_sizes=sizes[rname])
+            runs["oracle"] = make_run(sc, "oracle", pool=routers["route"].config.pool_heads)
+            rep = report(sc, runs, baselines=["bm25", "icr", "static", "single"])
+            rep["doc_order"] = order
+            rep["mean_heads_routed"] = {k: sum(v) / max(len(v), 1) for k, v in sizes.items()}
+            nd = {k: v["metrics"]["ndcg@10"] for k, v in rep["rerankers"].items()}
+            gap = nd["oracle"] - nd["static"]
+            rep["static_to_oracle_gap_closed"] = {k: (nd[k] - nd["static"]) / gap if gap > 0 else None
+                                                  for k in routers}
+            rep["seconds"] = round(time.time() - t, 1)
+            results.append(rep)
+            print(json.dumps({"dataset": name, "order": order, "n": rep["n_queries"],
+                              **{k: round(v, 4) for k, v in nd.items()}}), flush=True)
     out = {"model": lm.name, "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+           "command": "python bench/quality.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                             vars(args).items() if v not in (None, False)),
            "settings": {"top_k": args.top_k, "max_doc_tokens": args.max_doc_tokens, "heads": hbody.get("detected_on"),
-                        "static_norm": hbody.get("norm")}, "results": results}
+                        "prompt": scorer.builder.settings()}, "results": results}
     Path("results").mkdir(exist_ok=True)
-    Path(f"results/quality-{lm.name}.json").write_text(json.dumps(out, indent=1))
+    Path(args.out or f"results/quality-{lm.name}.json").write_text(json.dumps(out, indent=1))
     print(markdown(out))
 
 
@@ -98,8 +114,8 @@ def markdown(out: dict) -> str:
     """nDCG@10 table; superscripts +b/+i/+s/+1 (-b...): significantly above (below) bm25/icr/static/single
     (paired t-test, p < 0.05)."""
     cols = [c for c in ORDER if c in out["results"][0]["rerankers"]]
-    lines = ["| collection | n | " + " | ".join(cols) + " | heads routed | gap closed |",
-             "|---|---|" + "---|" * len(cols) + "---|---|"]
+    lines = ["| collection | order | n | " + " | ".join(cols) + " | heads routed |",
+             "|---|---|---|" + "---|" * len(cols) + "---|"]
     for rep in out["results"]:
         cells = []
         for c in cols:
@@ -108,9 +124,8 @@ def markdown(out: dict) -> str:
                             if v["better"] or v["worse"])
             cells.append(f"{r['metrics']['ndcg@10']:.3f}{'<sup>' + marks + '</sup>' if marks else ''}")
         routed = rep["mean_heads_routed"].get("route", 0.0)
-        gap = rep["static_to_oracle_gap_closed"].get("route")
-        gap_s = f"{gap:.0%}" if gap is not None else "-"
-        lines.append(f"| {rep['dataset']} | {rep['n_queries']} | " + " | ".join(cells) + f" | {routed:.1f} | {gap_s} |")
+        lines.append(f"| {rep['dataset']} | {rep['doc_order']} | {rep['n_queries']} | " + " | ".join(cells)
+                     + f" | {routed:.1f} |")
     return "\n".join(lines)
 
 

@@ -282,10 +282,10 @@ class SciFact:
 def sized_docs(scorer: HeadScorer, n_docs: int, doc_tokens: float, seed: int) -> list[str]:
     """``n_docs`` synthetic documents of about ``doc_tokens`` tokens each in the scorer's tokenizer."""
     sample = synthetic_text(400, seed=10**6 + seed)
-    per_word = len(scorer.builder._encode(" " + sample)) / 400
+    per_word = len(scorer.builder._encode(" " + sample, special=False)) / 400
     words = max(1, round(doc_tokens / per_word))
     docs = [synthetic_text(words, seed * 100_003 + k) for k in range(n_docs)]
-    got = sum(len(x) for x in scorer.builder.encode_documents(docs)[0]) / n_docs
+    got = sum(scorer.builder.prepare_documents(docs)[1]) / n_docs
     if got > 0 and abs(got - doc_tokens) > 2:  # one correction step for the tokenizer's actual rate
         words = max(1, round(words * doc_tokens / got))
         docs = [synthetic_text(words, seed * 100_003 + k) for k in range(n_docs)]
@@ -296,10 +296,9 @@ def docs_for_tokens(scorer: HeadScorer, tokens: int, n_docs: int | None, doc_tok
                     ) -> tuple[str, list[str]]:
     """A synthetic query and documents whose prompt (prefix + query) is about ``tokens`` tokens."""
     b = scorer.builder
-    q_len = len(b.encode_query(SYNTH_QUERY))
-    per_doc_fixed = b.fixed_tokens(1, 0) - b.fixed_tokens(0, 0)
-    n = n_docs or max(1, round((tokens - b.fixed_tokens(0, q_len)) / (doc_tokens + per_doc_fixed)))
-    room = tokens - b.fixed_tokens(n, q_len)
+    per_doc_fixed = b.fixed_tokens(1, SYNTH_QUERY) - b.fixed_tokens(0, SYNTH_QUERY)
+    n = n_docs or max(1, round((tokens - b.fixed_tokens(0, SYNTH_QUERY)) / (doc_tokens + per_doc_fixed)))
+    room = tokens - b.fixed_tokens(n, SYNTH_QUERY)
     if room < n:
         raise SystemExit(f"--tokens {tokens} is too small for {n} documents")
     return SYNTH_QUERY, sized_docs(scorer, n, room / n, seed)
@@ -373,10 +372,7 @@ def _reset_peak_rss() -> bool:
 @torch.inference_mode()
 def eager_scores(scorer: HeadScorer, query: str, documents: Sequence[str]) -> torch.Tensor:
     """The naive way: one eager pass with ``output_attentions=True``, query rows of every head, doc sums."""
-    b = scorer.builder
-    q_ids = b.encode_query(query)
-    d_ids, truncated = b.encode_documents(documents)
-    prompt = b.build(q_ids, d_ids, truncated)
+    prompt = _prompt(scorer, query, documents)
     ids = prompt.prefix_ids + prompt.query_ids
     P, Q = prompt.prefix_len, len(prompt.query_ids)
     out = scorer.base(input_ids=torch.tensor([ids], device=scorer.lm.device), output_attentions=True,
@@ -496,10 +492,13 @@ def _child(cfg: dict[str, Any], method: str, tokens: int | None) -> dict[str, An
     return measure(method, scorer, q, docs, cfg["warmup"], cfg["repeats"], cfg["eager_max_bytes"], n_tok)
 
 
-def _prompt_tokens(scorer: HeadScorer, query: str, docs: list[str]) -> int:
+def _prompt(scorer: HeadScorer, query: str, docs: Sequence[str]) -> Any:
     b = scorer.builder
-    d_ids, tr = b.encode_documents(docs)
-    return b.build(b.encode_query(query), d_ids, tr).length
+    return b.prompt(query, docs)
+
+
+def _prompt_tokens(scorer: HeadScorer, query: str, docs: list[str]) -> int:
+    return _prompt(scorer, query, docs).length
 
 
 def run_isolated(cfg: dict[str, Any], method: str, tokens: int | None) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def test_quick_json_on_tiny_random_model(speed, tmp_path, capsys):
         for key in ("cpu", "torch", "transformers", "torch_threads", "date"):
             assert d["machine"][key], key
     assert result["prompt_tokens"] == stored["prompt_tokens"]
-    assert abs(stored["prompt_tokens"] - 384) <= 8
+    assert abs(stored["prompt_tokens"] - 384) <= 16  # documents sized from an estimate of the fixed tokens
     for key in ("bare_s", "full_s", "static16_s", "routed_s", "eager_s", "full_over_bare", "routed_over_full",
                 "static16_over_bare", "eager_over_bare", "routed_over_bare"):
         assert _positive(stored[key]), (key, stored[key])

@@ -49,8 +49,7 @@ def eager_rows(ref, prompt, suffix):
 
 def test_outputs_unchanged_by_capture(setup):
     family, lm, scorer, _ = setup
-    ids = torch.tensor([scorer.builder.build(scorer.builder.encode_query(QUERY),
-                                             scorer.builder.encode_documents(DOCS)[0]).full_ids()])
+    ids = torch.tensor([scorer.builder.prompt(QUERY, DOCS).full_ids()])
     from tests.tiny import tiny_model
 
     plain = tiny_model(family)  # same seed, same weights, plain SDPA
@@ -67,7 +66,7 @@ def test_outputs_unchanged_by_capture(setup):
 def test_rows_equal_eager_attention(setup, single_pass):
     _, lm, scorer, ref = setup
     b = scorer.builder
-    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    prompt = b.prompt(QUERY, DOCS)
     assert prompt.prefix_len > 64, "prompt must be longer than the sliding window to test its mask"
     q_rows, na_rows = scorer.query_rows(prompt, all_heads(lm), single_pass=single_pass)
     torch.testing.assert_close(q_rows, eager_rows(ref, prompt, prompt.query_ids), atol=1e-5, rtol=0)
@@ -82,7 +81,7 @@ def test_single_pass_gives_each_suffix_its_own_full_pass(setup, rows):
     assert scorer.single_pass
     b = scorer.builder
     cases = [(QUERY, DOCS), ("starch?", DOCS[2:5]), (QUERY + " Which one, and why?", DOCS[:1])][:rows]
-    prompts = [b.build(b.encode_query(q), b.encode_documents(d)[0]) for q, d in cases]
+    prompts = [b.prompt(q, d) for q, d in cases]
     split = capture.Split(tuple(p.prefix_len for p in prompts),
                           tuple(p.prefix_len + len(p.query_ids) for p in prompts))
     W, na = split.width, prompts[0].na_ids
@@ -123,7 +122,7 @@ def test_calibrated_score_equals_two_full_passes(setup):
     _, lm, scorer, ref = setup
     S = scorer.score(QUERY, DOCS)
     b = scorer.builder
-    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    prompt = b.prompt(QUERY, DOCS)
     q, na = eager_rows(ref, prompt, prompt.query_ids), eager_rows(ref, prompt, prompt.na_ids)
     L, H = lm.num_layers, lm.num_heads
     expected = mask_outliers_and_sum(q - na, prompt.doc_spans).reshape(L, H, -1)
@@ -156,11 +155,12 @@ def test_head_subset_is_slice_and_exits_early(setup):
 def test_spans_decode_to_documents(setup):
     _, lm, scorer, _ = setup
     b = scorer.builder
-    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
-    for (s, e), doc in zip(prompt.doc_spans, DOCS):
-        assert lm.tokenizer.decode(prompt.prefix_ids[s:e]).strip() == doc
-    assert lm.tokenizer.decode(prompt.query_ids).strip() == QUERY
-    assert lm.tokenizer.decode(prompt.na_ids).strip() == "N/A"
+    prompt = b.prompt(QUERY, DOCS)
+    for i, ((s, e), doc) in enumerate(zip(prompt.doc_spans, DOCS)):
+        assert lm.tokenizer.decode(prompt.prefix_ids[s:e]).strip() == f"[{i + 1}] {doc}"  # the marker belongs
+    q, na = lm.tokenizer.decode(prompt.query_ids), lm.tokenizer.decode(prompt.na_ids)
+    assert q.startswith("Please find information") and f"Query: {QUERY}<|end|>" in q  # late instruction..tail
+    assert na == q.replace(QUERY, "N/A")
 
 
 def test_windows_keep_order_within_window(setup):
@@ -184,11 +184,12 @@ def test_deterministic(setup):
 
 
 def test_mask_outliers_hand_computed():
-    # nine 1s and a -5: mean 0.4, population std 1.8, threshold 0.4 - 3.6 = -3.2: the -5 is masked, sum 9
+    # nine 1s and a -5: mean 0.4, unbiased std sqrt(32.4 / 9) = 1.897, threshold 0.4 - 3.795 = -3.395:
+    # the -5 is masked, sum 9
     x = torch.tensor([[1.0] * 9 + [-5.0, 4.0]])
     assert torch.allclose(mask_outliers_and_sum(x, [(0, 10)]), torch.tensor([[9.0]]))
-    # two documents at once; a one-token document keeps its token
-    assert torch.allclose(mask_outliers_and_sum(x, [(10, 11), (0, 10)]), torch.tensor([[4.0, 9.0]]))
+    # two documents at once; a one-token document scores 0 (its std is undefined: nothing passes the '>')
+    assert torch.allclose(mask_outliers_and_sum(x, [(10, 11), (0, 10)]), torch.tensor([[0.0, 9.0]]))
 
 
 def test_plan_windows_balanced_and_errors():
@@ -218,7 +219,7 @@ def test_unknown_mask_kind_falls_back_to_separate_passes():
     assert not scorer.single_pass
     ref = eager_twin(lm, "llama")
     b = scorer.builder
-    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    prompt = b.prompt(QUERY, DOCS)
     q, na = eager_rows(ref, prompt, prompt.query_ids), eager_rows(ref, prompt, prompt.na_ids)
     expected = mask_outliers_and_sum(q - na, prompt.doc_spans).reshape(lm.num_layers, lm.num_heads, -1)
     torch.testing.assert_close(scorer.score(QUERY, DOCS).calibrated, expected, atol=1e-5, rtol=0)

@@ -8,8 +8,10 @@ import torch
 
 from routehead.api import Reranker
 from routehead.errors import RouteheadError
-from routehead.heads import aggregate, load_heads, ndcg_at_k, save_heads, zscore
-from routehead.labels import Query, greedy_label, quality
+from routehead.heads import load_heads, ndcg_at_k, save_heads, set_scores, spans_of
+from routehead.labels import Query, doc_scores, greedy_label, prior_quality
+from routehead.order import prompt_order
+from routehead.scorer import HeadSet, mask_outliers_and_sum
 from routehead.metrics import evaluate_run
 from routehead.router import Router, RouterConfig, load_router
 from routehead.train import TrainSettings, train_router
@@ -43,18 +45,22 @@ def test_ndcg_matches_ranx():
         assert ndcg_at_k(scores, gains, list(qrels["q"].values())) == pytest.approx(expected, abs=1e-9)
 
 
-def test_aggregate_sum_and_z():
-    S = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)
-    assert np.allclose(aggregate(S, None), S.reshape(-1, 4).sum(0))
-    assert np.allclose(aggregate(S, [(0, 1), (1, 2)]), S[0, 1] + S[1, 2])
-    assert np.allclose(aggregate(S, [(0, 1)], "z"), zscore(S[0, 1][None])[0])
+def test_set_scores_sum_heads_then_mask():
+    rows = torch.tensor([[1.0, 2.0, 3.0, -9.0, 0.5, 0.5], [0.5, 0.0, 1.0, 2.0, 1.0, 1.5]])
+    spans = spans_of([4, 2])
+    want = mask_outliers_and_sum(rows.sum(0, keepdim=True), spans)[0].double().numpy()
+    assert np.allclose(set_scores(rows, spans), want)
+    assert np.allclose(set_scores(rows, spans, [2.0, 0.0]), mask_outliers_and_sum(2 * rows[:1], spans)[0].numpy())
+    # summing first differs from masking each head and then summing (the reason the references sum first)
+    per_head = mask_outliers_and_sum(rows, spans).sum(0).double().numpy()
+    assert not np.allclose(per_head, want)
 
 
 def test_head_set_file_round_trip_and_identity(tmp_path):
     ident = {"model": "m", "num_layers": 2, "num_heads": 3}
-    save_heads(tmp_path / "h.json", [(0, 1), (1, 2)], ident, norm="z")
+    save_heads(tmp_path / "h.json", [(0, 1), (1, 2)], ident, prompt={"max_doc_tokens": 50})
     heads, body = load_heads(tmp_path / "h.json", ident)
-    assert heads == [(0, 1), (1, 2)] and body["norm"] == "z"
+    assert heads == [(0, 1), (1, 2)] and body["prompt"] == {"max_doc_tokens": 50}
     with pytest.raises(RouteheadError, match="another model"):
         load_heads(tmp_path / "h.json", {**ident, "model": "other"})
     (tmp_path / "bad.json").write_text("{not json")
@@ -62,9 +68,18 @@ def test_head_set_file_round_trip_and_identity(tmp_path):
         load_heads(tmp_path / "bad.json")
 
 
-def _query(signals, gains, qid="q"):
+def _query(signals, gains, qid="q", first_stage=None):
+    """A query whose head ``i`` scores document ``d`` ``3 * signals[i][d]`` under the reference aggregation:
+    each document is three tokens ``(v, v, v + 1e-3)`` (none masked; a constant document would score 0)."""
+    sig = np.asarray(signals, dtype=np.float64)
+    n, D = sig.shape
+    rows = np.repeat(sig, 3, axis=1)
+    rows[:, 2::3] += 1e-3
     gains = np.asarray(gains, dtype=float)
-    return Query(qid, np.asarray(signals, dtype=float), gains, [g for g in gains if g > 0])
+    q = Query(qid, torch.tensor(rows, dtype=torch.float32), spans_of([3] * D), np.zeros((n, D)), gains,
+              [g for g in gains if g > 0], first_stage)
+    q.single = np.stack([doc_scores(q, [i]) for i in range(n)])
+    return q
 
 
 def test_greedy_label_stops_when_no_gain_and_breaks_ties_by_prior():
@@ -83,19 +98,24 @@ def _identity(L=2, H=2, hidden=8):
     return {"model": "toy", "num_layers": L, "num_heads": H, "hidden_size": hidden}
 
 
+def _pool(L=2, H=2):
+    return [[lay, h] for lay in range(L) for h in range(H)]
+
+
 def test_router_select_threshold_cap_and_fallback():
-    r = Router(RouterConfig(identity=_identity(), embed_layer=0, threshold=0.5, max_heads=2))
+    r = Router(RouterConfig(identity=_identity(), embed_layer=0, pool=_pool(), threshold=0.5, max_heads=2))
     assert r.select(np.array([0.9, 0.2, 0.7, 0.6])) == [0, 2]
     assert r.select(np.array([0.1, 0.2, 0.3, 0.05])) == [2]  # none passes: the most probable one
     routing = r.route_probs(torch.tensor([0.9, 0.2, 0.1, 0.8]))  # flat signals 0 and 3: heads (0, 0), (1, 1)
     assert routing.heads == [(0, 0), (1, 1)] and routing.first_stage_weight == 0.0
-    fs = Router(RouterConfig(identity=_identity(), embed_layer=0, threshold=0.5, max_heads=2, use_first_stage=True))
+    fs = Router(RouterConfig(identity=_identity(), embed_layer=0, pool=_pool(), threshold=0.5, max_heads=2,
+                             use_first_stage=True))
     only_fs = fs.route_probs(torch.tensor([0.1, 0.3, 0.2, 0.1, 0.9]))  # only the first stage passes
     assert only_fs.first_stage_weight == 1.0 and only_fs.heads == [(0, 1)]  # the most probable head joins it
 
 
 def test_router_checkpoint_round_trip_and_refusals(tmp_path):
-    cfg = RouterConfig(identity=_identity(), embed_layer=1, use_first_stage=True)
+    cfg = RouterConfig(identity=_identity(), embed_layer=1, pool=_pool(), use_first_stage=True)
     r = Router(cfg, prior=np.array([0.5, 0.1, 0.2, 0.3, 0.9]))
     r.save(tmp_path / "r.safetensors")
     back = load_router(tmp_path / "r.safetensors", _identity())
@@ -129,11 +149,11 @@ def test_router_learns_query_dependent_heads():
     labels = np.zeros((80, n))
     for i, d in enumerate(data):
         labels[i, d[2]] = 1
-    prior = quality([d[1] for d in data])
+    prior = prior_quality([d[1] for d in data])
     assert prior.shape == (n,)
     queries = [d[1] for d in data]
     for objective, weighting in (("bce", "none"), ("listwise", "prob")):
-        cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, max_heads=1,
+        cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, pool=_pool(), max_heads=1,
                            weighting=weighting)
         router, hist = train_router(cfg, np.full(n, 0.25), emb[:60], queries[:60], labels[:60], emb[60:],
                                     queries[60:], TrainSettings(objective=objective, epochs=200, lr=1e-2,
@@ -145,36 +165,50 @@ def test_router_learns_query_dependent_heads():
 
 
 def test_listwise_loss_prefers_the_weighting_that_ranks_relevant_first():
-    from routehead.train import listwise_loss
+    from routehead.train import listwise_loss, padded
 
-    X = torch.tensor([[[2.0, 0.0, -2.0], [-2.0, 0.0, 2.0]]])  # signal 0 ranks doc 0 first, signal 1 last
-    G = torch.tensor([[1.0, 0.0, 0.0]])
-    M = torch.ones(1, 3, dtype=torch.bool)
-    good = listwise_loss(torch.tensor([[0.9, 0.1]]), X, G, M, 4.0)
-    bad = listwise_loss(torch.tensor([[0.1, 0.9]]), X, G, M, 4.0)
+    q = _query([[2.0, 0.0, -2.0], [-2.0, 0.0, 2.0]], [1, 0, 0])  # head 0 ranks doc 0 first, head 1 last
+    b = padded([q])
+    good = listwise_loss(torch.tensor([[0.9, 0.1]]), b, 4.0, False)
+    bad = listwise_loss(torch.tensor([[0.1, 0.9]]), b, 4.0, False)
     assert good < bad
-    # a padded (masked) candidate changes nothing
-    Xp, Gp = torch.cat([X, torch.full((1, 2, 1), 9.0)], 2), torch.cat([G, torch.ones(1, 1)], 1)
-    Mp = torch.tensor([[True, True, True, False]])
-    assert torch.allclose(listwise_loss(torch.tensor([[0.9, 0.1]]), Xp, Gp, Mp, 4.0), good)
+    # a padded query (longer candidate list beside it) changes nothing for this one
+    longer = _query([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]], [0, 0, 0, 1], "q2")
+    both = padded([q, longer])
+    loss2 = listwise_loss(torch.tensor([[0.9, 0.1], [0.5, 0.5]]), both, 4.0, False)
+    alone = listwise_loss(torch.tensor([[0.5, 0.5]]), padded([longer]), 4.0, False)
+    assert torch.allclose(loss2, (good + alone) / 2, atol=1e-5)
+
+
+def test_routed_training_scores_equal_inference_aggregation():
+    """The differentiable training scores are the inference aggregation of the same weighted set, divided by
+    one positive number per query."""
+    from routehead.train import padded, routed_scores
+
+    rng = np.random.default_rng(1)
+    q = _query(rng.normal(size=(3, 5)), [1, 0, 0, 0, 1])
+    P = torch.tensor([[0.7, 0.2, 0.5]])
+    got = routed_scores(P, padded([q]), False)[0].detach().numpy()
+    want = doc_scores(q, [0, 1, 2], P[0].numpy())
+    assert np.allclose(got * (P[0].numpy() * q.single.std(-1)).sum(), want, atol=1e-4)
 
 
 def test_pool_and_probability_weighting():
-    cfg = RouterConfig(identity=_identity(L=2, H=2), embed_layer=0, threshold=0.3, max_heads=3, pool=[1, 2],
-                       weighting="prob")
-    r = Router(cfg, prior=np.array([0.9, 0.6, 0.4, 0.8]))
+    cfg = RouterConfig(identity=_identity(L=2, H=2), embed_layer=0, pool=[[0, 1], [1, 0]], threshold=0.3,
+                       max_heads=3, weighting="prob")
+    r = Router(cfg, prior=np.array([0.6, 0.4]))
     routing = r.route(torch.zeros(1, 8))
-    assert routing.signals == [1, 2]  # signals 0 and 3 are more probable but outside the pool
-    assert routing.heads == [(0, 1), (1, 0)]
+    assert routing.signals == [0, 1]
+    assert routing.heads == [(0, 1), (1, 0)]  # only pool heads can be routed
     assert np.allclose(routing.weights, routing.signal_weights)
-    assert np.allclose(routing.weights, routing.probabilities[[1, 2]].numpy())
+    assert np.allclose(routing.weights, routing.probabilities[[0, 1]].numpy())
 
 
 @pytest.fixture(scope="module")
 def tiny_router_reranker(tmp_path_factory):
     lm = tiny_lm("llama")
-    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, threshold=0.0, max_heads=3, norm="z",
-                       max_doc_tokens=None)
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=_pool(lm.num_layers, lm.num_heads), threshold=0.0,
+                       max_heads=3, prompt={"max_doc_tokens": None})
     path = tmp_path_factory.mktemp("r") / "router.safetensors"
     Router(cfg, prior=np.linspace(0.1, 0.9, lm.num_layers * lm.num_heads)).save(path)
     return Reranker(model=lm, method="route", router=path)
@@ -185,8 +219,10 @@ def test_routed_scores_equal_selection_over_full_tensor(tiny_router_reranker):
     query = "which enzyme digests starch?"
     r = rr.rerank(query, DOCS)
     assert r.heads and max(lay for lay, _ in r.heads) < rr.lm.num_layers
-    full = rr.scorer.score(query, DOCS)  # all heads, no early exit
-    expected = aggregate(full.calibrated.numpy(), r.heads, "z")
+    perm = prompt_order(len(DOCS), "reverse", query)  # the default: best first-stage document last
+    full = rr.scorer.score(query, [DOCS[j] for j in perm], sets=[HeadSet.of(r.heads)])  # all heads, no exit
+    expected = np.empty(len(DOCS))
+    expected[perm] = full.sets[0].double().numpy()
     got = np.empty(len(DOCS))
     got[r.indices] = r.scores
     assert np.allclose(got, expected, atol=1e-5)
@@ -196,17 +232,20 @@ def test_routed_scores_equal_selection_over_full_tensor(tiny_router_reranker):
 def test_probability_weighted_routing_equals_weighted_selection_over_full_tensor(tmp_path):
     lm = tiny_lm("llama")
     n = lm.num_layers * lm.num_heads
-    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, threshold=0.3, max_heads=4, norm="z",
-                       weighting="prob", pool=list(range(0, n, 2)), max_doc_tokens=None)
-    Router(cfg, prior=np.linspace(0.1, 0.9, n)).save(tmp_path / "r.safetensors")
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, threshold=0.3, max_heads=4, weighting="prob",
+                       pool=[[i // lm.num_heads, i % lm.num_heads] for i in range(0, n, 2)],
+                       prompt={"max_doc_tokens": None})
+    Router(cfg, prior=np.linspace(0.1, 0.9, len(cfg.pool))).save(tmp_path / "r.safetensors")
     rr = Reranker(model=lm, method="route", router=tmp_path / "r.safetensors")
     query = "which enzyme digests starch?"
     r = rr.rerank(query, DOCS)
     routing = rr.route(query)
     assert r.heads == routing.heads
     assert all((lay * lm.num_heads + h) % 2 == 0 for lay, h in r.heads)  # pool respected
-    full = rr.scorer.score(query, DOCS).calibrated.numpy()
-    expected = sum(w * zscore(full[lay, h][None])[0] for (lay, h), w in zip(routing.heads, routing.weights))
+    perm = prompt_order(len(DOCS), "reverse", query)
+    full = rr.scorer.score(query, [DOCS[j] for j in perm], sets=[HeadSet.of(routing.heads, routing.weights)])
+    expected = np.empty(len(DOCS))
+    expected[perm] = full.sets[0].double().numpy()
     got = np.empty(len(DOCS))
     got[r.indices] = r.scores
     assert np.allclose(got, expected, atol=1e-5)
@@ -214,7 +253,7 @@ def test_probability_weighted_routing_equals_weighted_selection_over_full_tensor
 
 def test_router_for_another_model_is_refused(tmp_path):
     lm = tiny_lm("llama")
-    cfg = RouterConfig(identity={**lm.identity(), "num_layers": 7}, embed_layer=1)
+    cfg = RouterConfig(identity={**lm.identity(), "num_layers": 7}, embed_layer=1, pool=[[0, 0]])
     Router(cfg).save(tmp_path / "r.safetensors")
     with pytest.raises(RouteheadError, match="another model"):
         Reranker(model=lm, method="route", router=tmp_path / "r.safetensors")
@@ -229,7 +268,7 @@ def test_rank_is_crossencoder_shaped(tiny_router_reranker):
 def test_merged_router_averages_member_logits():
     from routehead.router import merge_routers
 
-    cfg = RouterConfig(identity=_identity(L=2, H=3, hidden=8), embed_layer=0, dim=4)
+    cfg = RouterConfig(identity=_identity(L=2, H=3, hidden=8), embed_layer=0, pool=_pool(2, 3), dim=4)
     members = []
     for seed in range(3):
         torch.manual_seed(seed)

@@ -179,3 +179,37 @@ def test_collection_scored_in_batches_equals_one_at_a_time(tmp_path: Path) -> No
         batched = runs[1].entries[qid]
         assert batched.doc_ids == one.doc_ids
         np.testing.assert_allclose(batched.calibrated, one.calibrated, atol=2e-6, rtol=1e-4)
+
+
+def test_stored_tokens_aggregate_as_inference(tmp_path: Path) -> None:
+    """Offline aggregation from the stored (float16) token scores equals the in-pass aggregation of the same
+    head sets (ICR, a static set, one head) on the same prompts, with identical rankings; the per-document
+    prompt positions follow the document order."""
+    from routehead.collect import score_collection
+    from routehead.data import load_collection
+    from routehead.evaluate import head_rows, icr_scores
+    from routehead.heads import set_scores, spans_of
+    from routehead.order import prompt_order
+    from routehead.scorer import HeadScorer, HeadSet
+    from tests.tiny import tiny_lm
+
+    coll = load_collection("examples/scifact-mini", "test")
+    scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=40)
+    static = [(0, 1), (2, 3), (3, 0)]
+    for order in ("reverse", "shuffle"):
+        sc = score_collection(coll, scorer, scorer.settings(), top_k=5, max_queries=3, root=tmp_path / order,
+                              progress=False, doc_order=order)
+        for qid, e in sc.entries.items():
+            perm = prompt_order(len(e.doc_ids), order, qid)
+            S = scorer.score(coll.queries[qid], [coll.prompt_text(e.doc_ids[j]) for j in perm],
+                             sets=[HeadSet.of(None), HeadSet.of(static), HeadSet.of(static[:1])])
+            want = np.empty((3, len(perm)))
+            want[:, perm] = S.sets.double().numpy()
+            assert e.tokens is not None and e.tokens.positions.tolist() == np.argsort(perm).tolist()
+            spans = spans_of(e.tokens.counts)
+            got = [icr_scores(sc, qid), set_scores(head_rows(sc, qid, static), spans),
+                   set_scores(head_rows(sc, qid, static[:1]), spans)]
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-6)
+                assert np.argsort(-g, kind="stable").tolist() == np.argsort(-w, kind="stable").tolist()
+            np.testing.assert_allclose(e.calibrated[0, 1], want[2], rtol=1e-4, atol=1e-7)  # one head masked alone

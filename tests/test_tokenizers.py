@@ -1,4 +1,5 @@
-"""Document and query spans decode back to their text, for real tokenizers of three families."""
+"""Document and query spans decode back to their text, for real tokenizers of three families (the golden
+scorer tests in test_reference.py run on the same tokenizers)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ DOCS = [
 
 def check_spans(tok) -> None:
     b = PromptBuilder(tok, max_doc_tokens=None)
-    ids, _ = b.encode_documents(DOCS)
-    prompt = b.build(b.encode_query(QUERY), ids)
-    for (s, e), doc in zip(prompt.doc_spans, DOCS):
-        assert tok.decode(prompt.prefix_ids[s:e]).strip() == doc.strip()
-    assert tok.decode(prompt.query_ids).strip() == QUERY
-    # the spans are disjoint, ordered, and inside the prefix
-    ends = [0] + [x for span in prompt.doc_spans for x in span] + [prompt.prefix_len]
-    assert ends == sorted(ends)
+    prompt = b.prompt(QUERY, DOCS)
+    for i, ((s, e), doc) in enumerate(zip(prompt.doc_spans, DOCS)):
+        # the marker belongs to the span; a token that merges the separator into it comes along
+        assert tok.decode(prompt.prefix_ids[s:e]).strip() == f"[{i + 1}] {doc.strip()}"
+    assert f"Query: {QUERY}" in tok.decode(prompt.query_ids)
+    # ordered and inside the prefix (neighbours may share one merged token, as in the references)
+    assert all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(prompt.doc_spans, prompt.doc_spans[1:]))
+    assert prompt.doc_spans[-1][1] <= prompt.prefix_len
 
 
 def test_llama3_tokenizer_spans():
@@ -41,6 +42,7 @@ def test_llama3_tokenizer_spans():
     check_spans(tok)
     b = PromptBuilder(tok)
     assert b.head_ids == [tok.bos_token_id]  # no chat template: plain text after BOS
+    assert b.sep == " \n\n"  # the references' Llama separator
 
 
 @pytest.mark.slow
@@ -64,5 +66,5 @@ def test_truncation_is_per_document_in_tokens():
     from tests.tiny import byte_tokenizer
 
     b = PromptBuilder(byte_tokenizer(), max_doc_tokens=10)
-    ids, cut = b.encode_documents(["short", "a much longer document than ten bytes"])
-    assert [len(x) for x in ids] == [6, 10] and cut == [False, True]
+    texts, lengths, cut = b.prepare_documents(["short", "a much longer document than ten bytes"])
+    assert texts == ["short", "a much lon"] and lengths == [5, 10] and cut == [False, True]

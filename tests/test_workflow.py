@@ -56,7 +56,7 @@ def test_score_detect_train_evaluate_plot(tmp_path):
                   env=env)
     assert out.returncode == 0, out.stderr
     pngs = sorted((tmp_path / "plots").glob("*.png"))
-    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
     out = run_cli("rerank", "--query", "heart disease", "--docs", "examples/docs.jsonl", "--router", str(router),
                   "--json")

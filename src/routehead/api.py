@@ -1,12 +1,19 @@
 """The Python API: ``Reranker(...).rank(query, documents)``, shaped like sentence-transformers' CrossEncoder.
 
-Methods (all selections over the same per-head tensor S):
+Methods (all head selections over the same kind of forward pass, aggregated as the references do):
 - ``route`` (default): RouteHead; a router picks this query's heads, only their rows are computed and the
   forward pass stops after the deepest routed layer. Without ``router=``, the router shipped in the package
-  for the default model.
-- ``static``: a fixed head set (QRHead-style), from ``heads=`` (a JSON file or a list of (layer, head));
-  without it, the set shipped for the default model.
-- ``icr``: all heads summed (ICR).
+  for the model.
+- ``static``: a fixed head set (QRHead), from ``heads=`` (a JSON file or a list of (layer, head));
+  without it, the set shipped for the model.
+- ``icr``: all heads (ICR).
+
+Documents are given in first-stage order (best first); ``doc_order`` says where each goes in the prompt
+(:mod:`routehead.order`; default ``reverse``, the published runs' order: best last, next to the query).
+A score is the method's attention score: the calibrated attention mass (query minus "N/A") the query span
+pays to the document's kept tokens, summed over the selected heads; it has the same units for every query
+of a method and model. With first-stage scores and a router that routes them, both are standardised over the
+list and added.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ from typing import Any
 import numpy as np
 
 from routehead.errors import RouteheadError
-from routehead.heads import Head, aggregate, load_heads, zscore
+from routehead.heads import Head, load_heads, zscore
+from routehead.labels import combine
 from routehead.model import DEFAULT_MODEL, LoadedModel, load_model
+from routehead.order import passes, prompt_order
+from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
 from routehead.router import Router, Routing, load_router
-from routehead.scorer import HeadScorer
+from routehead.scorer import HeadScorer, HeadScores, HeadSet
 
 METHODS = ("route", "static", "icr")
 
@@ -50,6 +60,10 @@ class Ranking:
     heads: list[Head] | None = None
     weights: list[float] | None = None  # routed heads' aggregation weights (route only), aligned with heads
     first_stage: bool = False  # whether the first-stage score was one of the routed signals
+    evidence: list[list[dict[str, Any]]] | None = None  # per ranked document: top words and their share
+
+
+Item = tuple[str, Sequence[str]] | tuple[str, Sequence[str], Sequence[float] | None]
 
 
 class Reranker:
@@ -63,25 +77,26 @@ class Reranker:
     def __init__(self, model: str | LoadedModel | None = None, method: str = "route", router: str | Path | None = None,
                  heads: str | Path | Sequence[Head] | None = None, max_doc_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, doc_order: str = "reverse", retrieval_type: str = "IE",
+                 instruction: str | None = None) -> None:
         if method not in METHODS:
             raise RouteheadError(f"unknown method {method!r}; use one of {METHODS}")
+        passes(doc_order)  # validates
         self.lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.method = method
+        self.doc_order = doc_order
         self.router: Router | None = None
         self.heads: list[Head] | None = None
-        self.norm = "sum"
         identity = self.lm.identity()
+        trained: dict[str, Any] = {}
         if method == "route":
             path = Path(router) if router is not None else default_router_path(self.lm.name)
             if router is None and not path.is_file():
                 raise RouteheadError(f"no router shipped for model {self.lm.name!r}; train one (routehead train) "
                                      f"and pass router=PATH, or use method='static' or 'icr'")
             self.router = load_router(path, identity)
-            self.norm = self.router.config.norm
-            if max_doc_tokens is None:
-                max_doc_tokens = self.router.config.max_doc_tokens
+            trained = self.router.config.prompt
         elif method == "static":
             if heads is None or isinstance(heads, (str, Path)):
                 path = Path(heads) if heads is not None else default_heads_path(self.lm.name)
@@ -89,22 +104,23 @@ class Reranker:
                     raise RouteheadError(f"no head set shipped for model {self.lm.name!r}; detect one "
                                          f"(routehead detect) and pass heads=PATH")
                 self.heads, body = load_heads(path, identity)
-                self.norm = body.get("norm", "sum")
-                if max_doc_tokens is None:
-                    max_doc_tokens = body.get("max_doc_tokens")
+                trained = body.get("prompt", {})
             else:
                 self.heads = sorted((int(a), int(b)) for a, b in heads)
-        self.scorer = HeadScorer(self.lm, max_doc_tokens=max_doc_tokens if max_doc_tokens is not None else 300,
-                                 max_prompt_tokens=max_prompt_tokens)
+        if max_doc_tokens is None:
+            max_doc_tokens = trained.get("max_doc_tokens", DEFAULT_MAX_DOC_TOKENS)
+        self.scorer = HeadScorer(self.lm, max_doc_tokens=max_doc_tokens, max_prompt_tokens=max_prompt_tokens,
+                                 retrieval_type=retrieval_type, instruction=instruction)
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": self.lm.name, "method": self.method, "norm": self.norm,
-                               **{k: v for k, v in self.lm.identity().items() if k != "model"}}
+        out: dict[str, Any] = {"model": self.lm.name, "method": self.method, "doc_order": self.doc_order,
+                               **{k: v for k, v in self.lm.identity().items() if k != "model"},
+                               "prompt": self.scorer.builder.settings()}
         if self.heads is not None:
             out["heads"] = [list(h) for h in self.heads]
         if self.router is not None:
             out["router"] = {"embed_layer": self.router.config.embed_layer, "threshold": self.router.config.threshold,
-                             "max_heads": self.router.config.max_heads}
+                             "max_heads": self.router.config.max_heads, "pool": len(self.router.config.pool)}
         return out
 
     def route(self, query: str) -> Routing:
@@ -113,28 +129,61 @@ class Reranker:
         cfg = self.router.config
         return self.router.route(self.scorer.query_embedding(query, cfg.embed_layer, cfg.pooling))
 
-    def rerank(self, query: str, documents: Sequence[str], first_stage_scores: Sequence[float] | None = None,
-               routed_heads: bool = False) -> Ranking:
-        """Score and order ``documents`` for ``query``. ``first_stage_scores`` feed routers that use them."""
-        fs_weight, weights = 0.0, None
+    def _selection(self, query: str) -> tuple[HeadSet, float]:
         if self.method == "route":
-            routing = self.route(query)
-            heads, weights = routing.heads, routing.weights
-            if first_stage_scores is not None:  # documented: without them, the routed heads alone decide
-                fs_weight = routing.first_stage_weight
-        else:
-            heads = self.heads  # None for icr: all heads
-        if first_stage_scores is not None and len(first_stage_scores) != len(documents):
-            raise RouteheadError("first_stage_scores must have one score per document")
-        S = self.scorer.score(query, documents, heads=heads)
-        scores = aggregate(S.calibrated.numpy(), heads, self.norm, weights)
-        use_fs = fs_weight > 0
-        if use_fs:
-            scores = scores + fs_weight * zscore(np.asarray(first_stage_scores, dtype=np.float64)[None])[0]
-        order = np.argsort(-scores, kind="stable")
-        return Ranking(indices=[int(i) for i in order], scores=[float(scores[i]) for i in order],
-                       heads=list(heads) if heads is not None else None, first_stage=use_fs,
-                       weights=list(weights) if weights is not None else None)
+            r = self.route(query)
+            return HeadSet.of(r.heads, r.weights), r.first_stage_weight
+        return HeadSet.of(self.heads), 0.0
+
+    def rerank(self, query: str, documents: Sequence[str], first_stage_scores: Sequence[float] | None = None,
+               routed_heads: bool = False, evidence: int = 0) -> Ranking:
+        """Score and order ``documents`` (first-stage order) for ``query``. ``first_stage_scores`` feed routers
+        that route them; ``evidence`` > 0 adds each document's top words by their share of its score."""
+        return self.rerank_many([(query, documents, first_stage_scores)], evidence=evidence)[0]
+
+    def rerank_many(self, items: Sequence[Item], batch_size: int = 8, evidence: int = 0) -> list[Ranking]:
+        """:meth:`rerank` for many ``(query, documents[, first_stage_scores])``, ``batch_size`` prompts per forward
+        pass; the same rankings as one at a time."""
+        norm = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]
+        for _, docs, fs in norm:
+            if fs is not None and len(fs) != len(docs):
+                raise RouteheadError("first_stage_scores must have one score per document")
+        selections = [self._selection(q) for q, _, _ in norm]
+        computed = None if any(hs.heads is None for hs, _ in selections) else sorted(
+            {h for hs, _ in selections for h in hs.heads})
+        sets = list(dict.fromkeys(hs for hs, _ in selections))
+        which = [sets.index(hs) for hs, _ in selections]
+        jobs, where = [], []
+        for i, (q, docs, _) in enumerate(norm):
+            for order in passes(self.doc_order):
+                perm = prompt_order(len(docs), order, q)
+                where.append((i, perm))
+                jobs.append((q, [docs[j] for j in perm]))
+        results = self.scorer.score_many(jobs, heads=computed, batch_size=batch_size, sets=sets,
+                                         keep_tokens=evidence > 0)
+        per_item: dict[int, list[tuple[list[int], HeadScores]]] = {}
+        for (i, perm), S in zip(where, results):
+            per_item.setdefault(i, []).append((perm, S))
+        out = []
+        for i, (_, docs, fs) in enumerate(norm):
+            hs, fs_weight = selections[i]
+            scores = np.zeros(len(docs))
+            for perm, S in per_item[i]:
+                scores[perm] += S.sets[which[i]].double().numpy() / len(per_item[i])
+            use_fs = fs is not None and fs_weight > 0
+            if use_fs:
+                scores = combine(scores, zscore(np.asarray(fs, dtype=np.float64)[None])[0], fs_weight)
+            order = np.argsort(-scores, kind="stable")
+            ev = None
+            if evidence > 0:
+                perm, S = per_item[i][0]
+                ev_docs = document_evidence(self.lm.tokenizer, S, which[i], evidence)
+                at = {doc: j for j, doc in enumerate(perm)}
+                ev = [ev_docs[at[int(d)]] for d in order]
+            out.append(Ranking(indices=[int(j) for j in order], scores=[float(scores[j]) for j in order],
+                               heads=list(hs.heads) if hs.heads is not None else None, first_stage=use_fs,
+                               weights=list(hs.weights) if hs.weights is not None else None, evidence=ev))
+        return out
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = True
              ) -> list[dict[str, Any]]:
@@ -148,6 +197,45 @@ class Reranker:
                 item["text"] = documents[i]
             out.append(item)
         return out
+
+
+def document_evidence(tokenizer: Any, S: HeadScores, set_index: int, k: int) -> list[list[dict[str, Any]]]:
+    """Per document (prompt order): the ``k`` words that carried most of its score, each with its share.
+
+    A word's score is the sum of its tokens' kept (above the outlier threshold) calibrated scores under the
+    selected heads, the same numbers the document's score sums; share = word score / document score. The
+    ``[i]`` marker is not a word of the document and is left out.
+    """
+    import torch
+
+    from routehead.heads import spans_of
+    from routehead.scorer import mask_outliers_and_sum
+
+    assert S.set_tokens is not None
+    rows = S.set_tokens.rows[set_index]
+    spans = spans_of(S.set_tokens.counts)
+    out = []
+    for d, ids in enumerate(S.token_ids):
+        s, e = int(spans.idx[d, 0]), int(spans.idx[d, 0]) + len(ids)
+        x = rows[s:e]
+        if len(ids) > 1:
+            keep = x > x.mean() - 2 * x.std()
+        else:
+            keep = torch.zeros(len(ids), dtype=torch.bool)
+        kept = (x * keep).double()
+        total = float(mask_outliers_and_sum(rows[None], spans)[0, d]) or 1.0
+        words: list[list[Any]] = []
+        for tid, val in zip(ids, kept.tolist()):
+            piece = tokenizer.decode([tid])
+            if not words or piece[:1].isspace() or not piece.strip() or not words[-1][0].strip():
+                words.append([piece, val])
+            else:
+                words[-1][0] += piece
+                words[-1][1] += val
+        words = [w for w in words if w[0].strip() and not w[0].strip().startswith("[")]
+        top = sorted(words, key=lambda w: -w[1])[:k]
+        out.append([{"text": w[0].strip(), "share": round(w[1] / total, 4)} for w in top])
+    return out
 
 
 __all__ = ["DEFAULT_MODEL", "METHODS", "Ranking", "Reranker"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from routehead.errors import RouteheadError
+from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------
@@ -50,7 +51,12 @@ def _data_args(ap: argparse.ArgumentParser, split: str) -> None:
     ap.add_argument("--split", default=split)
     ap.add_argument("--top-k", type=int, default=20, help="candidates re-ranked per query (default 20)")
     ap.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick runs)")
-    ap.add_argument("--max-doc-tokens", type=int, default=160, help="per-document truncation (default 160)")
+    ap.add_argument("--max-doc-tokens", type=int, default=DEFAULT_MAX_DOC_TOKENS,
+                    help=f"per-document truncation (default {DEFAULT_MAX_DOC_TOKENS})")
+    ap.add_argument("--doc-order", default="reverse", choices=["reverse", "input", "shuffle"],
+                    help="candidates' order in the prompt: reverse (best last, the published runs; default), "
+                         "input (first-stage order) or shuffle (a fixed random order per query)")
+    ap.add_argument("--retrieval-type", default="IE", choices=["IE", "QA"], help="ICR's late instruction")
     ap.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass when computing S "
                     "(same scores; more queries/s on a GPU with a small model; default 1)")
     ap.add_argument("--no-progress", action="store_true")
@@ -64,11 +70,11 @@ def _scored(args: argparse.Namespace, compute: bool = True) -> tuple[Any, Any]:
 
     coll = load_collection(args.data, args.split)
     lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
+    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, retrieval_type=args.retrieval_type)
     shard, num = getattr(args, "shard", (0, 1))
     sc = score_collection(coll, scorer if compute else None, scorer.settings(), top_k=args.top_k,
                           max_queries=args.max_queries, shard=shard, num_shards=num, progress=not args.no_progress,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, doc_order=args.doc_order)
     return sc, scorer
 
 
@@ -79,10 +85,14 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     docs = read_documents(args.docs)
     rr = Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
                   max_doc_tokens=args.max_doc_tokens, device=args.device, dtype=args.dtype,
-                  trust_remote_code=args.trust_remote_code)
-    r = rr.rerank(args.query, docs)
+                  trust_remote_code=args.trust_remote_code, doc_order=args.doc_order,
+                  instruction=args.instruction)
+    r = rr.rerank(args.query, docs, evidence=args.evidence)
     n = len(r.indices) if args.top_k is None else args.top_k
     results = [{"index": i, "score": s, "text": docs[i]} for i, s in zip(r.indices[:n], r.scores[:n])]
+    if r.evidence is not None:
+        for item, ev in zip(results, r.evidence):
+            item["evidence"] = ev
     if args.json:
         out: dict[str, Any] = {"results": results, "model": rr.lm.name, "method": rr.method}
         if r.heads is not None and rr.method != "icr":
@@ -97,6 +107,8 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     for rank, item in enumerate(results, 1):
         text = item["text"].replace("\n", " ")
         print(f"{rank:>4} {item['index']:>5} {item['score']:>10.4f}  {text[:100]}")
+        if "evidence" in item:
+            print(" " * 23 + "evidence: " + ", ".join(f"{w['text']} ({w['share']:.0%})" for w in item["evidence"]))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -114,7 +126,8 @@ def cmd_detect(args: argparse.Namespace) -> None:
 
     sc, scorer = _scored(args)
     heads, q = detect_heads(sc, args.top)
-    save_heads(args.out, heads, scorer.lm.identity(), norm=args.norm, max_doc_tokens=args.max_doc_tokens,
+    save_heads(args.out, heads, scorer.lm.identity(), prompt=scorer.builder.settings(),
+               doc_order=sc.settings["doc_order"],
                detected_on=f"{sc.collection.name}/{sc.collection.split}", n_queries=len(sc.entries),
                quality=[round(float(q[a, b]), 4) for a, b in heads])
     print(f"top {args.top} heads by nDCG@10 alone on {len(sc.entries)} queries -> {args.out}")
@@ -123,15 +136,16 @@ def cmd_detect(args: argparse.Namespace) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> None:
-    from routehead.evaluate import queries_for
-    from routehead.labels import label_queries, quality, save_labels
+    from routehead.evaluate import detect_heads, queries_for
+    from routehead.labels import label_queries, prior_quality, save_labels
 
     sc, scorer = _scored(args)
-    qs = queries_for(sc, args.norm, args.use_first_stage)
-    prior = quality(qs)
+    pool, _ = detect_heads(sc, args.pool_size)
+    qs = queries_for(sc, pool, args.use_first_stage)
+    prior = prior_quality(qs)
     labels = label_queries(qs, prior, max_heads=args.label_max_heads)
-    save_labels(args.out, labels, scorer.lm.num_heads, scorer.lm.num_layers,
-                {**sc.settings, "identity": scorer.lm.identity(), "norm": args.norm, "search": "greedy",
+    save_labels(args.out, labels, pool,
+                {**sc.settings, "identity": scorer.lm.identity(), "pool_size": args.pool_size, "search": "greedy",
                  "tie_break": "prior (mean nDCG@10 alone over these queries)", "max_heads": args.label_max_heads,
                  "use_first_stage": args.use_first_stage, "queries": len(qs)})
     sizes = [len(c) for c, _ in labels.values()]
@@ -146,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     sc, scorer = _scored(args)
     settings = TrainSettings(objective=args.objective, sparsity=args.sparsity, lr=args.lr, seed=args.seed,
                              bce_weight=args.bce_weight)
-    router, _ = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling, norm=args.norm,
+    router, _ = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling,
                               use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
                               labels_kind=args.labels, pool_size=args.pool_size, folds=args.folds,
                               settings=settings)
@@ -166,23 +180,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     sc, scorer = _scored(args)
     identity = scorer.lm.identity()
     runs, extra = {}, {}
+    pool = None
     for name in args.reranker:
         if name in ("static", "single"):
             path = args.heads or default_heads_path(scorer.lm.name)
             heads, body = load_heads(path, identity)
             if name == "single":
                 heads = heads[:1]
-            runs[name] = make_run(sc, name, heads=heads, norm=body.get("norm", "sum"))
+            runs[name] = make_run(sc, name, heads=heads)
         elif name == "route":
             router = load_router(args.router or default_router_path(scorer.lm.name), identity)
             emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
             sizes: list[int] = []
             runs[name] = make_run(sc, "route", router=router, embeddings=emb, routed_sizes=sizes)
+            pool = router.config.pool_heads
             extra["route_mean_heads"] = sum(sizes) / max(len(sizes), 1)
         elif name == "dense":
             runs[name] = make_run(sc, "dense", dense_scores=dense_scores(sc))
         elif name == "oracle":
-            runs[name] = make_run(sc, "oracle", norm="z")
+            from routehead.evaluate import detect_heads
+
+            runs[name] = make_run(sc, "oracle", pool=pool or detect_heads(sc, 64)[0])
         else:
             runs[name] = make_run(sc, name)
     rep = report(sc, runs, baselines=[b for b in ("bm25", "icr", "static") if b in runs])
@@ -234,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="head-set JSON for --method static (default: the shipped one)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-doc-tokens", type=int, default=None)
+    p.add_argument("--doc-order", default="reverse", choices=["reverse", "input", "shuffle", "both"],
+                   help="where the documents go in the prompt (given in first-stage order); both: debiased, 2 passes")
+    p.add_argument("--instruction", default=None, help="the task instruction after the documents")
+    p.add_argument("--evidence", type=int, default=0, help="show each document's top N words by share of its score")
     p.add_argument("--json", action="store_true", help='print {"results": [{"index","score","text"}...]}')
     _model_args(p)
     p.set_defaults(func=cmd_rerank)
@@ -252,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, "test")
     _model_args(p)
     p.add_argument("--reranker", nargs="+", default=["route"],
-                   choices=["bm25", "dense", "icr", "static", "single", "route", "oracle"])
+                   choices=["bm25", "position", "dense", "icr", "static", "single", "route", "oracle"])
     p.add_argument("--heads", default=None, help="head-set JSON for static/single (default: shipped)")
     p.add_argument("--router", default=None, help="router for route (default: shipped)")
     p.add_argument("--json", action="store_true")
@@ -263,7 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, "train")
     _model_args(p)
     p.add_argument("--top", type=int, default=16)
-    p.add_argument("--norm", default="sum", choices=["sum", "z"], help="aggregation of the selected heads")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_detect)
 
@@ -271,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, "train")
     _model_args(p)
     p.add_argument("--out", required=True, help="labels .json")
-    p.add_argument("--norm", default="z", choices=["sum", "z"], help="aggregation in the search (as at inference)")
+    p.add_argument("--pool-size", type=int, default=64, help="search over the N best heads alone on this split")
     p.add_argument("--use-first-stage", action="store_true", help="the first-stage score is one more signal")
     p.add_argument("--label-max-heads", type=int, default=4, help="size cap of a label")
     p.set_defaults(func=cmd_label)
@@ -285,9 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "BCE on greedy pseudo labels, heads summed")
     p.add_argument("--embed-layer", type=int, default=8)
     p.add_argument("--pooling", default="mean", choices=["mean", "last"])
-    p.add_argument("--norm", default="z", choices=["sum", "z"])
     p.add_argument("--use-first-stage", action="store_true", help="let the router also route the first-stage score")
-    p.add_argument("--pool-size", type=int, default=None, help="only the N best heads on train can be routed")
+    p.add_argument("--pool-size", type=int, default=64, help="only the N best heads on train can be routed")
     p.add_argument("--folds", type=int, default=5, help="K cross-fitted routers merged into one (1: one dev split)")
     p.add_argument("--labels", default="greedy", choices=["greedy", "soft"],
                    help="greedy: binary greedy head sets (paper); soft: each head's own nDCG@10 as the target")

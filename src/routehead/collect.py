@@ -8,16 +8,19 @@ shardable (``shard``/``num_shards`` split the queries across processes or machin
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from routehead.bm25 import first_stage
 from routehead.data import Collection
-from routehead.scorer import HeadScorer
-from routehead.store import Entry, HeadScoreStore, shard_filter
+from routehead.order import prompt_order
+from routehead.scorer import HeadScorer, HeadScores
+from routehead.store import Entry, HeadScoreStore, Tokens, shard_filter
 
 
 def store_root() -> Path:
@@ -34,9 +37,24 @@ class ScoredCollection:
     settings: dict[str, Any]
 
 
-def store_settings(scorer_settings: dict[str, Any], collection: Collection, top_k: int) -> dict[str, Any]:
+def store_settings(scorer_settings: dict[str, Any], collection: Collection, top_k: int,
+                   doc_order: str = "reverse") -> dict[str, Any]:
     return {**scorer_settings, "collection": collection.name, "split": collection.split, "top_k": top_k,
-            "first_stage": "candidates.tsv" if collection.candidates is not None else "bm25s-lucene-stem-en"}
+            "first_stage": "candidates.tsv" if collection.candidates is not None else "bm25s-lucene-stem-en",
+            "doc_order": doc_order, "tokens": "all-heads-f16"}
+
+
+def entry_tokens(S: HeadScores, perm: list[int]) -> Tokens:
+    """Token scores of a prompt-order result, re-laid in candidate (first-stage) order."""
+    assert S.tokens is not None
+    t = S.tokens
+    rows = t.rows.numpy()
+    bounds = np.concatenate([[0], np.cumsum(t.counts)])
+    where = {doc: j for j, doc in enumerate(perm)}  # candidate -> prompt position
+    cols = np.concatenate([np.arange(bounds[where[d]], bounds[where[d] + 1]) for d in range(len(perm))])
+    rows = rows[:, cols]
+    return Tokens.encode(np.array(t.heads), rows, np.array([t.counts[where[d]] for d in range(len(perm))]),
+                         rows.sum(0), np.array([where[d] for d in range(len(perm))]))
 
 
 def select_queries(collection: Collection, max_queries: int | None = None) -> list[str]:
@@ -48,16 +66,23 @@ def select_queries(collection: Collection, max_queries: int | None = None) -> li
 def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_settings: dict[str, Any],
                      top_k: int = 20, depth: int = 100, max_queries: int | None = None, shard: int = 0,
                      num_shards: int = 1, root: Path | None = None, progress: bool = True,
-                     batch_size: int = 1) -> ScoredCollection:
+                     batch_size: int = 1, doc_order: str = "reverse", only: Sequence[str] | None = None
+                     ) -> ScoredCollection:
     """Score the missing queries (if a scorer is given) and return everything stored for this setting.
 
     ``scorer_settings`` identifies the store even when ``scorer`` is None (evaluation from the store alone).
     ``batch_size`` prompts share a forward pass (:meth:`HeadScorer.score_many`; same scores, more queries/s
-    where one prompt leaves a GPU idle).
+    where one prompt leaves a GPU idle). ``doc_order`` places the candidates in the prompt
+    (:mod:`routehead.order`); stored scores are always in candidate order, with each document's prompt position.
+    Every head is computed and its token scores kept, so any head selection can be aggregated later exactly
+    as inference aggregates it. ``only``: score and return just these queries (e.g. a dev split).
     """
     fs = first_stage(collection, max(depth, top_k))
-    settings = store_settings(scorer_settings, collection, top_k)
+    settings = store_settings(scorer_settings, collection, top_k, doc_order)
     qids = select_queries(collection, max_queries)
+    if only is not None:
+        wanted = set(only)
+        qids = [q for q in qids if q in wanted]
     store = HeadScoreStore(root or store_root(), settings)
     todo = [q for q in shard_filter(qids, shard, num_shards) if q not in store.done()]
     if todo and scorer is not None:
@@ -67,10 +92,14 @@ def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_s
             for k in range(0, len(todo), batch_size):
                 chunk = todo[k:k + batch_size]
                 doc_ids = [[d for d, _ in fs[qid][:top_k]] for qid in chunk]
-                items = [(collection.queries[qid], [collection.doc_text(d) for d in ids])
-                         for qid, ids in zip(chunk, doc_ids)]
-                for qid, ids, S in zip(chunk, doc_ids, scorer.score_many(items, batch_size=batch_size)):
-                    store.add(qid, ids, S.calibrated.numpy(), S.raw.numpy())
+                perms = [prompt_order(len(ids), doc_order, qid) for qid, ids in zip(chunk, doc_ids)]
+                items = [(collection.queries[qid], [collection.prompt_text(ids[j]) for j in perm])
+                         for qid, ids, perm in zip(chunk, doc_ids, perms)]
+                results = scorer.score_many(items, batch_size=batch_size, keep_tokens=True)
+                for qid, ids, perm, S in zip(chunk, doc_ids, perms, results):
+                    back = np.argsort(perm)  # candidate d sits at prompt position back[d]
+                    store.add(qid, ids, S.calibrated.numpy()[:, :, back], S.raw.numpy()[:, :, back],
+                              entry_tokens(S, perm))
                 bar.update(len(chunk))
     keep = set(qids)
     entries = {q: e for q, e in store.load().items() if q in keep}

@@ -78,6 +78,16 @@ class Collection:
             raise RouteheadError(f"{self.name}: unknown document id {doc_id!r}") from None
         return doc_text(doc)
 
+    def prompt_text(self, doc_id: str) -> str:
+        """The document as the LLM re-rankers put it in the prompt: ``title + "\\n" + text`` (the references')."""
+        from routehead.prompt import document_text
+
+        try:
+            doc = self.corpus[doc_id]
+        except KeyError:
+            raise RouteheadError(f"{self.name}: unknown document id {doc_id!r}") from None
+        return document_text(doc.get("text") or "", doc.get("title"))
+
     def __repr__(self) -> str:  # the default repr would print the whole corpus
         cand = "none" if self.candidates is None else f"{len(self.candidates)} queries"
         return (

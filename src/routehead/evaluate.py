@@ -1,10 +1,11 @@
-"""Evaluation harness: every re-ranker as a selection over the same stored S, then metrics with ranx.
+"""Evaluation harness: every re-ranker as a selection over the same stored forward passes, metrics with ranx.
 
-Re-rankers: ``bm25`` (first-stage order), ``dense`` (MiniLM cosine), ``icr`` (all heads summed), ``static``
-(a detected head set), ``single`` (the best head on the detection set), ``route`` (RouteHead), ``oracle``
-(analysis only: each query's greedy label set, chosen with its own judgments). Only the top ``top_k``
-candidates are re-ranked; the rest of the first stage (to depth 100) follows unchanged, so Recall@100 is the
-first stage's.
+Re-rankers: ``bm25`` (first-stage order), ``position`` (the prompt position alone, later = better: what
+position bias can give without reading), ``dense`` (MiniLM cosine), ``icr`` (all heads), ``static`` (a detected
+head set), ``single`` (the best head on the detection set), ``route`` (RouteHead), ``oracle`` (analysis only:
+each query's greedy label set over the pool, chosen with its own judgments). Every attention re-ranker's
+scores come from the stored token scores, aggregated as inference does (:mod:`routehead.heads`). Only the top
+``top_k`` candidates are re-ranked; the rest of the first stage (to depth 100) follows unchanged.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import numpy as np
 import torch
 
 from routehead.collect import ScoredCollection, store_root
-from routehead.heads import Head, aggregate, per_head_quality, rank_order, top_heads
-from routehead.labels import Query, greedy_label, quality, signal_matrix
+from routehead.errors import RouteheadError
+from routehead.heads import Head, per_head_quality, rank_order, spans_of, top_heads, zscore
+from routehead.labels import Query, doc_scores, greedy_label, prior_quality
 from routehead.metrics import compare_runs, evaluate_run, run_from_ranking
 from routehead.router import Router
+from routehead.scorer import mask_outliers_and_sum
 
-RERANKERS = ("bm25", "dense", "icr", "static", "single", "route", "oracle")
+RERANKERS = ("bm25", "position", "dense", "icr", "static", "single", "route", "oracle")
 
 Run = dict[str, dict[str, float]]
 
@@ -38,15 +41,35 @@ def first_stage_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
     return np.array([fs[d] for d in top], dtype=np.float64)
 
 
-def queries_for(sc: ScoredCollection, norm: str = "z", use_first_stage: bool = False,
+def _tokens(sc: ScoredCollection, qid: str):
+    t = sc.entries[qid].tokens
+    if t is None:
+        raise RouteheadError(f"the store {sc.settings.get('collection')}/{sc.settings.get('split')} has no token "
+                             f"scores (made by an older routehead); score the collection again")
+    return t
+
+
+def head_rows(sc: ScoredCollection, qid: str, heads: Sequence[Head]) -> torch.Tensor:
+    """float32 token rows ``[len(heads), T]`` of ``heads`` for one stored query."""
+    t = _tokens(sc, qid)
+    index = {(int(a), int(b)): i for i, (a, b) in enumerate(t.heads.tolist())}
+    missing = [h for h in heads if tuple(h) not in index]
+    if missing:
+        raise RouteheadError(f"heads {missing[:3]} have no stored token scores")
+    return torch.from_numpy(t.decoded([index[tuple(h)] for h in heads]))
+
+
+def queries_for(sc: ScoredCollection, pool: Sequence[Head], use_first_stage: bool = False,
                 qids: Sequence[str] | None = None) -> list[Query]:
-    """Label-search / training view of stored queries: normalised signals and judgments."""
+    """Label-search / training view of stored queries: the pool's token rows, single-head scores, judgments."""
     out = []
     for qid in qids if qids is not None else sorted(sc.entries):
         e = sc.entries[qid]
         gains, ideal = _gains(sc, qid, e.doc_ids)
-        fs = first_stage_scores(sc, qid) if use_first_stage else None
-        out.append(Query(qid, signal_matrix(e.calibrated, fs, norm), gains, ideal))
+        fs = zscore(first_stage_scores(sc, qid)[None])[0] if use_first_stage else None
+        single = np.stack([e.calibrated[lay, h] for lay, h in pool]).astype(np.float64)
+        out.append(Query(qid, head_rows(sc, qid, pool), spans_of(_tokens(sc, qid).counts), single, gains, ideal,
+                         fs))
     return out
 
 
@@ -58,9 +81,25 @@ def detect_heads(sc: ScoredCollection, top: int = 16, qids: Sequence[str] | None
     for qid in ids:
         e = sc.entries[qid]
         gains, ideal = _gains(sc, qid, e.doc_ids)
-        qual.append(per_head_quality(e.calibrated, gains, ideal, k))  # NaN (not computed) ranks last
+        qual.append(per_head_quality(e.calibrated, gains, ideal, k))  # not computed: -inf, ranks last
     q = np.mean(qual, axis=0)
     return top_heads(q, top), q
+
+
+def position_correlation(sc: ScoredCollection, qids: Sequence[str] | None = None) -> np.ndarray:
+    """Per head ``[layers, heads]``: mean Spearman correlation between its scores and the prompt position
+    (positive: the head favours documents near the query, i.e. late in the prompt)."""
+    from scipy.stats import spearmanr
+
+    vals = []
+    for qid in qids if qids is not None else sorted(sc.entries):
+        e = sc.entries[qid]
+        pos = _tokens(sc, qid).positions.astype(np.float64)
+        L, H, D = e.calibrated.shape
+        flat = e.calibrated.reshape(L * H, D)
+        r = np.array([spearmanr(x, pos).statistic if np.ptp(x) > 0 else 0.0 for x in flat])
+        vals.append(np.nan_to_num(r).reshape(L, H))
+    return np.mean(vals, axis=0)
 
 
 def _run(sc: ScoredCollection, score_fn: Callable[[str], np.ndarray]) -> Run:
@@ -78,39 +117,49 @@ def _run(sc: ScoredCollection, score_fn: Callable[[str], np.ndarray]) -> Run:
     return run_from_ranking(ranking)
 
 
-def make_run(sc: ScoredCollection, method: str, heads: Sequence[Head] | None = None, norm: str = "sum",
-             router: Router | None = None, embeddings: dict[str, torch.Tensor] | None = None,
-             dense_scores: dict[str, np.ndarray] | None = None, routed_sizes: list[int] | None = None) -> Run:
+def icr_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
+    t = _tokens(sc, qid)
+    return mask_outliers_and_sum(torch.from_numpy(t.total)[None], spans_of(t.counts))[0].double().numpy()
+
+
+def make_run(sc: ScoredCollection, method: str, heads: Sequence[Head] | None = None, router: Router | None = None,
+             embeddings: dict[str, torch.Tensor] | None = None, dense_scores: dict[str, np.ndarray] | None = None,
+             routed_sizes: list[int] | None = None, pool: Sequence[Head] | None = None) -> Run:
     """The run of one re-ranker over a scored collection."""
     if method == "bm25":
         return run_from_ranking({q: [d for d, _ in c] for q, c in sc.first_stage.items()})
+    if method == "position":
+        return _run(sc, lambda q: _tokens(sc, q).positions.astype(np.float64))
     if method == "icr":
-        return _run(sc, lambda q: aggregate(sc.entries[q].calibrated, None, "sum"))
+        return _run(sc, lambda q: icr_scores(sc, q))
     if method in ("static", "single"):
         if not heads:
             raise ValueError(f"{method} needs a head set")
-        return _run(sc, lambda q: aggregate(sc.entries[q].calibrated, heads, norm))
+        return _run(sc, lambda q: mask_outliers_and_sum(head_rows(sc, q, heads).sum(0, keepdim=True),
+                                                        spans_of(_tokens(sc, q).counts))[0].double().numpy())
     if method == "dense":
         assert dense_scores is not None
         return _run(sc, lambda q: dense_scores[q])
     if method == "oracle":
-        qs = {q.qid: q for q in queries_for(sc, norm)}
-        prior = quality(list(qs.values()))
+        if not pool:
+            raise ValueError("oracle needs a pool of heads")
+        qs = {q.qid: q for q in queries_for(sc, pool)}
+        prior = prior_quality(list(qs.values()))
 
         def oracle(qid: str) -> np.ndarray:
             chosen, _ = greedy_label(qs[qid], prior)
-            return qs[qid].signals[chosen or [int(np.argmax(prior))]].sum(0)
+            return doc_scores(qs[qid], chosen or [int(np.argmax(prior))])
         return _run(sc, oracle)
     if method == "route":
         assert router is not None and embeddings is not None
         cfg = router.config
-        qs = {q.qid: q for q in queries_for(sc, cfg.norm, cfg.use_first_stage)}
+        qs = {q.qid: q for q in queries_for(sc, cfg.pool_heads, cfg.use_first_stage)}
 
         def routed(qid: str) -> np.ndarray:
             r = router.route(embeddings[qid])
             if routed_sizes is not None:
                 routed_sizes.append(len(r.signals))
-            return r.signal_weights @ qs[qid].signals[r.signals]
+            return doc_scores(qs[qid], r.signals, r.signal_weights)
         return _run(sc, routed)
     raise ValueError(f"unknown re-ranker {method!r}; use one of {RERANKERS}")
 

@@ -1,42 +1,41 @@
-"""Head selections over the per-head tensor S: aggregation, fast per-head quality, and head-set files.
+"""Head selections and their document scores, the same way inference computes them.
 
-Every method is a selection over the same ``S[layer, head, doc]``: ICR sums all heads, QRHead-style static
-sets sum a fixed subset, RouteHead sums a per-query subset, and the oracle picks per query using the labels.
-The aggregation is one function (:func:`aggregate`) so label search and inference cannot drift apart.
+Every method is a selection of heads over the same forward pass: ICR sums all heads, QRHead-style static
+sets sum a fixed subset, RouteHead sums a per-query subset, the oracle picks per query with the labels. A
+selection's document scores are always :func:`set_scores`: its heads' calibrated token scores summed (weighted
+for ``prob``-weighted routers), then the outlier mask per document, then the sum over tokens
+(:func:`routehead.scorer.mask_outliers_and_sum`, the one implementation used inside the forward pass too).
+Per-head scores (one head masked alone) are QRHead's detection score.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from routehead.errors import RouteheadError
+from routehead.scorer import SpanIndex, mask_outliers_and_sum
 
 Head = tuple[int, int]
-AGGREGATIONS = ("sum", "z")
 
 
-def aggregate(S: np.ndarray, heads: Iterable[Head] | None = None, norm: str = "sum",
-              weights: Sequence[float] | None = None) -> np.ndarray:
-    """Document scores ``[docs]`` from ``S [layers, heads, docs]`` summed over ``heads`` (None: all heads).
+def spans_of(counts: Sequence[int]) -> SpanIndex:
+    """Document spans over token rows laid end to end, ``counts[d]`` tokens for document d."""
+    bounds = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).tolist()
+    return SpanIndex.build(list(zip(bounds[:-1], bounds[1:])))
 
-    ``norm="z"`` standardises each head's scores over the documents first, so a head counts by how it orders the
-    documents, not by the scale of its attention (heads differ in scale by orders of magnitude). ``weights``
-    (one per head, routers with ``weighting="prob"``) scale each head's term of the sum.
-    """
-    S = np.asarray(S, dtype=np.float64)
-    x = S.reshape(-1, S.shape[-1]) if heads is None else np.stack([S[lay, h] for lay, h in heads])
-    if norm == "z":
-        x = zscore(x)
-    elif norm != "sum":
-        raise ValueError(f"unknown aggregation {norm!r}; use one of {AGGREGATIONS}")
-    if weights is not None:
-        x = x * np.asarray(weights, dtype=np.float64)[:, None]
-    return x.sum(0)
+
+def set_scores(rows: torch.Tensor, spans: SpanIndex, weights: torch.Tensor | Sequence[float] | None = None
+               ) -> np.ndarray:
+    """Document scores ``[docs]`` of the head set whose token rows are ``rows`` ``[n, T]``: summed (weighted),
+    masked, summed over each document's tokens."""
+    x = rows if weights is None else rows * torch.as_tensor(weights, dtype=rows.dtype)[:, None]
+    return mask_outliers_and_sum(x.sum(0, keepdim=True), spans)[0].double().numpy()
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
@@ -69,9 +68,13 @@ def ndcg_at_k(scores: np.ndarray, gains: np.ndarray, ideal: Sequence[float], k: 
 
 
 def per_head_quality(S: np.ndarray, gains: np.ndarray, ideal: Sequence[float], k: int = 10) -> np.ndarray:
-    """nDCG@k of every head alone for one query: ``[layers, heads]``."""
+    """nDCG@k of every head alone for one query: ``[layers, heads]``; -inf for a head not computed (NaN), so
+    that it ranks last instead of inheriting the candidates' (first-stage) order from tied scores."""
     L, H, D = S.shape
-    return ndcg_at_k(S.reshape(L * H, D), gains, ideal, k).reshape(L, H)
+    flat = S.reshape(L * H, D)
+    q = ndcg_at_k(flat, gains, ideal, k)
+    q[np.isnan(flat).any(-1)] = -np.inf
+    return q.reshape(L, H)
 
 
 def top_heads(quality: np.ndarray, top: int) -> list[Head]:

@@ -1,11 +1,12 @@
 """Pseudo labels by offline search: per training query, the head set that ranks its judged documents best.
 
-Greedy forward selection over a pool of heads: start empty, add the head whose addition gives the highest
-nDCG@10 of the aggregated scores, stop when no head strictly improves nDCG or at ``max_heads``. Aggregation is
-:func:`routehead.heads.aggregate`'s (the same function inference uses).
+Greedy forward selection over a pool of signals (heads, and optionally the first-stage score): start empty,
+add the signal whose addition gives the highest nDCG@10 of the set's document scores, stop when no signal
+strictly improves nDCG or at ``max_heads``. A set's scores are :func:`doc_scores`, which aggregates exactly as
+inference does (heads' token scores summed, then the outlier mask, then the sum over tokens).
 
-Tie-break (many sets reach the same nDCG when a query has one relevant document): among heads with equal
-nDCG, the one with the higher prior wins, the prior being the head's mean nDCG@10 alone over the training
+Tie-break (many sets reach the same nDCG when a query has one relevant document): among signals with equal
+nDCG, the one with the higher prior wins, the prior being the signal's mean nDCG@10 alone over the training
 queries. So a query only leaves the globally good heads when that buys real nDCG. Queries where no signal
 ranks any relevant candidate in the top 10 have no informative label and are skipped.
 """
@@ -18,57 +19,98 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from routehead.heads import ndcg_at_k, zscore
+from routehead.heads import Head, ndcg_at_k, zscore
+from routehead.scorer import SpanIndex, mask_outliers_and_sum
 
 
 @dataclass
 class Query:
-    """One training or evaluation query over its candidates: the signals and the judgments."""
+    """One query over its candidates: token scores of the pool's heads, their single-head scores, judgments."""
 
     qid: str
-    signals: np.ndarray  # [n_signals, docs]: flat heads (layer * H + head), then the first stage if used
+    rows: torch.Tensor  # [pool heads, T] calibrated token scores, documents' spans laid end to end
+    spans: SpanIndex
+    single: np.ndarray  # [pool heads, docs]: each head alone (== doc_scores of that head)
     gains: np.ndarray  # [docs] judged grade of each candidate (0 if unjudged)
     ideal: list[float]  # grades of all judged relevant documents of the query
+    first_stage: np.ndarray | None = None  # [docs], z-scored: the extra signal (index len(pool)) when used
+
+    @property
+    def num_signals(self) -> int:
+        return len(self.rows) + int(self.first_stage is not None)
 
 
-def signal_matrix(calibrated: np.ndarray, first_stage: np.ndarray | None, norm: str) -> np.ndarray:
-    """``[L, H, D]`` (+ first-stage scores ``[D]``) -> ``[n, D]``, normalised as the aggregation requires."""
-    x = np.asarray(calibrated, dtype=np.float64).reshape(-1, calibrated.shape[-1])
-    x = np.nan_to_num(x, nan=0.0)
-    if first_stage is not None:
-        if norm != "z":
-            raise ValueError("the first-stage signal can only be combined under z-normalisation")
-        x = np.vstack([x, np.asarray(first_stage, dtype=np.float64)[None]])
-    return zscore(x) if norm == "z" else x
+def combine(attn: np.ndarray | None, first_stage: np.ndarray | None, fs_weight: float) -> np.ndarray:
+    """A head set's scores plus the first-stage score: both standardised over the candidates, then added
+    (``fs_weight`` on the first stage), since attention mass and BM25 have no common scale."""
+    if attn is None:
+        assert first_stage is not None
+        return first_stage
+    if first_stage is None or fs_weight == 0:
+        return attn
+    return zscore(attn) + fs_weight * first_stage
 
 
-def set_scores(q: Query, chosen: list[int]) -> np.ndarray:
-    return q.signals[chosen].sum(0)
+def doc_scores(q: Query, chosen: list[int], weights: np.ndarray | None = None) -> np.ndarray:
+    """Document scores of a selection of signals (pool indices; ``len(pool)`` is the first stage)."""
+    P = len(q.rows)
+    w = np.ones(len(chosen)) if weights is None else np.asarray(weights, dtype=np.float64)
+    heads = [(c, x) for c, x in zip(chosen, w) if c < P]
+    fs_w = sum(x for c, x in zip(chosen, w) if c == P)
+    attn = None
+    if heads:
+        rows = q.rows[[c for c, _ in heads]] * torch.tensor([x for _, x in heads], dtype=q.rows.dtype)[:, None]
+        attn = mask_outliers_and_sum(rows.sum(0, keepdim=True), q.spans)[0].double().numpy()
+    return combine(attn, q.first_stage if fs_w else None, fs_w)
 
 
-def quality(queries: list[Query], k: int = 10) -> np.ndarray:
+def _added(q: Query, total: torch.Tensor | None, cand: np.ndarray, fs_on: bool) -> np.ndarray:
+    """``[len(cand), docs]``: the scores of the current set plus each candidate signal."""
+    P = len(q.rows)
+    out = np.zeros((len(cand), q.spans.idx.shape[0]))
+    heads = cand[cand < P]
+    base = torch.zeros(q.rows.shape[1]) if total is None else total
+    if len(heads):
+        A = mask_outliers_and_sum(base[None] + q.rows[torch.as_tensor(heads)], q.spans).double().numpy()
+        for i, a in zip(np.flatnonzero(cand < P), A):
+            out[i] = combine(a, q.first_stage if fs_on else None, 1.0)
+    for i in np.flatnonzero(cand == P):  # adding the first stage to the current heads
+        attn = None if total is None else mask_outliers_and_sum(total[None], q.spans)[0].double().numpy()
+        out[i] = combine(attn, q.first_stage, 1.0)
+    return out
+
+
+def prior_quality(queries: list[Query], k: int = 10) -> np.ndarray:
     """Mean nDCG@k of every signal alone over ``queries``: ``[n_signals]`` (the prior)."""
-    return np.mean([ndcg_at_k(q.signals, q.gains, q.ideal, k) for q in queries], axis=0)
+    vals = []
+    for q in queries:
+        sig = q.single if q.first_stage is None else np.vstack([q.single, q.first_stage[None]])
+        vals.append(ndcg_at_k(sig, q.gains, q.ideal, k))
+    return np.mean(vals, axis=0)
 
 
 def greedy_label(q: Query, prior: np.ndarray, max_heads: int = 4, pool: np.ndarray | None = None,
                  k: int = 10) -> tuple[list[int], float]:
-    """The greedy head set for one query and its nDCG@k (empty when the query is uninformative)."""
-    cand = np.arange(len(q.signals)) if pool is None else np.asarray(pool)
+    """The greedy signal set for one query and its nDCG@k (empty when the query is uninformative)."""
+    cand = np.arange(q.num_signals) if pool is None else np.asarray(pool)
     tie = 1e-6 * (prior[cand] - prior.min()) / (np.ptp(prior) + 1e-12)  # < any real nDCG difference
     chosen: list[int] = []
     best = 0.0
-    total = np.zeros(q.signals.shape[1])
+    total: torch.Tensor | None = None
+    P = len(q.rows)
     for _ in range(max_heads):
-        vals = ndcg_at_k(total[None] + q.signals[cand], q.gains, q.ideal, k)
+        vals = ndcg_at_k(_added(q, total, cand, P in chosen), q.gains, q.ideal, k)
         vals[np.isin(cand, chosen)] = -1.0
         i = int(np.argmax(vals + tie))
         if vals[i] <= best + 1e-9:
             break
-        chosen.append(int(cand[i]))
+        c = int(cand[i])
+        chosen.append(c)
         best = float(vals[i])
-        total = total + q.signals[cand[i]]
+        if c < P:
+            total = q.rows[c].clone() if total is None else total + q.rows[c]
     return chosen, best
 
 
@@ -83,13 +125,13 @@ def label_queries(queries: list[Query], prior: np.ndarray, max_heads: int = 4, p
     return out
 
 
-def save_labels(path: str | Path, labels: dict[str, tuple[list[int], float]], num_heads: int, num_layers: int,
+def save_labels(path: str | Path, labels: dict[str, tuple[list[int], float]], pool: list[Head],
                 settings: dict[str, Any]) -> None:
     """Pseudo labels as JSON, each as (layer, head) pairs, with the settings (model, store, search) behind them."""
-    LH = num_layers * num_heads
-    body = {"format": "routehead-labels-v1", "settings": settings,
-            "labels": {qid: {"heads": [[i // num_heads, i % num_heads] for i in chosen if i < LH],
-                             "first_stage": any(i == LH for i in chosen), "ndcg@10": round(float(nd), 6)}
+    P = len(pool)
+    body = {"format": "routehead-labels-v2", "settings": settings,
+            "labels": {qid: {"heads": [list(pool[i]) for i in chosen if i < P],
+                             "first_stage": any(i == P for i in chosen), "ndcg@10": round(float(nd), 6)}
                        for qid, (chosen, nd) in labels.items()}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(body, indent=1))

@@ -7,11 +7,12 @@ logit for (query, head) is ``<proj(query), head_embedding> + bias``. The biases 
 the globally strong heads, and training learns when a query should leave them.
 
 Selection: heads with probability >= ``threshold``, best first, at most ``max_heads``; when none passes, the
-single most probable head (so at least one head is always routed). Only heads in ``pool`` (None: all) can be
-routed. The selected heads are aggregated with :func:`routehead.heads.aggregate` and the router's ``norm``:
-summed as in label search (``weighting="none"``, the paper's rule, for routers trained on pseudo labels), or
-weighted by their routed probability (``weighting="prob"``, for routers trained through the ranking, whose
-training objective is exactly that weighted aggregation).
+single most probable head (so at least one head is always routed). Only the heads of ``pool`` (the routable
+pool, e.g. the best 64 by detection on the training split) can be routed. The selected heads' token scores
+are aggregated as every method's are (summed, then the outlier mask, then summed over each document):
+plainly (``weighting="none"``, the paper's rule, for routers trained on pseudo labels), or weighted by their
+routed probability (``weighting="prob"``, for routers trained through the ranking, whose training objective
+is exactly that weighted aggregation).
 
 Checkpoints are one ``.safetensors`` file: the weights, and the JSON config (model identity, embedding layer
 and pooling, selection rule, training settings) in the file's metadata. No pickle.
@@ -32,7 +33,7 @@ from torch import nn
 from routehead.errors import RouteheadError
 from routehead.heads import Head, check_identity
 
-FORMAT = "routehead-router-v1"
+FORMAT = "routehead-router-v2"
 
 
 @dataclass
@@ -41,15 +42,14 @@ class RouterConfig:
 
     identity: dict[str, Any]  # LoadedModel.identity() of the LLM it routes
     embed_layer: int  # decoder layer whose output embeds the query
+    pool: list[list[int]]  # the routable heads, [layer, head]; signal i < len(pool) is pool[i]
     pooling: str = "mean"
     dim: int = 64
     threshold: float = 0.5
     max_heads: int = 8
-    norm: str = "z"  # aggregation of the selected heads (same as in label search)
-    use_first_stage: bool = False  # the first-stage score is one more routable signal (index L*H)
+    use_first_stage: bool = False  # the first-stage score is one more routable signal (index len(pool))
     weighting: str = "none"  # "none": selected signals summed; "prob": weighted by routed probability
-    pool: list[int] | None = None  # routable signal indices (None: all)
-    max_doc_tokens: int | None = 160  # prompt setting the router was trained with
+    prompt: dict[str, Any] = field(default_factory=dict)  # prompt settings the router was trained with
     training: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -61,8 +61,12 @@ class RouterConfig:
         return int(self.identity["num_heads"])
 
     @property
+    def pool_heads(self) -> list[Head]:
+        return [(int(a), int(b)) for a, b in self.pool]
+
+    @property
     def num_signals(self) -> int:
-        return self.num_layers * self.num_heads + int(self.use_first_stage)
+        return len(self.pool) + int(self.use_first_stage)
 
     @property
     def hidden_size(self) -> int:
@@ -77,7 +81,7 @@ class Routing:
     heads: list[Head]
     weights: list[float]
     first_stage_weight: float
-    signals: list[int]  # the same selection as flat signal indices (layer * H + head; L * H: first stage)
+    signals: list[int]  # the same selection as signal indices (into the pool; len(pool): the first stage)
     signal_weights: np.ndarray  # their weights, aligned with ``signals``
     probabilities: torch.Tensor  # [signals], for inspection
 
@@ -99,15 +103,10 @@ class Router(nn.Module):
             bias = torch.log(p / (1 - p))
         self.bias = nn.Parameter(bias)
 
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[config.pool if config.pool is not None else slice(None)] = True
-        self.register_buffer("routable", mask, persistent=False)
-
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, signals]`` for query embeddings ``[batch, hidden]``; -inf outside the pool."""
+        """Logits ``[batch, signals]`` for query embeddings ``[batch, hidden]``."""
         q = self.proj(self.norm(emb.float()))
-        logits = q @ self.head_emb.T / math.sqrt(self.config.dim) + self.bias
-        return logits.masked_fill(~self.routable, float("-inf"))
+        return q @ self.head_emb.T / math.sqrt(self.config.dim) + self.bias
 
     @torch.no_grad()
     def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
@@ -115,7 +114,7 @@ class Router(nn.Module):
 
     def select(self, probs: torch.Tensor | np.ndarray, threshold: float | None = None,
                max_heads: int | None = None) -> list[int]:
-        """Signal indices (flat ``layer * H + head``; ``L * H`` is the first stage) routed for one query."""
+        """Signal indices (into the pool; ``len(pool)`` is the first stage) routed for one query."""
         p = np.asarray(probs, dtype=np.float64).reshape(-1)
         t = self.config.threshold if threshold is None else threshold
         m = self.config.max_heads if max_heads is None else max_heads
@@ -138,12 +137,12 @@ class Router(nn.Module):
     def route_probs(self, probs: torch.Tensor, threshold: float | None = None) -> Routing:
         """:meth:`route` from the routing probabilities ``[signals]`` (threshold: override, for tuning)."""
         sel = self.select(probs, threshold)
-        H, LH = self.config.num_heads, self.config.num_layers * self.config.num_heads
-        if all(i == LH for i in sel):  # only the first stage was routed: keep the most probable head too
-            sel = sel + [int(torch.argmax(probs[:LH]))]
+        P, pool = len(self.config.pool), self.config.pool_heads
+        if all(i == P for i in sel):  # only the first stage was routed: keep the most probable head too
+            sel = sel + [int(torch.argmax(torch.as_tensor(probs)[:P]))]
         w = self.weights(probs, sel)
-        pairs = sorted(((i // H, i % H), float(x)) for i, x in zip(sel, w) if i < LH)
-        fs = next((float(x) for i, x in zip(sel, w) if i == LH), 0.0)
+        pairs = sorted((pool[i], float(x)) for i, x in zip(sel, w) if i < P)
+        fs = next((float(x) for i, x in zip(sel, w) if i == P), 0.0)
         return Routing(heads=[h for h, _ in pairs], weights=[x for _, x in pairs], first_stage_weight=fs,
                        signals=sel, signal_weights=w, probabilities=probs)
 

@@ -1,12 +1,17 @@
-"""The per-head relevance tensor ``S[layer, head, doc]`` from one forward pass over the prompt.
+"""Document scores from one forward pass over the prompt: any head set, aggregated as the references do.
 
-Flow: one forward pass over ``prefix + query + "N/A"`` (prefix = instruction + documents), in which "N/A"
-sees only the prefix and itself, at the positions right after the prefix (:class:`capture.Split`): both
-suffixes come out of one pass with no KV cache, so time and memory are those of one plain pass over the
-prompt. For each requested head, the attention the query tokens pay to each prefix token is recorded; the
-calibrated token score is ``attn(query) - attn("N/A")``; per head and document, tokens scoring below
-``mean - 2 std`` (over that document's tokens) are masked out and the rest summed. ICR, static heads, routing,
-label search and the oracle are all selections over this one tensor.
+Flow: one forward pass over ``prefix + query suffix + "N/A" suffix`` (prefix = instruction + documents), in
+which the "N/A" suffix sees only the prefix and itself, at the positions right after the prefix
+(:class:`capture.Split`): both suffixes come out of one pass with no KV cache, so time and memory are those
+of one plain pass over the prompt. For each computed head, the attention the query span pays to each prefix
+token is averaged over the span's rows; a token's calibrated score is ``attn(query) - attn("N/A")``.
+
+Aggregation (ICR's ``masked_NA_calibration``, QRHead's ``score_docs``): for a head set, the calibrated token
+scores are summed over its heads first; then, per document, tokens not above ``mean - 2 std`` (unbiased std,
+over the document's tokens) are masked out and the rest summed. A one-token or constant document scores 0.
+:class:`HeadSet` selections are aggregated this way inside the pass, from the token rows of their heads.
+Per head (a set of one head, QRHead's detection score) the same rule gives ``S[layer, head, doc]``; and the
+per-token rows themselves can be kept (``keep_tokens``) so that offline work aggregates exactly as inference.
 
 Long lists: when the prompt would exceed the model's context (or ``max_prompt_tokens``), the documents are
 split into near-equal contiguous windows scored separately. A calibrated score is a share of attention mass
@@ -25,20 +30,49 @@ import torch
 
 from routehead import capture
 from routehead.model import LoadedModel
-from routehead.prompt import Prompt, PromptBuilder, plan_windows
+from routehead.prompt import DEFAULT_MAX_DOC_TOKENS, Prompt, PromptBuilder, plan_windows
 
 Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class HeadSet:
+    """Heads whose calibrated token scores are summed (optionally weighted) before the outlier mask."""
+
+    heads: tuple[Head, ...] | None  # None: every head of the model (ICR)
+    weights: tuple[float, ...] | None = None  # one per head, aligned with ``heads``; None: plain sum
+
+    @classmethod
+    def of(cls, heads: Iterable[Head] | None, weights: Iterable[float] | None = None) -> HeadSet:
+        hs = None if heads is None else tuple((int(a), int(b)) for a, b in heads)
+        ws = None if weights is None else tuple(float(w) for w in weights)
+        if hs is not None and ws is not None and len(ws) != len(hs):
+            raise ValueError(f"{len(ws)} weights for {len(hs)} heads")
+        return cls(hs, ws)
+
+
+@dataclass
+class TokenScores:
+    """Calibrated token scores of the computed heads over each document's span, spans laid end to end."""
+
+    rows: torch.Tensor  # [computed heads, sum of span lengths], float32, CPU
+    counts: list[int]  # span length of each document, in input order
+    heads: list[Head]  # the row order
 
 
 @dataclass
 class HeadScores:
     """Scores of every document under every computed head; NaN where a head was not computed."""
 
-    calibrated: torch.Tensor  # [layers, heads, docs], float32, CPU
-    raw: torch.Tensor  # uncalibrated (query attention only), same layout
+    calibrated: torch.Tensor  # [layers, heads, docs], float32, CPU: each head alone, masked (QRHead detection)
+    raw: torch.Tensor  # the same from the query's attention alone (no "N/A" calibration)
     computed: torch.Tensor  # [layers, heads] bool
+    sets: torch.Tensor | None = None  # [len(sets), docs]: each requested HeadSet, summed then masked
+    tokens: TokenScores | None = None  # with keep_tokens: every computed head's token scores
+    set_tokens: TokenScores | None = None  # with keep_tokens: each set's summed token scores (before the mask)
+    token_ids: list[list[int]] = field(default_factory=list)  # with keep_tokens: each document span's token ids
     windows: list[list[int]] = field(default_factory=list)
-    prompt_tokens: int = 0  # tokens run for the longest window (prefix + query)
+    prompt_tokens: int = 0  # tokens run for the longest window (prefix + query suffix)
     truncated: list[bool] = field(default_factory=list)
 
     @property
@@ -66,20 +100,27 @@ class SpanIndex:
         idx = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs)[None, :])
         return cls(idx.to(device), valid.to(device))
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """Every document's token indices, documents laid end to end (a token in two spans appears twice)."""
+        return self.idx[self.valid]
+
 
 def mask_outliers_and_sum(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]] | SpanIndex,
                           n_std: float = 2.0) -> torch.Tensor:
-    """``[n, T]`` token scores -> ``[n, docs]``: per row and document, drop tokens below mean - n_std * std.
+    """``[n, T]`` token scores -> ``[n, docs]``: per row and document, the sum of the tokens scoring above
+    ``mean - n_std * std`` of that document's tokens.
 
-    Population std over the document's tokens (a one-token document keeps its token).
+    As the references: unbiased std (``torch.std``) and a strict ``>``, so a one-token document (std NaN)
+    and a constant document (no token above its mean) score 0.
     """
     si = spans if isinstance(spans, SpanIndex) else SpanIndex.build(spans, token_scores.device)
     x = token_scores[:, si.idx]  # [n, D, W]
     v = si.valid.to(x.dtype)
-    cnt = v.sum(-1).clamp(min=1)
-    mean = (x * v).sum(-1) / cnt
-    std = ((((x - mean[..., None]) * v) ** 2).sum(-1) / cnt).sqrt()
-    keep = si.valid & (x >= (mean - n_std * std)[..., None])
+    cnt = v.sum(-1)
+    mean = (x * v).sum(-1) / cnt.clamp(min=1)
+    var = (((x - mean[..., None]) * v) ** 2).sum(-1) / (cnt - 1)  # 0/0 = NaN for one token: nothing kept
+    keep = si.valid & (x > (mean - n_std * var.sqrt())[..., None])
     return (x * keep).sum(-1)
 
 
@@ -106,14 +147,29 @@ def _by_layer(heads: list[Head]) -> dict[int, list[int]]:
     return by_layer
 
 
+def set_weights(sets: Sequence[HeadSet], sel: list[Head]) -> torch.Tensor:
+    """``[len(sets), len(sel)]``: each set's weight on each computed head (0 where not in the set)."""
+    pos = {h: i for i, h in enumerate(sel)}
+    W = torch.zeros(len(sets), len(sel))
+    for k, hs in enumerate(sets):
+        heads = sel if hs.heads is None else list(hs.heads)
+        ws = hs.weights or (1.0,) * len(heads)
+        for h, w in zip(heads, ws):
+            if h not in pos:
+                raise ValueError(f"head {h} of a head set is not among the computed heads")
+            W[k, pos[h]] += w
+    return W
+
+
 class HeadScorer:
     """Scores documents for a query with every (or some) attention heads of a frozen causal LM."""
 
-    def __init__(self, lm: LoadedModel, max_doc_tokens: int | None = 300, max_prompt_tokens: int | None = None,
-                 use_chat_template: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, max_doc_tokens: int | None = DEFAULT_MAX_DOC_TOKENS,
+                 max_prompt_tokens: int | None = None, use_chat_template: bool = True, retrieval_type: str = "IE",
+                 instruction: str | None = None) -> None:
         self.lm = lm
-        self.builder = PromptBuilder(lm.tokenizer, max_doc_tokens=max_doc_tokens,
-                                     use_chat_template=use_chat_template)
+        self.builder = PromptBuilder(lm.tokenizer, max_doc_tokens=max_doc_tokens, use_chat_template=use_chat_template,
+                                     retrieval_type=retrieval_type, instruction=instruction)
         self.budget = min(lm.max_context, max_prompt_tokens or lm.max_context)
         capture.install(lm.model)
         self.base = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
@@ -121,13 +177,9 @@ class HeadScorer:
         self.single_pass = capture.split_supported(lm.model.config)
 
     def settings(self) -> dict[str, Any]:
-        """Everything that changes S, for stores and checkpoints."""
-        from routehead.prompt import PROMPT_VERSION
-
-        return {**self.lm.identity(), "dtype": str(self.lm.dtype).replace("torch.", ""),
-                "max_doc_tokens": self.builder.max_doc_tokens, "max_query_tokens": self.builder.max_query_tokens,
-                "budget": self.budget, "prompt": PROMPT_VERSION,
-                "chat_template": bool(self.builder.head_ids and self.builder.tail_ids)}
+        """Everything that changes scores, for stores and checkpoints."""
+        return {**self.lm.identity(), "dtype": str(self.lm.dtype).replace("torch.", ""), "budget": self.budget,
+                **self.builder.settings()}
 
     # -- forward passes ---------------------------------------------------------------------------------------
     def _forward(self, ids: list[list[int]], last_layer: int, recorder: capture.Recorder | None = None,
@@ -142,8 +194,9 @@ class HeadScorer:
 
     def _single_pass(self, prompts: Sequence[Prompt], by_layer: dict[int, list[int]],
                      on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
-        """One pass over prefix + query + "N/A" of every prompt, one batch row each (see :class:`capture.Split`);
-        ``on_layer(layer, q_rows, na_rows)`` gets ``[B, heads, width]`` and ``[B, heads, max prefix + n]``."""
+        """One pass over prefix + query suffix + "N/A" suffix of every prompt, one batch row each (see
+        :class:`capture.Split`); ``on_layer(layer, q_rows, na_rows)`` gets ``[B, heads, width]`` and
+        ``[B, heads, max prefix + n]``."""
         na = prompts[0].na_ids
         if any(p.na_ids != na for p in prompts):
             raise ValueError("prompts of one batch must share the calibration suffix")
@@ -157,7 +210,7 @@ class HeadScorer:
     @torch.inference_mode()
     def query_rows(self, prompt: Prompt, heads: list[Head], single_pass: bool | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention rows ``[len(heads), prefix_len]`` of the real query and of "N/A", mean over query tokens.
+        """Attention rows ``[len(heads), prefix_len]`` of the query span and of its "N/A" twin, mean over rows.
 
         ``single_pass`` (default where the model's masks allow it) runs both suffixes in one pass; otherwise each
         suffix runs with the whole prefix again (the reference the single pass is tested against).
@@ -177,46 +230,75 @@ class HeadScorer:
         return tuple(torch.cat([rows[lay][i] for lay in sorted(by_layer)]).float().cpu() for i in (0, 1))
 
     @torch.inference_mode()
-    def _score_prompts(self, prompts: Sequence[Prompt], heads: list[Head]
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Calibrated and raw scores ``[len(heads), docs]`` of each prompt, all prompts in one pass.
+    def _score_prompts(self, prompts: Sequence[Prompt], heads: list[Head], W_sets: torch.Tensor,
+                       keep_tokens: bool) -> list[dict[str, torch.Tensor]]:
+        """Per prompt: ``cal``/``raw`` ``[heads, docs]`` (each head masked alone), ``sets`` ``[sets, docs]`` (summed
+        over each set's heads, then masked) and, with ``keep_tokens``, ``tokens`` ``[heads, span tokens]``.
 
-        Each layer's rows become document scores as soon as the layer has run, so the pass keeps
-        ``heads x docs``, never ``heads x prompt tokens`` for all layers at once.
+        Each layer's rows are reduced as soon as the layer has run: the pass keeps the sets' token sums
+        ``[sets, prefix]`` and (only with ``keep_tokens``) the document tokens' rows, never rows of all layers.
         """
-        if not self.single_pass:
-            out = []
-            for p in prompts:
-                q, na = self.query_rows(p, heads)
-                both = mask_outliers_and_sum(torch.cat([q - na, q]), p.doc_spans)
-                out.append((both[:len(heads)], both[len(heads):]))
-            return out
+        if not self.single_pass and len(prompts) > 1:
+            return [o for p in prompts for o in self._score_prompts([p], heads, W_sets, keep_tokens)]
         Pm = max(p.prefix_len for p in prompts)
         spans = SpanIndex.build([(b * Pm + s, b * Pm + e) for b, p in enumerate(prompts) for s, e in p.doc_spans],
                                 self.lm.device)  # every prompt's documents, rows laid end to end
+        by_layer = _by_layer(heads)
+        first = {}
+        for i, (lay, _) in enumerate(heads):
+            first.setdefault(lay, i)
+        Wd = W_sets.to(self.lm.device)
+        acc = torch.zeros(len(prompts), W_sets.shape[0], Pm, device=self.lm.device)
         done: dict[int, torch.Tensor] = {}
+        toks: dict[int, torch.Tensor] = {}
 
         def reduce(layer: int, q_rows: torch.Tensor, na_rows: torch.Tensor) -> None:
-            q = q_rows[:, :, :Pm]
-            both = torch.cat([q - na_rows[:, :, :Pm], q], dim=1)  # [B, 2h, Pm]: calibrated, raw
-            done[layer] = mask_outliers_and_sum(both.transpose(0, 1).reshape(both.shape[1], -1), spans)
+            q = q_rows[:, :, :Pm].float()
+            cal = q - na_rows[:, :, :Pm].float()  # [B, h, Pm]
+            n = cal.shape[1]
+            both = torch.cat([cal, q], dim=1)  # [B, 2h, Pm]: calibrated, raw
+            flat = both.transpose(0, 1).reshape(2 * n, -1)
+            done[layer] = mask_outliers_and_sum(flat, spans)
+            i0 = first[layer]
+            acc.add_(torch.einsum("sh,bht->bst", Wd[:, i0:i0 + n], cal))
+            if keep_tokens:
+                toks[layer] = flat[:n, spans.flat]
 
-        by_layer = _by_layer(heads)
-        self._single_pass(prompts, by_layer, reduce)
+        if self.single_pass:
+            self._single_pass(prompts, by_layer, reduce)
+        else:  # two full passes (one prompt at a time, see above)
+            q, na = (x.to(self.lm.device) for x in self.query_rows(prompts[0], heads, single_pass=False))
+            for lay, hs in by_layer.items():
+                i0 = first[lay]
+                reduce(lay, q[None, i0:i0 + len(hs)], na[None, i0:i0 + len(hs)])
         order = sorted(by_layer)
-        cal = torch.cat([done[lay][:len(by_layer[lay])] for lay in order])
-        raw = torch.cat([done[lay][len(by_layer[lay]):] for lay in order])
-        cal, raw = torch.stack([cal, raw]).float().cpu()  # one copy back, not one a layer
+        nh = {lay: len(by_layer[lay]) for lay in order}
+        cal = torch.cat([done[lay][:nh[lay]] for lay in order])
+        raw = torch.cat([done[lay][nh[lay]:] for lay in order])
+        sets = mask_outliers_and_sum(acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm), spans)
         counts = [len(p.doc_spans) for p in prompts]
-        return list(zip(cal.split(counts, dim=1), raw.split(counts, dim=1)))
+        out = [{"cal": c, "raw": r, "sets": t} for c, r, t in zip(*(x.float().cpu().split(counts, dim=1)
+                                                                  for x in (cal, raw, sets)))]
+        if keep_tokens:
+            lens = [sum(e - s for s, e in p.doc_spans) for p in prompts]
+            set_toks = acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm)[:, spans.flat]
+            for o, t, st in zip(out, torch.cat([toks[lay] for lay in order]).float().cpu().split(lens, dim=1),
+                                set_toks.float().cpu().split(lens, dim=1)):
+                o["tokens"], o["set_tokens"] = t, st
+        return out
 
     # -- public -------------------------------------------------------------------------------------------------
-    def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None) -> HeadScores:
-        """``S[layer, head, doc]`` for ``documents`` in input order; only ``heads`` are computed (None: all)."""
-        return self.score_many([(query, documents)], heads)[0]
+    def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None,
+              sets: Sequence[HeadSet] = (), keep_tokens: bool = False) -> HeadScores:
+        """Scores of ``documents`` (in prompt order) for ``query``; only ``heads`` are computed (None: all).
+
+        ``sets``: head sets aggregated as the references do (``HeadScores.sets``); their heads must be computed.
+        """
+        return self.score_many([(query, documents)], heads, sets=sets, keep_tokens=keep_tokens)[0]
 
     def score_many(self, items: Sequence[tuple[str, Sequence[str]]], heads: Iterable[Head] | None = None,
-                   batch_size: int = 1) -> list[HeadScores]:
+                   batch_size: int = 1, sets: Sequence[HeadSet] = (), keep_tokens: bool = False
+                   ) -> list[HeadScores]:
         """:meth:`score` for many ``(query, documents)`` pairs, ``batch_size`` prompts per forward pass.
 
         Batching pays where one prompt leaves a GPU idle (small models, short lists): a pass costs a fixed
@@ -227,34 +309,59 @@ class HeadScorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         L, H = self.lm.num_layers, self.lm.num_heads
         sel = normalize_heads(heads, L, H)
+        W_sets = set_weights(sets, sel)
         li = torch.tensor([lay for lay, _ in sel])
         hi = torch.tensor([h for _, h in sel])
         results: list[HeadScores] = []
         jobs: list[tuple[int, list[int], Prompt]] = []  # (item, window, prompt)
-        per_doc = self.builder.fixed_tokens(1, 0) - self.builder.fixed_tokens(0, 0)
         for i, (query, documents) in enumerate(items):
-            q_ids = self.builder.encode_query(query)
-            d_ids, truncated = self.builder.encode_documents(documents)
-            fixed = self.builder.fixed_tokens(0, len(q_ids))
-            windows = plan_windows([len(x) for x in d_ids], per_doc, fixed, self.budget)
-            n = len(d_ids)
+            q = self.builder.prepare_query(query)
+            texts, lengths, truncated = self.builder.prepare_documents(documents)
+            fixed = self.builder.fixed_tokens(0, q)
+            per_doc = self.builder.fixed_tokens(len(texts), q) - fixed
+            windows = plan_windows(lengths, -(-per_doc // len(texts)), fixed, self.budget)
+            n = len(texts)
             computed = torch.zeros(L, H, dtype=torch.bool)
             computed[li, hi] = True
             results.append(HeadScores(calibrated=torch.full((L, H, n), float("nan")),
                                       raw=torch.full((L, H, n), float("nan")), computed=computed,
-                                      windows=windows, truncated=truncated))
+                                      sets=torch.zeros(len(sets), n), windows=windows, truncated=truncated))
             for win in windows:
-                jobs.append((i, win, self.builder.build(q_ids, [d_ids[j] for j in win], [truncated[j] for j in win])))
-        jobs.sort(key=lambda job: job[2].length)
-        for k in range(0, len(jobs), batch_size):
-            batch = jobs[k:k + batch_size]
-            for (i, win, prompt), (c, r) in zip(batch, self._score_prompts([p for _, _, p in batch], sel)):
+                jobs.append((i, win, self.builder.build(q, [texts[j] for j in win], [truncated[j] for j in win])))
+        jobs.sort(key=lambda job: (tuple(job[2].na_ids), job[2].length))
+        parts: dict[int, dict[int, torch.Tensor]] = {}
+        k = 0
+        while k < len(jobs):
+            batch = [jobs[k]]
+            while len(batch) < batch_size and k + len(batch) < len(jobs) \
+                    and jobs[k + len(batch)][2].na_ids == batch[0][2].na_ids:
+                batch.append(jobs[k + len(batch)])
+            k += len(batch)
+            for (i, win, prompt), out in zip(batch, self._score_prompts([p for _, _, p in batch], sel, W_sets,
+                                                                        keep_tokens)):
                 S = results[i]
                 S.prompt_tokens = max(S.prompt_tokens, prompt.length)
                 factor = len(win) / S.num_docs
                 for j, doc in enumerate(win):
-                    S.calibrated[li, hi, doc] = c[:, j] * factor
-                    S.raw[li, hi, doc] = r[:, j] * factor
+                    S.calibrated[li, hi, doc] = out["cal"][:, j] * factor
+                    S.raw[li, hi, doc] = out["raw"][:, j] * factor
+                    S.sets[:, doc] = out["sets"][:, j] * factor
+                if keep_tokens:
+                    bounds = [0]
+                    for s, e in prompt.doc_spans:
+                        bounds.append(bounds[-1] + e - s)
+                    for j, doc in enumerate(win):
+                        a, b = bounds[j], bounds[j + 1]
+                        s0, e0 = prompt.doc_spans[j]
+                        parts.setdefault(i, {})[doc] = (out["tokens"][:, a:b] * factor,
+                                                        out["set_tokens"][:, a:b] * factor, prompt.prefix_ids[s0:e0])
+        if keep_tokens:
+            for i, S in enumerate(results):
+                docs = [parts[i][d] for d in range(S.num_docs)]
+                counts = [len(d[2]) for d in docs]
+                S.tokens = TokenScores(rows=torch.cat([d[0] for d in docs], dim=1), counts=counts, heads=list(sel))
+                S.set_tokens = TokenScores(rows=torch.cat([d[1] for d in docs], dim=1), counts=counts, heads=[])
+                S.token_ids = [list(d[2]) for d in docs]
         return results
 
     @torch.inference_mode()
@@ -278,9 +385,7 @@ class HeadScorer:
     @torch.inference_mode()
     def bare_forward(self, query: str, documents: Sequence[str]) -> int:
         """One plain pass over the whole prompt, all layers, no capture: the speed floor. Returns its length."""
-        q_ids = self.builder.encode_query(query)
-        d_ids, truncated = self.builder.encode_documents(documents)
-        prompt = self.builder.build(q_ids, d_ids, truncated)
+        prompt = self.builder.prompt(query, documents)
         ids = prompt.prefix_ids + prompt.query_ids
         self.base(input_ids=torch.tensor([ids], device=self.lm.device), use_cache=False)
         return len(ids)

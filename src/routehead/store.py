@@ -8,6 +8,12 @@ they are computed once, stored, and reused. Layout::
         shard-00000.npz      entries flushed together (np.savez_compressed, no pickle)
         shard-00001.npz      ...
 
+Each entry holds the per-head document scores (each head masked alone: QRHead's detection score) and,
+optionally, the per-token calibrated scores of the stored heads over every document's span
+(:class:`Tokens`): what offline work (ICR, static sets, label search, router training, the oracle) needs to
+aggregate exactly as inference does, summing heads before the outlier mask. Token rows are float16 with a
+float32 scale per row (a row divided by its largest magnitude), the all-heads token sum float32.
+
 ``hash12`` is the first 12 hex digits of the SHA-256 of the canonical JSON of the settings, so any
 change in model, prompt, top-k, ... gets a fresh directory. Shards are written to a temporary file and
 then linked into place, so an interrupted run never leaves a half-written shard and several processes
@@ -35,11 +41,41 @@ from routehead.errors import RouteheadError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["Entry", "HeadScoreStore", "settings_hash", "shard_filter"]
+__all__ = ["Entry", "HeadScoreStore", "Tokens", "settings_hash", "shard_filter"]
 
 LAYOUT = ["layer", "head", "doc"]
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.npz$")
 _KEYS = ("qids", "counts", "doc_ids", "calibrated", "raw", "shape")
+_TOKEN_KEYS = ("tok_heads", "tok_rows", "tok_scale", "tok_counts", "tok_total", "positions")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Per-token calibrated scores of one query: ``rows`` ``[heads, T]`` float16 times ``scale`` ``[heads]``;
+    document d's tokens are the ``counts[d]`` columns after those of documents ``< d``; ``total`` ``[T]`` is
+    the sum over all heads (ICR); ``positions[d]`` is document d's place in the prompt (0 = first)."""
+
+    heads: np.ndarray  # [n, 2] (layer, head) of each row, shared by every entry of a store
+    rows: np.ndarray
+    scale: np.ndarray
+    counts: np.ndarray
+    total: np.ndarray
+    positions: np.ndarray
+
+    @classmethod
+    def encode(cls, heads: np.ndarray, rows: np.ndarray, counts: np.ndarray, total: np.ndarray,
+               positions: np.ndarray) -> Tokens:
+        rows = np.asarray(rows, dtype=np.float32)
+        scale = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return cls(np.asarray(heads, dtype=np.int64).reshape(-1, 2), (rows / scale[:, None]).astype(np.float16),
+                   scale, np.asarray(counts, dtype=np.int64), np.asarray(total, dtype=np.float32),
+                   np.asarray(positions, dtype=np.int64))
+
+    def decoded(self, index: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """float32 rows ``[len(index), T]`` (all rows when None)."""
+        sel = slice(None) if index is None else np.asarray(index)
+        return self.rows[sel].astype(np.float32) * self.scale[sel][:, None]
 
 
 @dataclass(frozen=True)
@@ -49,6 +85,7 @@ class Entry:
     doc_ids: list[str]
     calibrated: np.ndarray
     raw: np.ndarray
+    tokens: Tokens | None = None
 
 
 def _canonical(settings: dict) -> str:
@@ -198,6 +235,8 @@ class HeadScoreStore:
                     raise RouteheadError(f"{path}: corrupt store shard (missing arrays {missing})")
                 keys = _KEYS if arrays else ("qids", "counts", "shape")
                 data = {k: z[k] for k in keys}
+                if arrays and all(k in z.files for k in _TOKEN_KEYS):
+                    data.update({k: z[k] for k in _TOKEN_KEYS})
         except RouteheadError:
             raise
         except (
@@ -221,6 +260,13 @@ class HeadScoreStore:
                     raise RouteheadError(f"{path}: corrupt store shard ({k} has shape {data[k].shape}, want {want})")
             if data["doc_ids"].shape != (total,) or data["doc_ids"].dtype.kind != "U":
                 raise RouteheadError(f"{path}: corrupt store shard (doc id array does not match counts)")
+            if "tok_rows" in data:
+                t = int(data["tok_counts"].sum())
+                ok = (data["tok_counts"].shape == (total,) and data["positions"].shape == (total,)
+                      and data["tok_rows"].shape == (len(data["tok_heads"]), t) and data["tok_total"].shape == (t,)
+                      and data["tok_scale"].shape == (len(qids), len(data["tok_heads"])))
+                if not ok:
+                    raise RouteheadError(f"{path}: corrupt store shard (token arrays do not match counts)")
         self._check_shape((int(shape[0]), int(shape[1])), str(path))
         return data
 
@@ -256,9 +302,16 @@ class HeadScoreStore:
             self._shard_qids[path.name] = data["qids"].tolist()
             bounds = np.concatenate([[0], np.cumsum(data["counts"])]).astype(np.int64)
             doc_ids = data["doc_ids"].tolist()
+            if "tok_rows" in data:
+                tb = np.concatenate([[0], np.cumsum(data["tok_counts"])]).astype(np.int64)
             for i, qid in enumerate(data["qids"].tolist()):
                 lo, hi = int(bounds[i]), int(bounds[i + 1])
-                out[qid] = Entry(doc_ids[lo:hi], data["calibrated"][:, :, lo:hi], data["raw"][:, :, lo:hi])
+                tokens = None
+                if "tok_rows" in data:
+                    a, b = int(tb[lo]), int(tb[hi])
+                    tokens = Tokens(data["tok_heads"], data["tok_rows"][:, a:b], data["tok_scale"][i],
+                                    data["tok_counts"][lo:hi], data["tok_total"][a:b], data["positions"][lo:hi])
+                out[qid] = Entry(doc_ids[lo:hi], data["calibrated"][:, :, lo:hi], data["raw"][:, :, lo:hi], tokens)
         out.update(self._buffer)
         return out
 
@@ -266,8 +319,9 @@ class HeadScoreStore:
         return len(self.done())
 
     # ---------------------------------------------------------------- writing
-    def add(self, qid: str, doc_ids: list[str], calibrated: np.ndarray, raw: np.ndarray) -> None:
-        """Buffer one query's scores (arrays ``[layer, head, doc]``, stored as float32)."""
+    def add(self, qid: str, doc_ids: list[str], calibrated: np.ndarray, raw: np.ndarray,
+            tokens: Tokens | None = None) -> None:
+        """Buffer one query's scores (arrays ``[layer, head, doc]``, stored as float32; ``tokens`` optional)."""
         if not isinstance(qid, str) or not qid:
             raise RouteheadError(f"query id must be a non-empty string, got {qid!r}")
         if qid in self._buffer or qid in self.done():
@@ -288,7 +342,10 @@ class HeadScoreStore:
                 f"query {qid!r}: calibrated {list(arrays[0].shape)} and raw {list(arrays[1].shape)} differ"
             )
         self._check_shape(arrays[0].shape[:2], f"query {qid!r}")
-        self._buffer[qid] = Entry(doc_ids, arrays[0], arrays[1])
+        if tokens is not None and (len(tokens.counts) != len(doc_ids) or len(tokens.positions) != len(doc_ids)
+                                   or tokens.rows.shape[1] != int(tokens.counts.sum())):
+            raise RouteheadError(f"query {qid!r}: token scores do not match its {len(doc_ids)} documents")
+        self._buffer[qid] = Entry(doc_ids, arrays[0], arrays[1], tokens)
         if len(self._buffer) >= self.auto_flush_every:
             self.flush()
 
@@ -308,6 +365,18 @@ class HeadScoreStore:
             "raw": np.concatenate([e.raw for _, e in entries], axis=2),
             "shape": np.array([layers, heads], dtype=np.int64),
         }
+        with_tokens = [e.tokens is not None for _, e in entries]
+        if any(with_tokens):
+            if not all(with_tokens):
+                raise RouteheadError("entries with and without token scores cannot share a store")
+            toks = [e.tokens for _, e in entries]
+            if any(not np.array_equal(t.heads, toks[0].heads) for t in toks):
+                raise RouteheadError("entries of one store must keep token scores of the same heads")
+            payload.update({"tok_heads": toks[0].heads, "tok_rows": np.concatenate([t.rows for t in toks], axis=1),
+                            "tok_scale": np.stack([t.scale for t in toks]),
+                            "tok_counts": np.concatenate([t.counts for t in toks]),
+                            "tok_total": np.concatenate([t.total for t in toks]),
+                            "positions": np.concatenate([t.positions for t in toks])})
         self.path.mkdir(parents=True, exist_ok=True)
 
         def writer(fh) -> None:

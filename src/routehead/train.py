@@ -6,9 +6,10 @@ early stopping and the threshold are chosen on dev nDCG@10 of the routed selecti
 
 Objectives (both with a sparsity term, ``sparsity * mean routing probability`` over the routable pool):
 - ``bce`` (the paper): binary cross-entropy against the greedy pseudo labels; the selected heads are summed.
-- ``listwise``: the aggregated document scores are the probability-weighted mean of the z-scored signals, and
-  the loss is the cross-entropy between the softmax of those scores and the query's normalised relevance
-  grades (ListNet). It trains the router on what inference does, with every head of every query giving
+- ``listwise``: the document scores are those of the probability-weighted head set, aggregated as inference
+  aggregates (weighted token sum, outlier mask, sum; standardised per query, plus the weighted first stage),
+  and the loss is the cross-entropy between their softmax and the query's normalised relevance grades
+  (ListNet). It trains the router on what inference does, with every head of every query giving
   gradient, instead of on binary labels that a greedy search picked among many near-equal sets. It starts
   from the single best head on the training queries (logit +2, the rest -4), so the router is residual: it
   learns when and where a query should leave the strong static default. Optional ``bce_weight`` adds the
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from routehead.heads import ndcg_at_k
-from routehead.labels import Query
+from routehead.labels import Query, doc_scores
 from routehead.router import Router, RouterConfig
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -52,7 +53,7 @@ def routed_ndcg(router: Router, probs: torch.Tensor, queries: list[Query], thres
     vals, sizes = [], []
     for p, q in zip(probs, queries):
         r = router.route_probs(p, threshold)
-        vals.append(float(ndcg_at_k(r.signal_weights @ q.signals[r.signals], q.gains, q.ideal, k)))
+        vals.append(float(ndcg_at_k(doc_scores(q, r.signals, r.signal_weights), q.gains, q.ideal, k)))
         sizes.append(len(r.signals))
     return float(np.mean(vals)), float(np.mean(sizes))
 
@@ -64,29 +65,69 @@ def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query]) ->
     return t, ndcg, size
 
 
-def padded(queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Signals ``[Q, n, D]``, grades ``[Q, D]`` and a candidate mask, padded to the longest candidate list."""
-    D = max(q.signals.shape[1] for q in queries)
-    n = queries[0].signals.shape[0]
-    X = torch.zeros(len(queries), n, D)
-    G = torch.zeros(len(queries), D)
-    M = torch.zeros(len(queries), D, dtype=torch.bool)
+@dataclass
+class Batch:
+    """Training queries padded together: token rows ``X [Q, pool, T]``, each document's token indices
+    ``idx``/``valid`` ``[Q, D, W]``, grades ``G [Q, D]``, candidate mask ``M [Q, D]``, first stage ``F [Q, D]``,
+    and each head's spread of scores alone over the candidates ``A [Q, pool]`` (its scale on that query)."""
+
+    X: torch.Tensor
+    idx: torch.Tensor
+    valid: torch.Tensor
+    G: torch.Tensor
+    M: torch.Tensor
+    F: torch.Tensor
+    A: torch.Tensor
+
+
+def padded(queries: list[Query]) -> Batch:
+    T = max(q.rows.shape[1] for q in queries)
+    D = max(q.spans.idx.shape[0] for q in queries)
+    W = max(q.spans.idx.shape[1] for q in queries)
+    n = queries[0].rows.shape[0]
+    b = Batch(torch.zeros(len(queries), n, T), torch.zeros(len(queries), D, W, dtype=torch.long),
+              torch.zeros(len(queries), D, W, dtype=torch.bool), torch.zeros(len(queries), D),
+              torch.zeros(len(queries), D, dtype=torch.bool), torch.zeros(len(queries), D), torch.ones(len(queries), n))
     for i, q in enumerate(queries):
-        d = q.signals.shape[1]
-        X[i, :, :d] = torch.as_tensor(q.signals, dtype=torch.float32)
-        G[i, :d] = torch.as_tensor(q.gains, dtype=torch.float32)
-        M[i, :d] = True
-    return X, G, M
+        t, (d, w) = q.rows.shape[1], q.spans.idx.shape
+        b.X[i, :, :t] = q.rows
+        b.idx[i, :d, :w], b.valid[i, :d, :w] = q.spans.idx, q.spans.valid
+        b.G[i, :d] = torch.as_tensor(q.gains, dtype=torch.float32)
+        b.M[i, :d] = True
+        if q.first_stage is not None:
+            b.F[i, :d] = torch.as_tensor(q.first_stage, dtype=torch.float32)
+        b.A[i] = torch.as_tensor(q.single.std(-1), dtype=torch.float32).clamp(min=1e-12)
+    return b
 
 
-def listwise_loss(P: torch.Tensor, X: torch.Tensor, G: torch.Tensor, M: torch.Tensor, temperature: float
-                  ) -> torch.Tensor:
-    """ListNet cross-entropy of the probability-weighted mean of the signals against the relevance grades."""
-    s = torch.einsum("qn,qnd->qd", P, X) / P.sum(1, keepdim=True).clamp_min(1e-6)
-    logp = torch.log_softmax((temperature * s).masked_fill(~M, float("-inf")), dim=1)
-    G = G * M
+def routed_scores(P: torch.Tensor, b: Batch, use_first_stage: bool) -> torch.Tensor:
+    """Document scores ``[Q, D]`` of the probability-weighted head sets, aggregated as inference does (weighted
+    token sum, outlier mask per document, sum), divided by the weighted heads' scale on the query, plus the
+    weighted first stage. The division is one positive number per query (the ranking is inference's); unlike
+    standardising the sum it stays linear in each head's weight, so a relevant document that one head puts
+    far ahead keeps a gradient. The mask is taken as fixed (no gradient through which tokens pass it)."""
+    heads = P[:, :b.X.shape[1]]
+    tok = torch.einsum("qn,qnt->qt", heads, b.X)
+    x = torch.gather(tok, 1, b.idx.flatten(1)).view(b.idx.shape)  # [Q, D, W]
+    with torch.no_grad():
+        v = b.valid.float()
+        cnt = v.sum(-1)
+        mean = (x * v).sum(-1) / cnt.clamp(min=1)
+        std = ((((x - mean[..., None]) * v) ** 2).sum(-1) / (cnt - 1)).sqrt()
+        keep = b.valid & (x > (mean - 2 * std)[..., None])
+    s = (x * keep).sum(-1) / (heads * b.A).sum(1, keepdim=True).clamp(min=1e-12)
+    if use_first_stage:
+        s = s + P[:, -1:] * b.F
+    return s
+
+
+def listwise_loss(P: torch.Tensor, b: Batch, temperature: float, use_first_stage: bool) -> torch.Tensor:
+    """ListNet cross-entropy of the routed (probability-weighted) document scores against the grades."""
+    s = routed_scores(P, b, use_first_stage)
+    logp = torch.log_softmax((temperature * s).masked_fill(~b.M, float("-inf")), dim=1)
+    G = b.G * b.M
     target = G / G.sum(1, keepdim=True).clamp_min(1e-9)
-    return -torch.where(M, target * logp, torch.zeros_like(logp)).sum(1).mean()
+    return -torch.where(b.M, target * logp, torch.zeros_like(logp)).sum(1).mean()
 
 
 def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.Tensor, train_queries: list[Query],
@@ -104,9 +145,10 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
     torch.manual_seed(s.seed)
     router = Router(config, prior=init_bias)
     opt = torch.optim.AdamW(router.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    pool = router.routable
-    X, G, M = padded(train_queries)
-    useful = G.sum(1) > 0
+    batch = padded(train_queries)
+    useful = batch.G.sum(1) > 0
+    if s.objective == "listwise":
+        batch = Batch(*(t[useful] for t in (batch.X, batch.idx, batch.valid, batch.G, batch.M, batch.F, batch.A)))
     y = torch.as_tensor(train_labels, dtype=torch.float32) if train_labels is not None else None
     labelled = y.sum(1) > 0 if y is not None else None  # uninformative queries have no label
     bce_weight = 1.0 if s.objective == "bce" else s.bce_weight
@@ -121,12 +163,12 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
         router.train()
         logits = router(train_emb)
         P = torch.sigmoid(logits)
-        loss = s.sparsity * P[:, pool].mean()
+        loss = s.sparsity * P.mean()
         if s.objective == "listwise":
-            loss = loss + listwise_loss(P[useful], X[useful], G[useful], M[useful], s.temperature)
+            loss = loss + listwise_loss(P[useful], batch, s.temperature, config.use_first_stage)
         if bce_weight > 0:
             loss = loss + bce_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-                logits[labelled][:, pool], y[labelled][:, pool])
+                logits[labelled], y[labelled])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -148,26 +190,23 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
     return router.eval(), history
 
 
-def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", norm: str = "z",
-               use_first_stage: bool = False, max_heads: int = 4, route_max: int = 8, dim: int = 64,
-               dev_fraction: float = 0.2, labels_kind: str = "greedy", pool_size: int | None = None,
-               folds: int = 1, settings: TrainSettings | None = None) -> tuple[Router, dict[str, Any]]:
-    """The whole recipe on a scored training split: carve dev, prior, pseudo labels, embeddings, training.
+def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", use_first_stage: bool = False,
+               max_heads: int = 4, route_max: int = 8, dim: int = 64, dev_fraction: float = 0.2,
+               labels_kind: str = "greedy", pool_size: int = 64, folds: int = 1,
+               settings: TrainSettings | None = None) -> tuple[Router, dict[str, Any]]:
+    """The whole recipe on a scored training split: pool, carve dev, prior, pseudo labels, embeddings, training.
 
+    ``pool_size``: the routable pool is the ``pool_size`` heads best alone (QRHead detection) on the training
+    queries, plus the first stage if used; the router, its labels and its training see only the pool.
     ``labels_kind="greedy"``: binary targets, the greedy head set of each query (the paper's pseudo labels).
-    ``labels_kind="soft"``: each signal's own nDCG@10 on the query as the target, so every query teaches the
-    router about every head, not only about the one or two the greedy search kept.
-    ``pool_size``: only the ``pool_size`` heads best on the training queries (and the first stage, if used) can
-    be routed; None: every head.
+    ``labels_kind="soft"``: each signal's own nDCG@10 on the query as the target.
     ``folds > 1``: K-fold cross-fitting instead of one dev split (``info`` then holds per-fold lists). Each
     fold's router is early-stopped on its own held-out fold; the K routers are merged into one (mean logits,
     :func:`routehead.router.merge_routers`) and the threshold is chosen on the out-of-fold probabilities, so every
-    training query is used for training and, once, for validation, and the early-stopping noise of one small dev
-    split averages out.
+    training query is used for training and, once, for validation.
     """
     from routehead.data import split_dev
-    from routehead.evaluate import queries_for, query_embeddings
-    from routehead.labels import quality
+    from routehead.evaluate import detect_heads, queries_for, query_embeddings
     from routehead.router import merge_routers
 
     s = settings or TrainSettings()
@@ -178,21 +217,16 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", no
         parts = [(sorted(set(ids) - set(order[k::folds])), sorted(order[k::folds])) for k in range(folds)]
     else:
         parts = [split_dev(ids, dev_fraction=dev_fraction, seed=0)]
-    all_q = {q.qid: q for q in queries_for(sc, norm, use_first_stage, ids)}
-    n = len(next(iter(all_q.values())).signals)
-    LH = n - int(use_first_stage)
-    pool = None
-    if pool_size is not None:  # from all training queries, so every fold's router routes the same signals
-        prior = quality(list(all_q.values()))
-        pool = sorted(int(i) for i in np.argsort(-prior[:LH], kind="stable")[:pool_size])
-        pool += [LH] if use_first_stage else []
+    pool, _ = detect_heads(sc, top=pool_size, qids=ids)  # from all training queries: one pool for every fold
+    all_q = {q.qid: q for q in queries_for(sc, pool, use_first_stage, ids)}
     emb = query_embeddings(sc, scorer, embed_layer, pooling, ids)
-    config = RouterConfig(identity=scorer.lm.identity(), embed_layer=embed_layer, pooling=pooling, dim=dim,
-                          max_heads=route_max, norm=norm, use_first_stage=use_first_stage,
-                          weighting="prob" if s.objective == "listwise" else "none", pool=pool,
-                          max_doc_tokens=scorer.builder.max_doc_tokens,
+    config = RouterConfig(identity=scorer.lm.identity(), embed_layer=embed_layer, pool=[list(h) for h in pool],
+                          pooling=pooling, dim=dim, max_heads=route_max, use_first_stage=use_first_stage,
+                          weighting="prob" if s.objective == "listwise" else "none",
+                          prompt=scorer.builder.settings(),
                           training={"collection": sc.collection.name, "split": sc.collection.split,
-                                    "label_max_heads": max_heads, "labels": labels_kind})
+                                    "doc_order": sc.settings.get("doc_order"), "label_max_heads": max_heads,
+                                    "labels": labels_kind})
     members, infos, oof = [], [], {}
     for tr_ids, dev_ids in parts:
         router, info = _fit_split(copy.deepcopy(config), [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids],
@@ -218,32 +252,30 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", no
 def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
                max_heads: int, labels_kind: str, s: TrainSettings) -> tuple[Router, dict[str, Any]]:
     """Prior, pseudo labels, starting point and training on one (train, dev) split."""
-    from routehead.labels import label_queries, quality
+    from routehead.labels import label_queries, prior_quality
 
-    prior = quality(train_q)
+    prior = prior_quality(train_q)
     n = len(prior)
-    LH = n - int(config.use_first_stage)
-    labels = label_queries(train_q, prior, max_heads=max_heads,
-                           pool=None if config.pool is None else np.asarray(config.pool))
+    P = len(config.pool)
+    labels = label_queries(train_q, prior, max_heads=max_heads)
     y = np.zeros((len(train_q), n))
     for i, q in enumerate(train_q):
         if labels_kind == "soft":
-            y[i] = ndcg_at_k(q.signals, q.gains, q.ideal)
+            sig = q.single if q.first_stage is None else np.vstack([q.single, q.first_stage[None]])
+            y[i] = ndcg_at_k(sig, q.gains, q.ideal)
         elif labels_kind == "greedy":
             y[i, labels[q.qid][0] if q.qid in labels else []] = 1.0
         else:
             raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
-    if s.objective == "listwise":  # residual start: the single best routable head on the training queries
-        heads_prior = prior[:LH] if config.pool is None else np.where(np.isin(np.arange(LH), config.pool),
-                                                                       prior[:LH], -1.0)
+    if s.objective == "listwise":  # residual start: the single best pool head on the training queries
         init = np.full(n, 1.0 / (1.0 + np.exp(4.0)))
-        init[int(np.argmax(heads_prior))] = 1.0 / (1.0 + np.exp(-2.0))
+        init[int(np.argmax(prior[:P]))] = 1.0 / (1.0 + np.exp(-2.0))
     elif labels_kind == "soft":
         init = np.clip(prior, 1e-3, 1 - 1e-3)
     else:  # how often each signal is in a pseudo label (smoothed)
         init = (y.sum(0) + 0.1) / (len(labels) + 1.0)
     config.training.update({"train_queries": len(train_q), "labelled": len(labels), "dev_queries": len(dev_q),
-                            "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()]))})
+                            "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()] or [0]))})
     router, history = train_router(config, init, torch.cat([emb[q.qid] for q in train_q]), train_q, y,
                                    torch.cat([emb[q.qid] for q in dev_q]), dev_q, s)
     return router, {"history": history, "labels": labels, "dev_ids": [q.qid for q in dev_q],
