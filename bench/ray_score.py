@@ -3,8 +3,8 @@
     python bench/ray_score.py --data ../shared/data/scifact --split test --max-queries 10 --actors 1 2
 
 Each configuration runs the CLI as a subprocess (what a user types) and reports two rates: over the whole command
-(Ray start, model load per actor, BM25, scoring) and, for Ray, over the scoring phase the command prints (from all
-models loaded to the last shard stored; BM25 first stage included, as in a single-process ``score``).
+(Python start, Ray start, model loads, BM25, scoring) and, for Ray, over the actors' time the command prints (from
+handing out the shards to the last one stored: each actor's model load, BM25 first stage and scoring).
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def main() -> None:
             cmd = base + (["--ray", str(actors)] if actors else [])
             wall, line = run(cmd, store)
         stored = int(line.split()[0])
-        m = re.search(r"([\d.]+) s scoring", line)
+        m = re.search(r"Ray actors?, ([\d.]+) s\)", line)
         scoring = float(m.group(1)) if m else None
         row = {"config": f"--ray {actors}" if actors else "single process", "stored": stored,
                "wall_s": round(wall, 1), "queries_per_s_wall": round(stored / wall, 3),
-               "scoring_s": scoring, "queries_per_s_scoring": round(stored / scoring, 3) if scoring else None,
+               "actors_s": scoring, "queries_per_s_actors": round(stored / scoring, 3) if scoring else None,
                "command": " ".join(["routehead", *cmd[1:]])}
         rows.append(row)
         print(json.dumps(row), flush=True)

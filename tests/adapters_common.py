@@ -21,8 +21,9 @@ def tiny_router(path: Path, lm=None) -> Path:
 
     lm = lm or tiny_lm("llama")
     n = lm.num_layers * lm.num_heads
-    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, threshold=0.0, max_heads=3, norm="z",
-                       use_first_stage=True, max_doc_tokens=None)
+    pool = [[layer, head] for layer in range(lm.num_layers) for head in range(lm.num_heads)]
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=pool, threshold=0.0, max_heads=3,
+                       use_first_stage=True, prompt={"max_doc_tokens": None})
     prior = np.concatenate([np.linspace(0.1, 0.8, n), [0.99]])  # the first stage is the likeliest signal
     Router(cfg, prior=prior).save(path)
     return path

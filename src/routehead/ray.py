@@ -5,9 +5,10 @@ with one model per actor, for query sets one machine cannot finish.
   per actor, not per batch). Rows ``query_id, query, doc_ids, docs[, first_stage_scores]`` in; the same rows out
   with ``ranked_doc_ids``, ``scores`` (aligned with ``ranked_doc_ids``, best first) and ``heads`` (this query's
   routed or static ``[layer, head]`` pairs; empty for ICR). :func:`write_trec_run` writes them as a TREC run.
-- :func:`score_collection_ray` (``routehead score --ray N [--address ADDR]``): N actors each run
-  :func:`routehead.collect.score_collection` on shard ``i`` of ``N`` (:func:`routehead.store.shard_filter`) into
-  the same store, exactly as ``routehead score --shard i/N`` would. The store's shard files are written
+- :func:`score_collection_ray` (``routehead score --ray N [--address ADDR]``): actor ``i`` of ``N`` runs what
+  ``routehead score --shard i/N`` runs (the CLI's own scoring function, so every ``score`` option and any change
+  to the scoring is used as is: :func:`routehead.collect.score_collection` on the queries
+  :func:`routehead.store.shard_filter` gives shard ``i``), all into the same store. The store's shard files are written
   atomically under unique names, so actors never overwrite each other, a dead actor loses only its unflushed
   queries, and a rerun skips every stored query: nothing lost, nothing duplicated. On a multi-node cluster the
   store root (``$ROUTEHEAD_STORE``) must be a file system every node sees.
@@ -17,6 +18,8 @@ This module is ``routehead.ray``; it imports the real Ray lazily (absolute impor
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,8 +30,6 @@ from routehead.errors import RouteheadError
 
 if TYPE_CHECKING:
     from routehead.api import Ranking
-    from routehead.data import Collection
-    from routehead.model import LoadedModel
 
 __all__ = ["rerank_dataset", "score_collection_ray", "score_command", "write_trec_run"]
 
@@ -143,65 +144,71 @@ def write_trec_run(rows_or_ds: Any, path: str | Path, run_name: str = "routehead
 
 
 # -- computing a collection's stored S with Ray actors ----------------------------------------------------------
-def _load_lm(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool) -> LoadedModel:
-    from routehead.model import LoadedModel, load_model
+# what an actor needs from the driver's environment to resolve the same store, caches and hub settings
+_FORWARDED_ENV = ("ROUTEHEAD_", "HF_", "TRANSFORMERS_", "TOKENIZERS_PARALLELISM")
 
-    if callable(model) and not isinstance(model, (str, Path)):
-        built = model()
-        built = getattr(built, "lm", built)  # a factory may return a Reranker
-        if not isinstance(built, LoadedModel):
-            raise RouteheadError(f"the model factory returned {type(built).__name__}, not a LoadedModel")
-        return built
-    return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+def score_args(data: str | Path, split: str = "test", **options: Any) -> argparse.Namespace:
+    """The arguments ``routehead score --data DATA --split SPLIT`` would get, with ``options`` (CLI names with
+    underscores: ``model``, ``top_k``, ``max_queries``, ``batch_size``, ...) set; every other option keeps the
+    CLI's default, so the Python API and the command line can never build different stores."""
+    from routehead.cli import build_parser
+
+    args = build_parser().parse_args(["score", "--data", str(data), "--split", split])
+    for key, value in options.items():
+        if key in ("func", "ray", "address", "shard") or not hasattr(args, key):
+            raise RouteheadError(f"routehead score has no option --{key.replace('_', '-')} to set here")
+        setattr(args, key, value)
+    return args
 
 
 class _ShardScorer:
-    """One Ray actor: a model and its HeadScorer, loaded once, scoring one shard of a collection's queries."""
+    """One Ray actor: runs ``routehead score --shard i/N`` (the CLI's own scoring function) in the driver's
+    working directory and environment, so relative paths, the store root and the model cache resolve alike."""
 
-    def __init__(self, collection: Collection, model: Any, device: str | None, dtype: str | None,
-                 trust_remote_code: bool, max_doc_tokens: int | None, threads: int | None) -> None:
-        import torch
-
-        from routehead.scorer import HeadScorer
-
+    def __init__(self, cwd: str, env: dict[str, str], threads: int | None, setup: Callable[[], Any] | None) -> None:
+        os.environ.update(env)
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
         if threads:
+            import torch
+
             torch.set_num_threads(threads)
-        self.collection = collection
-        self.scorer = HeadScorer(_load_lm(model, device, dtype, trust_remote_code), max_doc_tokens=max_doc_tokens)
+        if setup is not None:
+            setup()
 
-    def settings(self) -> dict[str, Any]:
-        return self.scorer.settings()
+    def run(self, args: argparse.Namespace, shard: int, num_shards: int) -> dict[str, Any]:
+        from routehead.cli import _scored
 
-    def run(self, shard: int, num_shards: int, top_k: int, max_queries: int | None, root: str,
-            batch_size: int) -> dict[str, Any]:
-        from routehead.collect import score_collection
-
+        args = copy.copy(args)
+        args.shard, args.no_progress, args.ray = (shard, num_shards), True, None
         t0 = time.perf_counter()
-        sc = score_collection(self.collection, self.scorer, self.scorer.settings(), top_k=top_k,
-                              max_queries=max_queries, shard=shard, num_shards=num_shards, root=Path(root),
-                              progress=False, batch_size=batch_size)
-        return {"shard": shard, "stored": len(sc.entries), "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+        sc, _ = _scored(args)  # loads the model (once: one shard per actor), scores the missing queries, stores
+        return {"shard": shard, "stored": len(sc.entries), "settings": sc.settings, "collection": sc.collection.name,
+                "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
 
-def score_collection_ray(collection: Collection | str | Path, split: str = "test", model: Any = None, *,
-                         actors: int | None = None, num_gpus: float | None = None, top_k: int = 20,
-                         max_queries: int | None = None, max_doc_tokens: int | None = 160, batch_size: int = 1,
-                         root: str | Path | None = None, device: str | None = None, dtype: str | None = None,
-                         trust_remote_code: bool = False, max_retries: int = 0, address: str | None = None,
-                         progress: bool = False) -> dict[str, Any]:
-    """Compute and store S for a collection split with Ray actors; the store equals a single-process run's.
+def score_collection_ray(data: str | Path, split: str = "test", *, actors: int | None = None,
+                         num_gpus: float | None = None, address: str | None = None, max_retries: int = 0,
+                         progress: bool = False, actor_setup: Callable[[], Any] | None = None,
+                         **options: Any) -> dict[str, Any]:
+    """``routehead score`` on Ray: the store equals a single-process run's (same queries, same arrays).
 
-    ``actors`` defaults to one per GPU of the cluster (each with ``num_gpus=1``), else one; CPU actors share the
-    cluster's CPUs. ``max_retries`` > 0 restarts a dead actor and retries its shard (stored queries are
-    skipped). With 0, a dead actor's shard is reported after the others finish, as a RouteheadError saying to
-    rerun: the rerun scores only what is missing. Returns ``{"collection", "queries", "stored", "actors",
-    "seconds", "shards"}`` (``seconds``: scoring wall time once every model is loaded).
+    ``options`` are ``routehead score``'s (``model``, ``top_k``, ``max_queries``, ``max_doc_tokens``,
+    ``batch_size``, ``device``, ...; see :func:`score_args`). ``actors`` defaults to one per GPU of the cluster
+    (each with ``num_gpus=1``), else one; CPU actors share the cluster's CPUs as torch threads. ``max_retries``
+    > 0 restarts a dead actor and retries its shard (stored queries are skipped). With 0, a dead actor's shard
+    is reported after the others finish, as a RouteheadError saying to rerun: the rerun scores only what is
+    missing. ``actor_setup``: a zero-argument callable each actor runs first (logging, torch settings, tests'
+    fault injection). Returns ``{"collection", "stored", "actors", "seconds", "shards"}``.
     """
-    from routehead.collect import select_queries, store_root
-    from routehead.data import Collection, load_collection
+    return _run_shards(score_args(data, split, **options), actors=actors, num_gpus=num_gpus, address=address,
+                       max_retries=max_retries, progress=progress, actor_setup=actor_setup)
 
+
+def _run_shards(args: argparse.Namespace, actors: int | None, num_gpus: float | None, address: str | None,
+                max_retries: int, progress: bool, actor_setup: Callable[[], Any] | None) -> dict[str, Any]:
     ray = _ray(address)
-    coll = collection if isinstance(collection, Collection) else load_collection(collection, split)
     resources = ray.cluster_resources()
     if num_gpus is None:
         num_gpus = 1.0 if resources.get("GPU", 0) else 0.0
@@ -212,56 +219,50 @@ def score_collection_ray(collection: Collection | str | Path, split: str = "test
     opts: dict[str, Any] = {"num_cpus": threads or 1, "max_restarts": max_retries, "max_task_retries": max_retries}
     if num_gpus:
         opts["num_gpus"] = num_gpus
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
     actor_cls = ray.remote(**opts)(_ShardScorer)
-    coll_ref = ray.put(coll)
-    handles = [actor_cls.remote(coll_ref, model, device, dtype, trust_remote_code, max_doc_tokens, threads)
-               for _ in range(n)]
+    handles = [actor_cls.remote(os.getcwd(), env, threads, actor_setup) for _ in range(n)]
+    t0 = time.perf_counter()
+    pending = {h.run.remote(args, i, n): i for i, h in enumerate(handles)}
+    done: list[dict[str, Any]] = []
+    failed: list[tuple[int, str]] = []
     try:
-        settings = ray.get([h.settings.remote() for h in handles])  # every model loaded
-        if any(s != settings[0] for s in settings):
-            raise RouteheadError("Ray actors built different scorer settings (different model or library "
-                                 "versions on the nodes?); refusing to mix them in one store")
-        store = str(Path(root or store_root()).resolve())
-        t0 = time.perf_counter()
-        pending = {h.run.remote(i, n, top_k, max_queries, store, batch_size): i for i, h in enumerate(handles)}
-        done: list[dict[str, Any]] = []
-        failed: list[tuple[int, str]] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
             try:
                 out = ray.get(ready[0])
-                done.append(out)
-                if progress:
-                    print(f"shard {i}/{n} done in {out['seconds']:.1f} s", flush=True)
             except (ray.exceptions.RayError, RouteheadError) as exc:
-                failed.append((i, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-        seconds = time.perf_counter() - t0
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                failed.append((i, f"{type(exc).__name__}: {first}"))
+                continue
+            done.append(out)
+            if progress:
+                print(f"shard {i}/{n}: {out['stored']} queries in the store after {out['seconds']:.1f} s", flush=True)
     finally:
         for h in handles:
             ray.kill(h)
+    seconds = time.perf_counter() - t0
     if failed:
         shards = ", ".join(f"{i}/{n}" for i, _ in failed)
         raise RouteheadError(f"Ray shard(s) {shards} failed ({failed[0][1]}); the queries stored so far are kept: "
                              f"rerun the same command to score only the missing ones")
-    return {"collection": coll.name, "queries": len(select_queries(coll, max_queries)),
-            "stored": max(d["stored"] for d in done), "actors": n, "seconds": seconds,
-            "shards": sorted(done, key=lambda d: d["shard"])}
+    if any(d["settings"] != done[0]["settings"] for d in done):
+        raise RouteheadError("Ray actors stored under different settings (different model files or library "
+                             "versions on the nodes?); check the store")
+    return {"collection": done[0]["collection"], "stored": max(d["stored"] for d in done), "actors": n,
+            "seconds": seconds, "shards": sorted(done, key=lambda d: d["shard"])}
 
 
-def score_command(args: Any) -> None:
+def score_command(args: argparse.Namespace) -> None:
     """``routehead score --ray [N] [--address ADDR]``: the same store as ``routehead score``, filled by N actors."""
     if tuple(args.shard) != (0, 1):
         raise RouteheadError("--ray splits the queries itself; drop --shard")
-    actors = args.ray if args.ray and args.ray > 0 else None
     try:
         import ray  # noqa: F401
     except ImportError:
         raise RouteheadError("routehead score --ray needs Ray: pip install 'routehead[ray]'") from None
-    out = score_collection_ray(args.data, args.split, args.model, actors=actors, top_k=args.top_k,
-                               max_queries=args.max_queries, max_doc_tokens=args.max_doc_tokens,
-                               batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                               trust_remote_code=args.trust_remote_code, address=args.address,
-                               progress=not args.no_progress)
+    out = _run_shards(args, actors=args.ray if args.ray and args.ray > 0 else None, num_gpus=None,
+                      address=args.address, max_retries=0, progress=not args.no_progress, actor_setup=None)
     print(f"{out['stored']} queries stored for {out['collection']}/{args.split} "
-          f"({out['actors']} Ray actors, {out['seconds']:.1f} s scoring)")
+          f"({out['actors']} Ray actor{'s' if out['actors'] != 1 else ''}, {out['seconds']:.1f} s)")
