@@ -86,7 +86,7 @@ def top_heads(quality: np.ndarray, top: int) -> list[Head]:
 
 def save_heads(path: str | Path, heads: Sequence[Head], identity: dict[str, Any], **meta: Any) -> None:
     """A head set as JSON, with the model identity it was detected for."""
-    body = {"format": "routehead-heads-v1", "model": identity, "heads": [[int(a), int(b)] for a, b in heads], **meta}
+    body = {"format": "routehead-heads-v2", "model": identity, "heads": [[int(a), int(b)] for a, b in heads], **meta}
     Path(path).write_text(json.dumps(body, indent=1))
 
 
@@ -102,6 +102,9 @@ def load_heads(path: str | Path, identity: dict[str, Any] | None = None) -> tupl
         raise RouteheadError(f"{path} is not a routehead head-set file ({type(exc).__name__}: {exc})") from exc
     if not heads:
         raise RouteheadError(f"{path} lists no heads")
+    if body.get("format") != "routehead-heads-v2":
+        raise RouteheadError(f"{path} was detected by an older routehead (per-head masking, another prompt); "
+                             f"detect the heads again (routehead detect) or pass them as a list")
     if identity is not None:
         check_identity(model, identity, str(path))
     return heads, body

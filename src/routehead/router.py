@@ -190,6 +190,9 @@ def load_router(path: str | Path, identity: dict[str, Any] | None = None) -> Rou
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
+        if meta.get("format") == "routehead-router-v1":
+            raise RouteheadError(f"router {p} was trained by an older routehead (per-head masking, another prompt); "
+                                 f"its heads do not carry over: train it again (routehead train)")
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
         config = RouterConfig(**json.loads(meta["config"]))
