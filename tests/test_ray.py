@@ -191,8 +191,8 @@ def test_score_ray_equals_single_process_even_after_an_actor_dies(ray_local, tmp
 
     # run 2: the same command through the CLI scores only what is missing
     capsys.readouterr()
-    assert main(["score", "--ray", "1", *common]) == 0  # another actor count: shards differ, stored queries skipped
-    assert capsys.readouterr().out.startswith("64 queries stored for coll/test (1 Ray actor, ")
+    assert main(["score", "--ray", "2", *common]) == 0
+    assert capsys.readouterr().out.startswith("64 queries stored for coll/test (2 Ray actors, ")
     got, shards = _stored(options)
     flat = [q for s in shards for q in s]
     assert len(flat) == len(set(flat)) == 64  # nothing stored twice
@@ -206,6 +206,11 @@ def test_score_ray_equals_single_process_even_after_an_actor_dies(ray_local, tmp
 @pytest.mark.slow
 def test_readme_ray_snippet_runs_on_the_default_model(ray_local, tmp_path, monkeypatch, capsys):
     import runpy
+
+    from tests.test_readme_integrations import shipped_router_problem
+
+    if shipped_router_problem():  # the actors load the shipped router themselves; nothing to stand in for it
+        pytest.skip(f"the router shipped for the default model cannot be loaded: {shipped_router_problem()}")
 
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(ROOT / "examples" / "integrations" / "ray_rerank.py"), run_name="__main__")
