@@ -28,7 +28,7 @@ def test_first_stage_scores_only_when_every_document_has_a_finite_one():
 
 
 def test_load_reranker_shares_a_reranker_and_calls_factories(rr):
-    assert load_reranker(rr) is rr
+    assert load_reranker(rr) is rr and load_reranker(lambda: rr) is rr
     built = load_reranker(lambda: tiny_lm("llama"), method="icr")
     assert built.method == "icr" and built.lm.name == "tiny-llama"
 
@@ -40,6 +40,13 @@ def test_ranking_metadata_names_heads_and_first_stage(rr):
     assert meta["relevance_score"] == r.scores[0]
     assert meta["routed_heads"] == [list(h) for h in r.heads] and meta["first_stage_used"] is True
     assert len(meta["head_weights"]) == len(r.heads)
+
+
+def test_instruction_reaches_the_prompt():
+    if not supports_instruction():
+        pytest.skip("this routehead's Reranker has no instruction setting")
+    rr = load_reranker(tiny_lm("llama"), method="icr", instruction="Find the passage that answers the question.")
+    assert rr.scorer.builder.settings()["late_instruction"] == "Find the passage that answers the question."
 
 
 def test_instruction_is_passed_only_where_the_reranker_takes_it(monkeypatch):

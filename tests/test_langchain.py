@@ -50,3 +50,18 @@ def test_async_and_callbacks_argument(rr):
     out = asyncio.run(comp.acompress_documents(_docs(), QUERY, callbacks=None))
     assert [d.metadata["relevance_score"] for d in out] == expected(rr).scores[:2]
 
+
+
+def test_in_a_contextual_compression_retriever(rr):
+    """The chain LangChain users build (ContextualCompressionRetriever now lives in langchain-classic)."""
+    retrievers = pytest.importorskip("langchain_classic.retrievers")
+    from langchain_core.retrievers import BaseRetriever
+
+    class Fixed(BaseRetriever):
+        def _get_relevant_documents(self, query, *, run_manager=None):
+            return _docs()
+
+    chain = retrievers.ContextualCompressionRetriever(base_compressor=RouteheadCompressor(model=rr, top_n=2),
+                                                      base_retriever=Fixed())
+    out = chain.invoke(QUERY)
+    assert [d.metadata["relevance_score"] for d in out] == expected(rr, fs=FIRST_STAGE).scores[:2]
