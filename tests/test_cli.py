@@ -101,7 +101,7 @@ def test_serve_command_answers_rerank_on_loopback():
             deadline = time.time() + 180
             while True:
                 try:
-                    if client.get("/health").status_code == 200:
+                    if client.get("/ready").status_code == 200:  # /health is liveness: up before the model
                         break
                 except httpx.TransportError:
                     pass

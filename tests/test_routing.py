@@ -10,10 +10,10 @@ from routehead.api import Reranker
 from routehead.errors import RouteheadError
 from routehead.heads import load_heads, ndcg_at_k, save_heads, set_scores, spans_of
 from routehead.labels import Query, doc_scores, greedy_label, prior_quality
-from routehead.order import prompt_order
-from routehead.scorer import HeadSet, mask_outliers_and_sum
 from routehead.metrics import evaluate_run
+from routehead.order import prompt_order
 from routehead.router import Router, RouterConfig, load_router
+from routehead.scorer import HeadSet, mask_outliers_and_sum
 from routehead.train import TrainSettings, train_router
 from tests.tiny import tiny_lm
 

@@ -17,11 +17,13 @@ def test_service_matches_library_and_reports_heads():
     expected = rr.rerank("which enzyme digests starch?", texts)
     with TestClient(create_app(rr)) as client:
         r = client.post("/rerank", json={"query": "which enzyme digests starch?", "documents": DOCS,
-                                         "return_heads": True, "return_documents": True, "top_n": 2})
+                                         "return_heads": True, "return_documents": True, "top_n": 2,
+                                         "raw_scores": True})
         assert r.status_code == 200, r.text
         body = r.json()
         assert [x["index"] for x in body["results"]] == expected.indices[:2]
-        assert [x["relevance_score"] for x in body["results"]] == expected.scores[:2]
+        assert [x["raw_score"] for x in body["results"]] == expected.scores[:2]
+        assert all(0 <= x["relevance_score"] <= 1 for x in body["results"])
         assert body["results"][0]["document"]["text"] == texts[expected.indices[0]]
         assert body["heads"] == [[0, 1], [2, 3]]
         bad = client.post("/rerank", json={"query": " ", "documents": ["x"]})

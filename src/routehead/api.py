@@ -198,18 +198,29 @@ class Reranker:
             out.append(item)
         return out
 
+    async def arerank(self, query: str, documents: Sequence[str], **kwargs: Any) -> Ranking:
+        """:meth:`rerank` for async callers: runs in a thread, one call at a time per model (``routehead.aio``)."""
+        from routehead.aio import arerank
+
+        return await arerank(self, query, documents, **kwargs)
+
+    async def rank_async(self, query: str, documents: Sequence[str], **kwargs: Any) -> list[dict[str, Any]]:
+        """:meth:`rank` for async callers, sharing the model safely like :meth:`arerank`."""
+        from routehead.aio import arank
+
+        return await arank(self, query, documents, **kwargs)
+
 
 def document_evidence(tokenizer: Any, S: HeadScores, set_index: int, k: int) -> list[list[dict[str, Any]]]:
     """Per document (prompt order): the ``k`` words that carried most of its score, each with its share.
 
     A word's score is the sum of its tokens' kept (above the outlier threshold) calibrated scores under the
-    selected heads, the same numbers the document's score sums; share = word score / document score. The
-    ``[i]`` marker is not a word of the document and is left out.
+    selected heads, the same numbers the document's score sums; share = word score / the positive score of all
+    the document's words (the ``[i]`` marker is not a word of the document and is left out).
     """
     import torch
 
     from routehead.heads import spans_of
-    from routehead.scorer import mask_outliers_and_sum
 
     assert S.set_tokens is not None
     rows = S.set_tokens.rows[set_index]
@@ -223,7 +234,6 @@ def document_evidence(tokenizer: Any, S: HeadScores, set_index: int, k: int) -> 
         else:
             keep = torch.zeros(len(ids), dtype=torch.bool)
         kept = (x * keep).double()
-        total = float(mask_outliers_and_sum(rows[None], spans)[0, d]) or 1.0
         words: list[list[Any]] = []
         for tid, val in zip(ids, kept.tolist()):
             piece = tokenizer.decode([tid])
@@ -233,6 +243,7 @@ def document_evidence(tokenizer: Any, S: HeadScores, set_index: int, k: int) -> 
                 words[-1][0] += piece
                 words[-1][1] += val
         words = [w for w in words if w[0].strip() and not w[0].strip().startswith("[")]
+        total = sum(w[1] for w in words if w[1] > 0) or 1.0  # the positive mass the words carry
         top = sorted(words, key=lambda w: -w[1])[:k]
         out.append([{"text": w[0].strip(), "share": round(w[1] / total, 4)} for w in top])
     return out

@@ -1,0 +1,120 @@
+"""Throughput and latency of the re-rank service under concurrent clients, batching on vs off.
+
+    python bench/service.py [--clients 1 4 16] [--seconds 20] [--docs 5 --words 50] [--model smollm2-135m]
+
+For each batching setting a real server (the service's own uvicorn settings) runs on 127.0.0.1 around the
+default model on CPU; for each client count, that many threads send ``POST /v1/rerank`` back to back for
+``--seconds`` (after a warm-up request each), all with SciFact queries and documents cut to ``--words`` words.
+Prints and writes results/service-<docs>x<words>.json: requests/s and p50/p90/p99 latency per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from routehead.api import Reranker
+from routehead.service import ServiceSettings, create_app
+from routehead.service.run import build_server
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_clients(base: str, payloads: list[dict], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=base, timeout=600, trust_env=False) as c:
+            i = k
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = c.post("/v1/rerank", json=payloads[i % len(payloads)])
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                    else:
+                        errors[0] += 1
+                i += clients
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": len(latencies), "errors": errors[0], "wall_s": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 3),
+            "p50_s": round(percentile(latencies, 0.5), 3), "p90_s": round(percentile(latencies, 0.9), 3),
+            "p99_s": round(percentile(latencies, 0.99), 3), "mean_s": round(statistics.mean(latencies), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--docs", type=int, default=5)
+    ap.add_argument("--words", type=int, default=50)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--method", default="icr", help="icr by default: the shipped router predates main's format")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--data", default="../shared/data/scifact")
+    ap.add_argument("--settings", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lines = open(f"{args.data}/corpus.jsonl").read().splitlines()[: args.docs * 20]
+    corpus = [json.loads(line) for line in lines]
+    texts = [" ".join(f"{d['title']}. {d['text']}".split()[: args.words]) for d in corpus]
+    queries = [json.loads(line)["text"] for line in open(f"{args.data}/queries.jsonl").read().splitlines()[:40]]
+    payloads = [{"query": q, "documents": texts[(i * args.docs) % len(texts):][: args.docs] or texts[: args.docs]}
+                for i, q in enumerate(queries)]
+    rr = Reranker(model=args.model, method=args.method, device=args.device)
+    out = {"model": rr.lm.name, "method": args.method, "docs": args.docs, "words": args.words,
+           "seconds": args.seconds, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d"), "runs": {}}
+    for setting in args.settings:
+        settings = ServiceSettings(batching=setting == "on", max_batch_tokens=args.max_batch_tokens,
+                                   request_timeout_s=600)
+        server = build_server(create_app(rr, settings=settings), "127.0.0.1", 0, settings, log_level="warning")
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        httpx.post(f"{base}/v1/rerank", json=payloads[0], timeout=600, trust_env=False).raise_for_status()
+        rows = []
+        for clients in args.clients:
+            row = run_clients(base, payloads, clients, args.seconds)
+            rows.append(row)
+            print(json.dumps({"batching": setting, **row}), flush=True)
+        out["runs"][setting] = rows
+        server.should_exit = True
+        thread.join(30)
+    Path("results").mkdir(exist_ok=True)
+    path = Path(f"results/service-{args.docs}x{args.words}.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()

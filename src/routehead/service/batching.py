@@ -1,0 +1,334 @@
+"""Dynamic batching: one bounded queue in front of one worker thread per model replica.
+
+Why this shape: a PyTorch model is not thread-safe and one forward pass over several prompts costs less than
+several passes (``Reranker.rerank_many``), so requests that arrive while a replica is busy wait in a queue
+and the next free replica takes as many of them as fit a token budget into one call.  Nothing waits on a
+timer to fill a batch: under light load a request runs alone at once, under heavy load batches grow by
+themselves.
+
+- Admission: at most ``max_concurrent_requests`` requests are queued or running; one more raises
+  :class:`QueueFull` at once (the app answers 429 with Retry-After), so memory and latency stay bounded.
+- Batch forming: the oldest queued request is always taken (a request over the budget runs alone, never
+  starves); later ones join while ``requests x longest prompt`` (the padded cost of one pass) stays within
+  ``max_batch_tokens`` and the batch has fewer than ``max_batch_requests``.  Only requests asking for the same
+  evidence size share a call.
+- Failure isolation: if a batched call raises, its requests are retried one at a time, so only the request
+  that breaks the model fails and the others get the answer they would have had alone.
+- Cancellation: a request whose awaiting task is cancelled (client gone) or times out is removed from the
+  queue; if it is already running, its batch finishes (a forward pass cannot be interrupted) and the answer is
+  dropped: its work stops at the next batch boundary.
+- Shutdown: :meth:`Batcher.close` refuses new work, fails what is still queued with :class:`ShuttingDown`,
+  and lets each replica finish the batch it is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from routehead.aio import model_lock
+
+logger = logging.getLogger("routehead.service")
+
+
+class QueueFull(Exception):
+    """The service already holds ``max_concurrent_requests`` requests."""
+
+
+class ShuttingDown(Exception):
+    """The service is draining (SIGTERM) and takes no new work."""
+
+
+@dataclass
+class Work:
+    """One re-rank request as the model sees it."""
+
+    query: str
+    documents: list[str]
+    first_stage_scores: list[float] | None = None
+    evidence: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Outcome:
+    """A finished request: the reranker's ranking and where its time went."""
+
+    ranking: Any
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Job:
+    work: Work
+    future: asyncio.Future[Outcome]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    cancelled: bool = False
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class _Replica:
+    """One model copy and what its methods accept (read once: ``inspect`` is not free)."""
+
+    def __init__(self, reranker: Any, name: str) -> None:
+        self.reranker = reranker
+        self.name = name
+        self.many = getattr(reranker, "rerank_many", None)
+        self.many_evidence = self.many is not None and _accepts(self.many, "evidence")
+        self.one_evidence = _accepts(reranker.rerank, "evidence")
+        self.one_heads = _accepts(reranker.rerank, "routed_heads")
+
+    def rerank_one(self, work: Work) -> Any:
+        kwargs: dict[str, Any] = {}
+        if work.first_stage_scores is not None:
+            kwargs["first_stage_scores"] = work.first_stage_scores
+        if self.one_heads:
+            kwargs["routed_heads"] = True
+        if work.evidence and self.one_evidence:
+            kwargs["evidence"] = work.evidence
+        with model_lock(self.reranker):  # also excludes Reranker.arerank callers sharing this model
+            return self.reranker.rerank(work.query, work.documents, **kwargs)
+
+    def rerank_batch(self, works: Sequence[Work]) -> list[Any]:
+        """One ``rerank_many`` call where the reranker has it (and it can give the evidence asked for)."""
+        evidence = works[0].evidence
+        if self.many is None or len(works) == 1 or (evidence and not self.many_evidence):
+            return [self.rerank_one(w) for w in works]
+        items = [(w.query, w.documents) if w.first_stage_scores is None
+                 else (w.query, w.documents, w.first_stage_scores) for w in works]
+        kwargs = {"evidence": evidence} if evidence else {}
+        with model_lock(self.reranker):
+            out = list(self.many(items, batch_size=len(items), **kwargs))
+        if len(out) != len(works):
+            raise RuntimeError(f"rerank_many returned {len(out)} rankings for {len(works)} requests")
+        return out
+
+
+class Batcher:
+    """The queue and its workers (see the module docstring).  Submit from the event loop's thread only."""
+
+    def __init__(self, replicas: Sequence[Any], *, max_batch_tokens: int = 16384, max_batch_requests: int = 32,
+                 max_concurrent_requests: int = 512, batching: bool = True, metrics: Any = None,
+                 names: Sequence[str] | None = None) -> None:
+        if not replicas:
+            raise ValueError("at least one reranker replica is needed")
+        names = list(names) if names is not None else [f"replica-{i}" for i in range(len(replicas))]
+        self.replicas = [_Replica(r, n) for r, n in zip(replicas, names)]
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests if batching else 1
+        self.max_concurrent_requests = max_concurrent_requests
+        self.metrics = metrics
+        self.admitted = 0  # queued + running, counted on the event loop's thread
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._busy = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self, warmup: Work | None = None, on_ready: Callable[[], None] | None = None,
+              on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Start one worker thread per replica; each runs ``warmup`` first, then ``on_ready`` once all have."""
+        remaining = [len(self.replicas)]
+        lock = threading.Lock()
+
+        def run(replica: _Replica) -> None:
+            if warmup is not None:
+                try:
+                    replica.rerank_one(warmup)
+                except BaseException as exc:  # a replica that cannot rerank must not pretend to be ready
+                    logger.exception("warm-up failed on %s", replica.name)
+                    if on_error is not None:
+                        on_error(exc)
+                    return
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0 and on_ready is not None:
+                    on_ready()
+            self._work(replica)
+
+        for replica in self.replicas:
+            t = threading.Thread(target=run, args=(replica,), name=f"routehead-{replica.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuse new work, fail what is queued, let running batches finish (up to ``timeout`` seconds)."""
+        with self._cond:
+            self._closed = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in left:
+            self._resolve(job, error=ShuttingDown("the service is shutting down"))
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._update_gauges()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    # -- the event loop side -------------------------------------------------------------------------------
+    async def submit(self, work: Work, timeout: float | None = None) -> Outcome:
+        """Queue ``work`` and wait for its outcome.
+
+        Raises :class:`QueueFull` (over ``max_concurrent_requests``), :class:`ShuttingDown`,
+        ``TimeoutError`` after ``timeout`` seconds, or whatever the reranker raised for this request.  If the
+        awaiting task is cancelled or times out, the request leaves the queue.
+        """
+        if self._closed:
+            raise ShuttingDown("the service is shutting down")
+        if self.admitted >= self.max_concurrent_requests:
+            raise QueueFull(f"{self.admitted} requests are already queued or running "
+                            f"(max_concurrent_requests={self.max_concurrent_requests})")
+        loop = asyncio.get_running_loop()
+        job = _Job(work, loop.create_future(), loop)
+        self.admitted += 1
+        try:
+            with self._cond:
+                if self._closed:
+                    raise ShuttingDown("the service is shutting down")
+                self._queue.append(job)
+                self._cond.notify()
+            self._update_gauges()
+            return await asyncio.wait_for(job.future, timeout)
+        except BaseException:
+            self._abandon(job)
+            raise
+        finally:
+            self.admitted -= 1
+
+    def _abandon(self, job: _Job) -> None:
+        job.cancelled = True
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                pass  # already taken by a worker: its answer will be dropped
+        self._update_gauges()
+
+    # -- the worker side -----------------------------------------------------------------------------------
+    def _take(self) -> list[_Job] | None:
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].cancelled:
+                    self._queue.popleft()
+                if self._queue:
+                    break
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, longest = [first], first.work.tokens
+            if self.max_batch_requests > 1:
+                kept: collections.deque[_Job] = collections.deque()
+                while self._queue:
+                    job = self._queue.popleft()
+                    if job.cancelled:
+                        continue
+                    cost = (len(batch) + 1) * max(longest, job.work.tokens)
+                    if (len(batch) < self.max_batch_requests and job.work.evidence == first.work.evidence
+                            and cost <= self.max_batch_tokens):
+                        batch.append(job)
+                        longest = max(longest, job.work.tokens)
+                    else:
+                        kept.append(job)
+                self._queue = kept
+            now = time.perf_counter()
+            for job in batch:
+                job.started = now
+            self._busy += 1
+            return batch
+
+    def _work(self, replica: _Replica) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._update_gauges()
+                self._execute(replica, batch)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                self._update_gauges()
+
+    def _execute(self, replica: _Replica, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(batch), sum(j.work.tokens for j in batch))
+        try:
+            rankings = replica.rerank_batch([j.work for j in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                self._finish(batch[0], t0, 1, error=exc)
+                return
+            logger.warning("a batch of %d requests failed (%s); retrying them one at a time", len(batch), exc)
+            if self.metrics is not None:
+                self.metrics.batch_retries.inc()
+            for job in batch:
+                if job.cancelled:
+                    continue
+                t1 = time.perf_counter()
+                try:
+                    ranking = replica.rerank_one(job.work)
+                except Exception as one_exc:
+                    self._finish(job, t1, 1, error=one_exc)
+                else:
+                    self._finish(job, t1, 1, ranking=ranking)
+            return
+        for job, ranking in zip(batch, rankings):
+            self._finish(job, t0, len(batch), ranking=ranking)
+
+    def _finish(self, job: _Job, t0: float, size: int, ranking: Any = None,
+                error: BaseException | None = None) -> None:
+        now = time.perf_counter()
+        if error is None:
+            self._resolve(job, Outcome(ranking, queue_s=job.started - job.enqueued, inference_s=now - t0,
+                                       batch_size=size))
+        else:
+            self._resolve(job, error=error)
+
+    @staticmethod
+    def _resolve(job: _Job, outcome: Outcome | None = None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(outcome)  # type: ignore[arg-type]
+
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # the event loop is gone (server stopped): nobody is waiting
+
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_size.set(len(self._queue))
+            self.metrics.busy_replicas.set(self._busy)

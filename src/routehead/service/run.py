@@ -1,0 +1,106 @@
+"""Running the service: uvicorn with the connection limits, header timeout, SIGTERM drain and JSON logs.
+
+Why a ``uvicorn.Server`` subclass: on SIGTERM the readiness endpoint must turn 503 at once (so a load balancer
+stops sending) while in-flight requests finish; uvicorn then closes the listening socket, waits up to
+``graceful_shutdown_s`` for open requests, runs the app's shutdown (which fails whatever is still queued with
+503 and lets each replica finish its batch) and exits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from routehead.calibration import Calibration
+from routehead.service.config import Limits, ServiceSettings
+from routehead.service.http import header_timeout_protocol
+
+logger = logging.getLogger("routehead.server")
+
+_STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any ``extra=`` fields of the record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                               "logger": record.name, "message": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", json_logs: bool = False) -> None:
+    """Log to stderr: plain lines, or JSON lines with ``json_logs`` (uvicorn's own loggers included)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s "
+                                                                            "%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_server(app: Any, host: str, port: int, settings: ServiceSettings, log_level: str = "info",
+                 configure_logs: bool = True) -> Any:
+    """A ``uvicorn.Server`` for ``app`` with the service's timeouts and limits, draining on SIGTERM."""
+    import uvicorn
+
+    state = app.state.service
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            http=header_timeout_protocol(settings.header_timeout_s),
+                            timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
+                            limit_concurrency=settings.max_connections, timeout_keep_alive=5,
+                            log_config=None if not configure_logs else uvicorn.config.LOGGING_CONFIG)
+    return DrainingServer(config)
+
+
+def _run_server(server: Any) -> None:
+    server.run()
+
+
+def serve(reranker_factory_or_reranker: Any | Callable[[], Any], host: str = "127.0.0.1", port: int = 8000,
+          limits: Limits | None = None, *, settings: ServiceSettings | None = None, log_level: str = "info",
+          json_logs: bool = False, calibration: Calibration | None = None,
+          replica_names: Sequence[str] | None = None) -> None:
+    """Serve a reranker (or replicas, or a factory of them) with uvicorn until SIGTERM/SIGINT.
+
+    A factory is called after the socket opens: ``/health`` answers at once and ``/ready`` turns 200 once
+    the model is loaded and warmed up.  Binds to 127.0.0.1 by default: the service has no authentication,
+    and a model on a public port is an open compute endpoint; other addresses are logged as a warning.
+    """
+    from routehead.service.app import create_app
+
+    settings = settings or ServiceSettings()
+    if json_logs:
+        configure_logging(log_level, json_logs=True)
+    if not is_loopback(host):
+        logger.warning("binding the re-rank service to %s: it has no authentication; anyone who can reach this "
+                       "address can use the model", host)
+    app = create_app(reranker_factory_or_reranker, limits, settings, calibration=calibration,
+                     replica_names=replica_names)
+    _run_server(build_server(app, host, port, settings, log_level, configure_logs=not json_logs))

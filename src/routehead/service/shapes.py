@@ -1,0 +1,355 @@
+"""The request and response bodies the service speaks: Cohere v1/v2 and Jina (one shape), TEI, routehead extras.
+
+Why one Cohere-style model for ``/v1/rerank``, ``/v2/rerank`` and ``/rerank``-with-``documents``: Cohere v1,
+Cohere v2 and Jina send overlapping subsets of the same fields, and a client of one must not get 422 for a
+field another one defines.  So the request model is their union; fields routehead cannot act on are accepted
+and documented as ignored (``max_chunks_per_doc``, ``priority``, ``relevant_spans``) rather than refused.
+Unknown fields are still refused (422 naming the allowed ones): a typo such as ``topn`` must not be silently
+dropped.  Any ``model`` name is accepted (clients send ``rerank-v3.5`` or Jina's default); the response says
+which model actually served.
+
+TEI's ``/rerank`` body is told apart by ``texts`` (TEI) versus ``documents`` (everything else), and gets TEI's
+bare-list response.
+
+Scores: ``relevance_score`` (and TEI's ``score``) is the calibrated value in [0, 1] (see
+``routehead.calibration``); ``raw_score`` (or TEI's ``score`` with ``raw_scores: true``) is the reranker's raw
+attention score.  Extras, opt-in on every shape: ``return_heads`` (routed heads and their weights),
+``return_evidence: k`` (the k words of each document that carried its score, with their share).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from routehead.calibration import Calibration
+from routehead.service.errors import check_unicode, clip, json_type
+
+MAX_EVIDENCE = 64
+
+
+def _check_document(value: object) -> object:
+    """Validate one document before the schema's union does, to give one clear message per bad item."""
+    if isinstance(value, str):
+        check_unicode(value)
+        return value
+    if isinstance(value, dict):
+        text = value.get("text")
+        if "text" in value and not isinstance(text, str):
+            raise PydanticCustomError("document_text_type", '"text" must be a string, got {got}',
+                                      {"got": json_type(text)})
+        if isinstance(text, str):
+            check_unicode(text)
+        return value
+    raise PydanticCustomError("document_type", 'must be a string or an object with a "text" field, got {got}',
+                              {"got": json_type(value)})
+
+
+_DOCUMENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
+                                                    "required": ["text"], "additionalProperties": True}],
+                    "description": 'A string, or an object with "text" (other keys allowed; with rank_fields, '
+                                   'the named fields instead of "text").'}
+Document = Annotated[StrictStr | dict[str, Any], BeforeValidator(_check_document), WithJsonSchema(_DOCUMENT_SCHEMA)]
+_QUERY = {"pattern": r"\S"}  # the schema says what the validator checks: at least one non-space character
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+EvidenceK = Annotated[StrictInt, Field(ge=0, le=MAX_EVIDENCE)]
+
+
+def _query_not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("empty_query", "must not be empty or whitespace-only")
+    check_unicode(value)
+    return value
+
+
+class Extras(BaseModel):
+    """routehead's opt-in extras, accepted on every shape."""
+
+    return_heads: StrictBool = Field(default=False, description="Return the routed (layer, head) pairs and "
+                                     "their weights for this query.")
+    return_evidence: EvidenceK = Field(default=0, description="Return, per result, the k words of the "
+                                       "document that carried its score, with their share (0: off).")
+
+
+class RerankRequest(Extras):
+    """Body of ``POST /v1/rerank``, ``/v2/rerank`` and ``/rerank`` with ``documents`` (Cohere v1/v2, Jina)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr = Field(description="The search query; must contain a non-whitespace character.",
+                             json_schema_extra=_QUERY)
+    documents: list[Document] = Field(min_length=1, description='Strings, or objects with "text" (other keys '
+                                      'are allowed and ignored unless named in rank_fields).')
+    model: StrictStr | None = Field(default=None, description="Accepted and ignored: any name; the response "
+                                    "names the served model.")
+    top_n: PositiveInt | None = Field(default=None, description="Return only the best top_n (default: all).")
+    return_documents: StrictBool | None = Field(default=None, description="Echo each result's document text.")
+    rank_fields: list[StrictStr] | None = Field(default=None, description="Object documents: the fields to "
+                                                "rank on, joined as 'field: value' lines (default: text).")
+    max_tokens_per_doc: PositiveInt | None = Field(default=None, description="Cut each document to this many "
+                                                   "tokens (the engine's own cap still applies).")
+    max_chunks_per_doc: PositiveInt | None = Field(default=None, description="Accepted and ignored: documents "
+                                                   "are truncated, never chunked.")
+    priority: StrictInt | None = Field(default=None, description="Accepted and ignored.")
+    relevant_spans: dict[str, Any] | None = Field(default=None, description="Accepted and ignored; use "
+                                                  "return_evidence.")
+    raw_scores: StrictBool = Field(default=False, description="Also return each result's raw attention score.")
+    first_stage_scores: list[StrictFloat | StrictInt] | None = Field(
+        default=None, description="One first-stage score per document, for routers that use them.")
+
+    @field_validator("query")
+    @classmethod
+    def _query_ok(cls, value: str) -> str:
+        return _query_not_blank(value)
+
+    @field_validator("first_stage_scores")
+    @classmethod
+    def _finite(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(math.isfinite(float(v)) for v in value):
+            raise PydanticCustomError("not_finite", "must be finite numbers")
+        return value
+
+    @model_validator(mode="after")
+    def _documents_have_text(self) -> RerankRequest:
+        for i, doc in enumerate(self.documents):
+            if isinstance(doc, dict):
+                if self.rank_fields:
+                    if not any(f in doc for f in self.rank_fields):
+                        names = ", ".join(map(repr, self.rank_fields))
+                        raise PydanticCustomError("document_fields", "documents[{i}] has none of the rank_fields "
+                                                  "{fields}", {"i": i, "fields": names})
+                elif "text" not in doc:
+                    raise PydanticCustomError("document_text_missing", 'documents[{i}]: object has no "text" '
+                                              'field (send "text", or name the fields in rank_fields)', {"i": i})
+        if self.first_stage_scores is not None and len(self.first_stage_scores) != len(self.documents):
+            raise PydanticCustomError("first_stage_length", "first_stage_scores has {n} scores for {m} documents",
+                                      {"n": len(self.first_stage_scores), "m": len(self.documents)})
+        return self
+
+    def texts(self) -> list[str]:
+        """The text the model ranks for each document."""
+        out = []
+        for doc in self.documents:
+            if isinstance(doc, str):
+                out.append(doc)
+            elif self.rank_fields:
+                out.append("\n".join(f"{f}: {_field_text(doc[f])}" for f in self.rank_fields if f in doc))
+            else:
+                out.append(doc["text"])
+        return out
+
+
+def _field_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+class TEIRequest(Extras):
+    """Body of TEI's ``POST /rerank`` (told apart from the Cohere shape by ``texts``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr = Field(description="The search query; must contain a non-whitespace character.",
+                             json_schema_extra=_QUERY)
+    texts: list[StrictStr] = Field(min_length=1, description="The documents.")
+    raw_scores: StrictBool = Field(default=False, description="score is the raw attention score instead of "
+                                   "the calibrated relevance in [0, 1].")
+    return_text: StrictBool = Field(default=False, description="Echo each result's text.")
+    truncate: StrictBool | None = Field(default=None, description="Accepted; documents are always truncated to "
+                                        "the engine's per-document cap and long lists are windowed.")
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = Field(
+        default=None, description="Accepted; truncation keeps the start of each document.")
+
+    @field_validator("query")
+    @classmethod
+    def _query_ok(cls, value: str) -> str:
+        return _query_not_blank(value)
+
+    @field_validator("texts")
+    @classmethod
+    def _texts_unicode(cls, value: list[str]) -> list[str]:
+        for text in value:
+            check_unicode(text)
+        return value
+
+
+# -- responses ---------------------------------------------------------------------------------------------------
+class EvidenceItem(BaseModel):
+    """A word of the document and the share of the document's score it carried."""
+
+    text: str
+    share: float
+
+
+class ResultDocument(BaseModel):
+    """The document echoed back with ``return_documents``."""
+
+    text: str
+
+
+class RerankResult(BaseModel):
+    """One ranked document: its position in the request's ``documents`` and its score."""
+
+    index: int
+    relevance_score: float = Field(ge=0, le=1, description="Calibrated relevance in [0, 1]; see meta.calibrated.")
+    document: ResultDocument | None = Field(default=None, description="Only with return_documents.")
+    raw_score: float | None = Field(default=None, description="Raw attention score; only with raw_scores.")
+    evidence: list[EvidenceItem] | None = Field(default=None, description="Only with return_evidence.")
+
+
+class ApiVersion(BaseModel):
+    version: str = "2"
+    is_experimental: bool = False
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+    input_tokens: int
+
+
+class Tokens(BaseModel):
+    input_tokens: int
+
+
+class RerankMeta(BaseModel):
+    """Cohere's ``meta`` plus routehead's: whether scores are calibrated and where the time went."""
+
+    api_version: ApiVersion = Field(default_factory=ApiVersion)
+    billed_units: BilledUnits
+    tokens: Tokens
+    calibrated: bool = Field(description="False when no fitted calibration matches the served model: "
+                             "relevance_score is then a fixed logistic of the raw score.")
+    duration_ms: float
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+    n_documents: int
+    warnings: list[str] | None = None
+
+
+class Usage(BaseModel):
+    """Jina's usage block."""
+
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    """Response of the Cohere/Jina-shaped endpoints."""
+
+    id: str
+    results: list[RerankResult]
+    model: str
+    meta: RerankMeta
+    usage: Usage
+    heads: list[list[int]] | None = Field(default=None, description="Only with return_heads (null when the "
+                                          "method routes nothing, e.g. icr).")
+    head_weights: list[float] | None = Field(default=None, description="Only with return_heads, for routers.")
+
+
+class TEIResult(BaseModel):
+    """One item of TEI's bare-list response, best first."""
+
+    index: int
+    score: float
+    text: str | None = Field(default=None, description="Only with return_text.")
+    evidence: list[EvidenceItem] | None = Field(default=None, description="Only with return_evidence.")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "routehead"
+
+
+class ModelList(BaseModel):
+    """OpenAPI-style ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- from a ranking to results ------------------------------------------------------------------------------------
+class Scored:
+    """A checked ranking: indices best first, raw and calibrated scores, evidence and heads.
+
+    A malformed ranking is a server bug (500), not the client's: ``operator.index`` refuses float indices so
+    one cannot be silently truncated into a wrong document.
+    """
+
+    def __init__(self, ranking: Any, n_documents: int, calibration: Calibration, evidence: int = 0) -> None:
+        self.indices = [operator.index(i) for i in ranking.indices]
+        self.raw = [float(s) for s in ranking.scores]
+        if len(self.indices) != len(self.raw):
+            raise ValueError(f"reranker returned {len(self.indices)} indices but {len(self.raw)} scores")
+        if sorted(self.indices) != list(range(n_documents)):
+            raise ValueError(f"reranker returned indices that are not a permutation of 0..{n_documents - 1}")
+        if not all(math.isfinite(s) for s in self.raw):
+            raise ValueError("reranker returned a non-finite score")
+        self.relevance = [float(p) for p in np.clip(calibration.relevance(self.raw), 0.0, 1.0)]
+        heads = getattr(ranking, "heads", None)
+        self.heads = None if heads is None else [[operator.index(a), operator.index(b)] for a, b in heads]
+        weights = getattr(ranking, "weights", None)
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.evidence: list[list[dict[str, Any]]] | None = None
+        got = getattr(ranking, "evidence", None) if evidence else None
+        if got is not None:
+            if len(got) != len(self.indices):
+                raise ValueError("reranker returned evidence not aligned with its indices")
+            self.evidence = [[{"text": str(e["text"]), "share": float(e["share"])} for e in list(items)[:evidence]]
+                             for items in got]
+
+
+def cohere_results(scored: Scored, texts: Sequence[str], top_n: int | None, return_documents: bool,
+                   raw_scores: bool, evidence: bool) -> list[dict[str, Any]]:
+    keep = len(scored.indices) if top_n is None else min(top_n, len(scored.indices))
+    out = []
+    for rank in range(keep):
+        i = scored.indices[rank]
+        item: dict[str, Any] = {"index": i, "relevance_score": scored.relevance[rank]}
+        if return_documents:
+            item["document"] = {"text": texts[i]}
+        if raw_scores:
+            item["raw_score"] = scored.raw[rank]
+        if evidence:
+            item["evidence"] = scored.evidence[rank] if scored.evidence is not None else []
+        out.append(item)
+    return out
+
+
+def tei_results(scored: Scored, texts: Sequence[str], raw_scores: bool, return_text: bool, evidence: bool
+                ) -> list[dict[str, Any]]:
+    out = []
+    for rank, i in enumerate(scored.indices):
+        item: dict[str, Any] = {"index": i, "score": scored.raw[rank] if raw_scores else scored.relevance[rank]}
+        if return_text:
+            item["text"] = texts[i]
+        if evidence:
+            item["evidence"] = scored.evidence[rank] if scored.evidence is not None else []
+        out.append(item)
+    return out
+
+
+def allowed_fields(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+__all__ = ["RerankRequest", "RerankResponse", "TEIRequest", "TEIResult", "ModelList", "Scored", "clip"]

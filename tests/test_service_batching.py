@@ -1,0 +1,159 @@
+"""The batcher alone (no HTTP): batch forming under the token budget, isolation, cancellation, admission."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from routehead.service.batching import Batcher, QueueFull, ShuttingDown, Work
+from tests.service_helpers import BOOM, BatchFake, fake_rank
+
+
+def work(query: str, docs: list[str] | None = None, tokens: int = 100, evidence: int = 0) -> Work:
+    return Work(query=query, documents=docs or ["a cat", "a dog", "cat dog"], tokens=tokens, evidence=evidence)
+
+
+async def _hold_then_submit(batcher: Batcher, fake: BatchFake, works: list[Work], timeout: float = 10):
+    """Hold the replica on a first request so the others queue up, then release: they batch together."""
+    fake.release.clear()
+    fake.entered.clear()
+    first = asyncio.ensure_future(batcher.submit(work("first"), timeout))
+    await asyncio.to_thread(fake.entered.wait, 5)
+    rest = [asyncio.ensure_future(batcher.submit(w, timeout)) for w in works]
+    await asyncio.sleep(0.05)
+    fake.release.set()
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
+def test_queued_requests_share_one_call_and_match_alone() -> None:
+    fake = BatchFake()
+    batcher = Batcher([fake], max_batch_tokens=10_000, max_batch_requests=8)
+    batcher.start()
+    works = [work(q) for q in ("cat", "dog", "cat dog", "bird", "a")]
+    out = asyncio.run(_hold_then_submit(batcher, fake, works))
+    batcher.close()
+    assert fake.calls == [1, 5]
+    for w, o in zip(works, out[1:]):
+        assert o.ranking == fake_rank(w.query, w.documents)
+        assert o.batch_size == 5 and o.queue_s >= 0 and o.inference_s >= 0
+
+
+def test_token_budget_and_request_cap_split_batches() -> None:
+    fake = BatchFake()
+    # padded cost = requests x longest: 3 x 300 = 900 fits 1000, a 4th would not
+    batcher = Batcher([fake], max_batch_tokens=1000, max_batch_requests=8)
+    batcher.start()
+    asyncio.run(_hold_then_submit(batcher, fake, [work(str(i), tokens=300) for i in range(7)]))
+    assert fake.calls == [1, 3, 3, 1]
+    fake.calls.clear()
+    capped = Batcher([BatchFake()], max_batch_tokens=10**6, max_batch_requests=2)
+    capped.start()
+    f2 = capped.replicas[0].reranker
+    asyncio.run(_hold_then_submit(capped, f2, [work(str(i)) for i in range(5)]))
+    assert f2.calls == [1, 2, 2, 1]
+    batcher.close()
+    capped.close()
+
+
+def test_oversized_request_runs_alone_and_batching_off_is_one_by_one() -> None:
+    fake = BatchFake()
+    batcher = Batcher([fake], max_batch_tokens=100, max_batch_requests=8)
+    batcher.start()
+    asyncio.run(_hold_then_submit(batcher, fake, [work("big", tokens=5000), work("small", tokens=10)]))
+    assert fake.calls == [1, 1, 1]
+    off_fake = BatchFake()
+    off = Batcher([off_fake], batching=False)
+    off.start()
+    asyncio.run(_hold_then_submit(off, off_fake, [work(str(i)) for i in range(3)]))
+    assert off_fake.calls == [1, 1, 1, 1]
+    batcher.close()
+    off.close()
+
+
+def test_a_model_error_fails_only_its_request() -> None:
+    fake = BatchFake()
+    batcher = Batcher([fake], max_batch_tokens=10_000)
+    batcher.start()
+    works = [work("cat"), work("dog", ["x", f"{BOOM} dog"]), work("cat dog")]
+    out = asyncio.run(_hold_then_submit(batcher, fake, works))
+    batcher.close()
+    assert fake.calls == [1, 3, 1, 1, 1]  # the batch failed, then each request alone
+    assert out[1].ranking == fake_rank("cat", works[0].documents)
+    assert isinstance(out[2], RuntimeError)
+    assert out[3].ranking == fake_rank("cat dog", works[2].documents)
+
+
+def test_evidence_requests_are_not_mixed_with_others() -> None:
+    fake = BatchFake()
+    batcher = Batcher([fake])
+    batcher.start()
+    works = [work("cat"), work("cat", evidence=2), work("dog"), work("dog", evidence=2)]
+    out = asyncio.run(_hold_then_submit(batcher, fake, works))
+    batcher.close()
+    assert sorted(fake.calls[1:]) == [2, 2]
+    assert out[2].ranking.evidence is not None and out[1].ranking.evidence is None
+
+
+def test_reranker_without_rerank_many_is_called_one_at_a_time() -> None:
+    fake = BatchFake(batched=False)
+    batcher = Batcher([fake])
+    batcher.start()
+    out = asyncio.run(_hold_then_submit(batcher, fake, [work("cat"), work("dog")]))
+    batcher.close()
+    assert fake.calls == [1, 1, 1]
+    assert out[2].ranking == fake_rank("dog", work("dog").documents)
+
+
+def test_queue_bound_timeout_and_cancellation() -> None:
+    fake = BatchFake()
+    batcher = Batcher([fake], max_concurrent_requests=3)
+    batcher.start()
+
+    async def scenario() -> None:
+        fake.release.clear()
+        fake.entered.clear()
+        running = asyncio.ensure_future(batcher.submit(work("held"), 10))
+        await asyncio.to_thread(fake.entered.wait, 5)
+        queued = asyncio.ensure_future(batcher.submit(work("queued"), 10))
+        timed = asyncio.ensure_future(batcher.submit(work("times out"), 0.2))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await batcher.submit(work("one too many"))
+        with pytest.raises(TimeoutError):
+            await timed
+        assert batcher.queued == 1 and batcher.admitted == 2  # the timed-out request left the queue
+        queued.cancel()  # the client went away
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 0 and batcher.admitted == 1
+        fake.release.set()
+        await running
+        await asyncio.sleep(0.1)
+        assert fake.calls == [1]  # neither the cancelled nor the timed-out request reached the model
+
+    asyncio.run(scenario())
+    batcher.close()
+
+
+def test_replicas_share_the_queue_and_close_fails_queued_work() -> None:
+    fakes = [BatchFake(delay=0.2), BatchFake(delay=0.2)]
+    batcher = Batcher(fakes, max_batch_requests=1)
+    batcher.start()
+
+    async def scenario() -> list:
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(batcher.submit(work(str(i))) for i in range(4)))
+        return [out, time.perf_counter() - t0]
+
+    out, elapsed = asyncio.run(scenario())
+    assert len(fakes[0].calls) >= 1 and len(fakes[1].calls) >= 1
+    assert elapsed < 0.75  # 4 x 0.2 s on two replicas, not one
+    assert all(f.overlaps == 0 for f in fakes)
+
+    async def after_close() -> None:
+        batcher.close()
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(work("late"))
+
+    asyncio.run(after_close())
