@@ -31,7 +31,7 @@ from routehead.errors import RouteheadError
 if TYPE_CHECKING:
     from routehead.api import Ranking
 
-__all__ = ["rerank_dataset", "score_collection_ray", "score_command", "write_trec_run"]
+__all__ = ["rerank_dataset", "rerank_many", "score_args", "score_collection_ray", "score_command", "write_trec_run"]
 
 OUTPUT_COLUMNS = ("ranked_doc_ids", "scores", "heads")
 
