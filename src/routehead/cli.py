@@ -112,6 +112,10 @@ def cmd_rerank(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    if args.ray is not None:  # the same store, filled by Ray actors (routehead.ray)
+        from routehead.ray import score_command
+
+        return score_command(args)
     import signal
 
     # a stopped run keeps its finished queries: SIGTERM (and SIGINT, which background jobs may ignore) unwind
@@ -278,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--shard", type=lambda s: tuple(int(x) for x in s.split("/")), default=(0, 1),
                    help="i/n: score only every n-th query starting at i (split work across processes)")
+    p.add_argument("--ray", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="score with N Ray actors, one model each (bare: one per GPU, else 1); needs routehead[ray]")
+    p.add_argument("--address", default=None, help="Ray cluster address for --ray (default: start a local Ray)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="metrics of re-rankers on a BEIR folder")
