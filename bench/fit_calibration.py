@@ -79,7 +79,7 @@ def main() -> None:
            "train_order": args.train_order, "methods": {}}
     for method in ("route", "static", "icr"):
         raw, grp, grades = method_rows(train, scorer, method, heads, router)
-        key = calibration_key({"model": lm.name, "method": method})
+        key = calibration_key({"model": lm.name, "method": method, "doc_order": "reverse"})
         cal = fit_calibration(raw, grp, grades, features=("raw",), key=key,
                               fitted_on=f"scifact/train, {len(train.entries)} queries, {args.train_order} order")
         row = {"coef": cal.coef, "intercept": cal.intercept, "train": cal.reliability, "test": {}}

@@ -78,14 +78,14 @@ def test_list_features() -> None:
 
 def test_asset_round_trip_and_matching(tmp_path) -> None:
     raw, groups, grades = synthetic(n_lists=50)
-    info = {"model": "smollm2-135m", "method": "route", "norm": "z"}
+    info = {"model": "smollm2-135m", "method": "route", "doc_order": "reverse"}
     cal = fit_calibration(raw, groups, grades, key=calibration_key(info), fitted_on="synthetic")
     path = cal.save(tmp_path / "calibration-smollm2-135m-route.json")
     loaded = Calibration.load(path)
     assert loaded == cal
     np.testing.assert_allclose(loaded.relevance([1.0, 0.0]), cal.relevance([1.0, 0.0]))
     assert loaded.matches(info)
-    assert not loaded.matches({**info, "norm": "sum"})
+    assert not loaded.matches({**info, "doc_order": "input"})
     assert not loaded.matches({"model": "smollm2-135m", "method": "route"})  # a setting it cannot check
     assert not loaded.matches({**info, "method": "icr"})
     assert find_calibration(info, tmp_path) == cal

@@ -124,7 +124,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def calibration_key(info: Mapping[str, Any], settings: Sequence[str] = ()) -> dict[str, Any]:
+def calibration_key(info: Mapping[str, Any], settings: Sequence[str] = ("doc_order",)) -> dict[str, Any]:
     """The key a calibration fitted for the reranker described by ``info`` is stored under."""
     return {"model": info.get("model"), "method": info.get("method"),
             "settings": {name: _jsonable(info[name]) for name in settings if name in info}}
