@@ -60,6 +60,8 @@ def _data_args(ap: argparse.ArgumentParser, split: str) -> None:
     ap.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass when computing S "
                     "(same scores; more queries/s on a GPU with a small model; default 1)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--stored-only", action="store_true", help="use only the queries already in the store "
+                    "(no forward passes; the rest are left out)")
 
 
 def _scored(args: argparse.Namespace, compute: bool = True) -> tuple[Any, Any]:
@@ -72,9 +74,12 @@ def _scored(args: argparse.Namespace, compute: bool = True) -> tuple[Any, Any]:
     lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, retrieval_type=args.retrieval_type)
     shard, num = getattr(args, "shard", (0, 1))
+    compute = compute and not getattr(args, "stored_only", False)
     sc = score_collection(coll, scorer if compute else None, scorer.settings(), top_k=args.top_k,
                           max_queries=args.max_queries, shard=shard, num_shards=num, progress=not args.no_progress,
                           batch_size=args.batch_size, doc_order=args.doc_order)
+    if not compute:  # evaluate the stored queries only, not the rest in first-stage order
+        sc.first_stage = {q: c for q, c in sc.first_stage.items() if q in sc.entries}
     return sc, scorer
 
 
