@@ -19,11 +19,10 @@ import torch
 
 from routehead.collect import ScoredCollection, store_root
 from routehead.errors import RouteheadError
-from routehead.heads import Head, per_head_quality, rank_order, spans_of, top_heads, zscore
+from routehead.heads import Head, per_head_quality, rank_order, set_scores, spans_of, top_heads, zscore
 from routehead.labels import Query, doc_scores, greedy_label, prior_quality
 from routehead.metrics import compare_runs, evaluate_run, run_from_ranking
 from routehead.router import Router
-from routehead.scorer import mask_outliers_and_sum
 
 RERANKERS = ("bm25", "position", "dense", "icr", "static", "single", "route", "oracle")
 
@@ -119,7 +118,7 @@ def _run(sc: ScoredCollection, score_fn: Callable[[str], np.ndarray]) -> Run:
 
 def icr_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
     t = _tokens(sc, qid)
-    return mask_outliers_and_sum(torch.from_numpy(t.total)[None], spans_of(t.counts))[0].double().numpy()
+    return set_scores(torch.from_numpy(t.total)[None], spans_of(t.counts))
 
 
 def make_run(sc: ScoredCollection, method: str, heads: Sequence[Head] | None = None, router: Router | None = None,
@@ -135,8 +134,7 @@ def make_run(sc: ScoredCollection, method: str, heads: Sequence[Head] | None = N
     if method in ("static", "single"):
         if not heads:
             raise ValueError(f"{method} needs a head set")
-        return _run(sc, lambda q: mask_outliers_and_sum(head_rows(sc, q, heads).sum(0, keepdim=True),
-                                                        spans_of(_tokens(sc, q).counts))[0].double().numpy())
+        return _run(sc, lambda q: set_scores(head_rows(sc, q, heads), spans_of(_tokens(sc, q).counts)))
     if method == "dense":
         assert dense_scores is not None
         return _run(sc, lambda q: dense_scores[q])

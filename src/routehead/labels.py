@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from routehead.heads import Head, ndcg_at_k, zscore
+from routehead.heads import Head, ndcg_at_k, set_scores, zscore
 from routehead.scorer import SpanIndex, mask_outliers_and_sum
 
 
@@ -61,8 +61,7 @@ def doc_scores(q: Query, chosen: list[int], weights: np.ndarray | None = None) -
     fs_w = sum(x for c, x in zip(chosen, w) if c == P)
     attn = None
     if heads:
-        rows = q.rows[[c for c, _ in heads]] * torch.tensor([x for _, x in heads], dtype=q.rows.dtype)[:, None]
-        attn = mask_outliers_and_sum(rows.sum(0, keepdim=True), q.spans)[0].double().numpy()
+        attn = set_scores(q.rows[[c for c, _ in heads]], q.spans, [x for _, x in heads])
     return combine(attn, q.first_stage if fs_w else None, fs_w)
 
 
@@ -77,7 +76,7 @@ def _added(q: Query, total: torch.Tensor | None, cand: np.ndarray, fs_on: bool) 
         for i, a in zip(np.flatnonzero(cand < P), A):
             out[i] = combine(a, q.first_stage if fs_on else None, 1.0)
     for i in np.flatnonzero(cand == P):  # adding the first stage to the current heads
-        attn = None if total is None else mask_outliers_and_sum(total[None], q.spans)[0].double().numpy()
+        attn = None if total is None else set_scores(total[None], q.spans)
         out[i] = combine(attn, q.first_stage, 1.0)
     return out
 

@@ -28,6 +28,7 @@ the chat template's own special tokens.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,14 +155,14 @@ class PromptBuilder:
         return pre + list(enc["input_ids"]) + post, offs + [(-1, -1)] * len(post), len(self.head_text)
 
     # -- inputs ---------------------------------------------------------------------------------------------
-    def _cut(self, text: str, limit: int | None) -> tuple[str, bool]:
-        """``text`` cut to its first ``limit`` tokens (counted on the text alone), at a character boundary."""
-        if limit is None:
-            return text, False
+    def _cut(self, text: str, limit: int | None) -> tuple[str, bool, int]:
+        """``text`` cut to its first ``limit`` tokens (counted on the text alone, as user text) at a character
+        boundary, whether it was cut, and its token count."""
         enc = self._encode(text, special=False, offsets=True)
-        if len(enc["input_ids"]) <= limit:
-            return text, False
-        return text[: enc["offset_mapping"][limit - 1][1]].rstrip(), True
+        n = len(enc["input_ids"])
+        if limit is None or n <= limit:
+            return text, False, n
+        return text[: enc["offset_mapping"][limit - 1][1]].rstrip(), True, limit
 
     def prepare_query(self, query: str) -> str:
         if not isinstance(query, str) or not query.strip():
@@ -175,14 +176,14 @@ class PromptBuilder:
             raise RouteheadError("documents must be a list of strings")
         if len(documents) == 0:
             raise RouteheadError("no documents to rank")
-        texts, cut = [], []
+        texts, lengths, cut = [], [], []
         for i, d in enumerate(documents):
             if not isinstance(d, str):
                 raise RouteheadError(f"document {i} is a {type(d).__name__}, not a string")
-            t, c = self._cut(d.strip(), self.max_doc_tokens)
+            t, c, n = self._cut(d.strip(), self.max_doc_tokens)
             texts.append(t)
             cut.append(c)
-        lengths = [len(x) for x in self.tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+            lengths.append(n)
         return texts, lengths, cut
 
     def encode_query(self, query: str) -> list[int]:
@@ -220,11 +221,14 @@ class PromptBuilder:
         na_body = self._body(NA_QUERY, docs, numbering_start)[0]
         na_ids = self._tokenize(na_body, dirty)[0]
 
+        text_tok = [i for i, (a, _) in enumerate(offs) if a >= 0]  # offsets are non-decreasing over these
+        starts, ends = [offs[i][0] for i in text_tok], [offs[i][1] for i in text_tok]
+
         def first_token(ch: int) -> int:  # the token holding character ``ch`` (or the first after it)
-            return next(i for i, (a, b) in enumerate(offs) if a >= 0 and b > ch)
+            return text_tok[bisect.bisect_right(ends, ch)]
 
         def last_token(ch_end: int) -> int:  # the token holding character ``ch_end - 1``
-            return max(i for i, (a, b) in enumerate(offs) if 0 <= a < ch_end)
+            return text_tok[bisect.bisect_left(starts, ch_end) - 1]
 
         q0 = first_token(base + late_at)
         if na_ids[:q0] != ids[:q0]:
