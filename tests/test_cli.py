@@ -144,3 +144,16 @@ def test_readme_bigger_model_command_with_a_local_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
     assert rep["n_queries"] == 2 and rep["reranker"] == "icr" and 0.0 <= rep["metrics"]["ndcg@10"] <= 1.0
+
+
+def test_highlight_marks_every_evidence_word_in_an_excerpt():
+    from routehead.cli import highlight
+
+    text = "Aspirin lowers the risk of heart attack.\nIt does not cure heart disease."
+    assert highlight(text, ["heart", "Aspirin"], tty=False) == (
+        "**Aspirin** lowers the risk of **heart** attack. It does not cure **heart** disease.")
+    assert "\033[1;33mheart\033[0m" in highlight(text, ["heart"], tty=True)
+    long = "filler " * 100 + "needle here" + " filler" * 100
+    out = highlight(long, ["needle"], tty=False, width=100)
+    assert out.startswith("...") and out.endswith("...") and "**needle**" in out and len(out) < 130
+    assert highlight("plain", [], tty=False) == "plain"

@@ -114,6 +114,25 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         print(f"{rank:>4} {item['index']:>5} {item['score']:>10.4f}  {text[:100]}")
         if "evidence" in item:
             print(" " * 23 + "evidence: " + ", ".join(f"{w['text']} ({w['share']:.0%})" for w in item["evidence"]))
+            print(" " * 23 + highlight(item["text"], [w["text"] for w in item["evidence"]], sys.stdout.isatty()))
+
+
+def highlight(text: str, words: list[str], tty: bool, width: int = 300) -> str:
+    """An excerpt of ``text`` around its first evidence word, every evidence word marked (ANSI bold yellow on a
+    terminal, ``**word**`` otherwise): where in the document the attention went, at a glance."""
+    import re
+
+    words = [w for w in words if w]
+    if not words:
+        return text.replace("\n", " ")[:width]
+    pattern = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
+    flat = text.replace("\n", " ")
+    first = pattern.search(flat)
+    start = max(0, (first.start() if first else 0) - width // 5)
+    piece = flat[start:start + width]
+    on, off = ("\033[1;33m", "\033[0m") if tty else ("**", "**")
+    marked = pattern.sub(lambda m: f"{on}{m.group(0)}{off}", piece)
+    return ("..." if start else "") + marked + ("..." if start + width < len(flat) else "")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
