@@ -9,9 +9,15 @@ re-aggregated:
 - item 6, threshold: population std and ``>=`` (before) vs unbiased std and ``>`` (the references);
 - item 3, document span: without the ``[i]`` marker tokens (SmolLM2's tokenizer: ``[``, the digits, ``]``).
 With ``--orders-too``, item 4 (document order) compares the dev queries' stores under the ``input``,
-``reverse`` and ``shuffle`` orders (scored first when missing: one forward pass per query and order).
-Items 2 (query span) and 5 (text and tokenization) change the forward pass itself and are not separable from
-the stored passes; they are not in this table. Writes results/ablation-<model>.json.
+``reverse`` and ``shuffle`` orders (scored first when missing: one forward pass per query and order;
+``bench/choose_default.py`` gives the same comparison for every method on 100 dev queries).
+With ``--passes N``, items 2 and 5, which change the forward pass itself, are run on the first N dev queries
+(one pass per query and item, same shuffled order, compared with the stored reference passes):
+- item 2, query span: only the query's tokens average (late instruction and ``Query:`` moved into the prefix,
+  the chat template's closing tokens not run), as routehead did before;
+- item 5, text and tokenization: documents as ``title. text`` and the prompt tokenized segment by segment
+  (instruction, separator, marker, document), ids concatenated, as routehead did before.
+Writes results/ablation-<model>.json.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import numpy as np
 import torch
 
 from routehead.collect import score_collection
-from routehead.data import load_collection, split_dev
+from routehead.data import doc_text, load_collection, split_dev
 from routehead.evaluate import _gains, detect_heads, head_rows
 from routehead.heads import ndcg_at_k, spans_of
 from routehead.model import load_model
-from routehead.scorer import HeadScorer, SpanIndex
+from routehead.order import prompt_order
+from routehead.prompt import INSTRUCTION, Prompt
+from routehead.scorer import HeadScorer, HeadSet, SpanIndex, normalize_heads, set_weights
 
 
 def masked_sum(x: torch.Tensor, si: SpanIndex, unbiased: bool = True, strict: bool = True) -> np.ndarray:
@@ -72,14 +80,70 @@ def evaluate(sc, qids, heads, variant: str) -> float:
     return float(np.mean(vals))
 
 
+def query_only_span(ref: Prompt) -> Prompt:
+    """Item 2 undone: the suffix shared by the query and "N/A" prompts (late instruction, ``Query:``) joins the
+    prefix, the chat tail is dropped, and only the query's (or "N/A"'s) own tokens are the span."""
+    q, na = ref.query_ids, ref.na_ids
+    k = 0
+    while k < min(len(q), len(na)) and q[k] == na[k]:
+        k += 1
+    c = 0
+    while c < min(len(q), len(na)) - k and q[-1 - c] == na[-1 - c]:
+        c += 1
+    return Prompt(ref.prefix_ids + q[:k], ref.doc_spans, q[k:len(q) - c], na[k:len(na) - c], ref.truncated)
+
+
+def segment_prompt(scorer: HeadScorer, ref: Prompt, docs: list[str]) -> Prompt:
+    """Item 5 undone: each segment tokenized alone and the ids concatenated (documents as ``title. text``); the
+    reference suffix (late instruction .. chat tail) is kept so only text and tokenization change."""
+    b = scorer.builder
+    enc = lambda text: b._encode(text, special=False)  # noqa: E731
+    prefix = list(b.head_ids) + enc(INSTRUCTION)
+    spans = []
+    for i, d in enumerate(docs):
+        prefix += enc(b.sep)
+        start = len(prefix)
+        prefix += enc(f"[{i + 1}]") + enc(" " + b._cut(d, b.max_doc_tokens)[0])
+        spans.append((start, len(prefix)))
+    prefix += enc(b.sep)
+    return Prompt(prefix, spans, ref.query_ids, ref.na_ids, ref.truncated)
+
+
+def pass_items(scorer: HeadScorer, coll, sc, qids, static) -> dict:
+    """nDCG@10 of ICR and static-16 with items 2 and 5 undone, one pass per query and item (shuffled order)."""
+    L, H = scorer.lm.num_layers, scorer.lm.num_heads
+    sel = normalize_heads(None, L, H)
+    W = set_weights([HeadSet.of(None), HeadSet.of(static)], sel)
+    vals: dict = {"item2-query-only-span": [], "item5-segment-tokenization": []}
+    for q in qids:
+        ids = sc.entries[q].doc_ids
+        perm = prompt_order(len(ids), sc.settings["doc_order"], q)
+        new_docs = [coll.prompt_text(ids[j]) for j in perm]
+        old_docs = [doc_text(coll.corpus[ids[j]]) for j in perm]
+        query = scorer.builder.prepare_query(coll.queries[q])
+        texts, _, cut = scorer.builder.prepare_documents(new_docs)
+        ref = scorer.builder.build(query, texts, cut)
+        gains, ideal = _gains(sc, q, ids)
+        back = np.argsort(perm)  # candidate d sits at prompt position back[d]
+        for item, prompt in (("item2-query-only-span", query_only_span(ref)),
+                             ("item5-segment-tokenization", segment_prompt(scorer, ref, old_docs))):
+            sets = scorer._score_prompts([prompt], sel, W, keep_tokens=False)[0]["sets"].numpy()[:, back]
+            vals[item].append([float(ndcg_at_k(sets[i].astype(np.float64), gains, ideal)) for i in range(2)])
+        print(q, {k: v[-1] for k, v in vals.items()}, flush=True)
+    return {k: {"n": len(v), "icr": float(np.mean([x[0] for x in v])), "static16": float(np.mean([x[1] for x in v]))}
+            for k, v in vals.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="../shared/data/scifact")
     ap.add_argument("--doc-order", default="shuffle")
     ap.add_argument("--orders-too", action="store_true")
+    ap.add_argument("--passes", type=int, default=0, help="run items 2 and 5 on the first N dev queries")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     scorer = HeadScorer(lm)
     coll = load_collection(args.data, "train")
@@ -102,6 +166,12 @@ def main() -> None:
             out["item4-order"][order] = {"n": len(keep), "icr": evaluate(so, keep, None, "reference"),
                                          "static16": evaluate(so, keep, static, "reference")}
             print(order, json.dumps(out["item4-order"][order]), flush=True)
+    if args.passes:
+        sub = dev[: args.passes]
+        out["passes"] = {"n": len(sub), "reference": {"icr": evaluate(sc, sub, None, "reference"),
+                                                      "static16": evaluate(sc, sub, static, "reference")},
+                         **pass_items(scorer, coll, sc, sub, static)}
+        print("passes", json.dumps(out["passes"]), flush=True)
     Path("results").mkdir(exist_ok=True)
     Path(f"results/ablation-{lm.name}.json").write_text(json.dumps(out, indent=1))
 
