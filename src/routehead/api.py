@@ -29,13 +29,12 @@ import numpy as np
 from routehead.errors import RouteheadError
 from routehead.heads import Head, load_heads, zscore
 from routehead.labels import combine
+from routehead.methods import DEFAULT_METHOD, DEFAULT_ORDER, METHODS
 from routehead.model import DEFAULT_MODEL, LoadedModel, load_model
 from routehead.order import passes, prompt_order
 from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
 from routehead.router import Router, Routing, load_router
 from routehead.scorer import HeadScorer, HeadScores, HeadSet
-
-METHODS = ("route", "static", "icr")
 
 
 def asset(name: str) -> Path:
@@ -74,10 +73,11 @@ class Reranker:
     [{'corpus_id': 1, 'score': ..., 'text': 'doc b'}]
     """
 
-    def __init__(self, model: str | LoadedModel | None = None, method: str = "route", router: str | Path | None = None,
-                 heads: str | Path | Sequence[Head] | None = None, max_doc_tokens: int | None = None,
+    def __init__(self, model: str | LoadedModel | None = None, method: str = DEFAULT_METHOD,
+                 router: str | Path | None = None, heads: str | Path | Sequence[Head] | None = None,
+                 max_doc_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
-                 trust_remote_code: bool = False, doc_order: str = "reverse", retrieval_type: str = "IE",
+                 trust_remote_code: bool = False, doc_order: str = DEFAULT_ORDER, retrieval_type: str = "IE",
                  instruction: str | None = None) -> None:
         if method not in METHODS:
             raise RouteheadError(f"unknown method {method!r}; use one of {METHODS}")

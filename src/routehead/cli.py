@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from routehead.errors import RouteheadError
+from routehead.methods import DEFAULT_METHOD, DEFAULT_ORDER, METHODS
+from routehead.order import ORDERS
 from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
 
 
@@ -267,7 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     def factory() -> list[Reranker]:
         """One replica per device, all behind the same queue (loaded after the socket opens: /ready is 503)."""
         return [Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
-                         device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                         device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                         doc_order=args.doc_order)
                 for device in devices]
 
     settings = ServiceSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
@@ -288,13 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rerank", help="re-rank documents for one query")
     p.add_argument("--query", required=True)
     p.add_argument("--docs", required=True, help="JSONL with 'text' (and optional 'title'), TSV, or one doc per line")
-    p.add_argument("--method", default="route", choices=["route", "static", "icr"])
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     p.add_argument("--router", default=None, help="router .safetensors (default: the one shipped for the model)")
     p.add_argument("--heads", default=None, help="head-set JSON for --method static (default: the shipped one)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-doc-tokens", type=int, default=None)
-    p.add_argument("--doc-order", default="reverse", choices=["reverse", "input", "shuffle", "both"],
-                   help="where the documents go in the prompt (given in first-stage order); both: debiased, 2 passes")
+    p.add_argument("--doc-order", default=DEFAULT_ORDER, choices=list(ORDERS),
+                   help="where the documents go in the prompt (given in first-stage order); both: debiased, 2 passes "
+                        f"(default {DEFAULT_ORDER})")
     p.add_argument("--instruction", default=None, help="the task instruction after the documents")
     p.add_argument("--evidence", type=int, default=0, help="show each document's top N words by share of its score")
     p.add_argument("--json", action="store_true", help='print {"results": [{"index","score","text"}...]}')
@@ -370,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "/metrics)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--method", default="route", choices=["route", "static", "icr"])
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     p.add_argument("--router", default=None)
     p.add_argument("--heads", default=None)
+    p.add_argument("--doc-order", default=DEFAULT_ORDER, choices=list(ORDERS),
+                   help=f"where the documents go in the prompt (default {DEFAULT_ORDER})")
     p.add_argument("--max-documents", type=int, default=1000)
     p.add_argument("--max-document-chars", type=int, default=20000)
     p.add_argument("--max-request-tokens", type=int, default=65536, help="estimated prompt tokens a request may "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from routehead.integrations import first_stage_scores, ranking_metadata, require, reranker_for
+from routehead.methods import DEFAULT_METHOD
 
 require("langchain_core", "langchain")
 
@@ -37,7 +38,7 @@ class RouteheadCompressor(BaseDocumentCompressor):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     model: Any = None
-    method: str = "route"
+    method: str = DEFAULT_METHOD
     router: str | Path | None = None
     heads: Any = None
     max_doc_tokens: int | None = None

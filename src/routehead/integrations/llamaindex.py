@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from routehead.integrations import HEADS_KEY, WEIGHTS_KEY, first_stage_scores, ranking_metadata, require, reranker_for
+from routehead.methods import DEFAULT_METHOD
 
 require("llama_index.core", "llamaindex")
 
@@ -38,7 +39,7 @@ class RouteheadRerank(BaseNodePostprocessor):
     """
 
     model: Any = Field(default=None, description="routehead model: name, path, hub id, LoadedModel, Reranker")
-    method: str = Field(default="route", description="route | static | icr")
+    method: str = Field(default=DEFAULT_METHOD, description="route | static | icr")
     router: str | Path | None = Field(default=None, description="router .safetensors (route)")
     heads: Any = Field(default=None, description="head-set JSON or list of (layer, head) (static)")
     max_doc_tokens: int | None = Field(default=None, description="per-document truncation")
