@@ -27,8 +27,16 @@ import torch
 
 from routehead.collect import score_collection
 from routehead.data import load_collection
-from routehead.evaluate import (_run, detect_heads, head_rows, icr_scores, make_run, queries_for, query_embeddings,
-                                report)
+from routehead.evaluate import (
+    _run,
+    detect_heads,
+    head_rows,
+    icr_scores,
+    make_run,
+    queries_for,
+    query_embeddings,
+    report,
+)
 from routehead.heads import set_scores, spans_of
 from routehead.labels import doc_scores
 from routehead.model import load_model

@@ -1,13 +1,15 @@
 """Fit the shipped relevance calibrations (raw attention score -> probability of relevance) on scifact train.
 
-    python bench/fit_calibration.py [--model smollm2-135m] [--ship] [--test adi med trec-dl19-passage]
+    python bench/fit_calibration.py [--model smollm2-135m] [--order ORDER] [--ship] [--test adi med trec-dl19-passage]
 
 For each method (route, static, icr, with the shipped router and heads), every stored scifact *train* query's
 candidates get the method's raw score, aggregated from the stored token scores exactly as inference does; a
 monotone logistic map of the raw score alone (so a threshold means the same for every query) is fitted on
 the judgments (:mod:`routehead.calibration`). Its reliability (expected calibration error, Brier score,
-bins) is then measured on the test stores given (reverse order, the serving default), which played no part in
-the fit. Writes results/calibration-<model>.json; --ship writes src/routehead/assets/calibration-<model>-<method>.json.
+bins) is then measured on the test stores given, which played no part in the fit. Train and test stores are in
+``--order`` (default: the serving default, :data:`routehead.methods.DEFAULT_ORDER`), and the calibration is keyed
+by that order: scores from another prompt order have another scale, so they fall back to the uncalibrated map.
+Writes results/calibration-<model>.json; --ship writes src/routehead/assets/calibration-<model>-<method>.json.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from routehead.data import load_collection
 from routehead.evaluate import _gains, head_rows, icr_scores, queries_for, query_embeddings
 from routehead.heads import load_heads, set_scores, spans_of
 from routehead.labels import doc_scores
+from routehead.methods import DEFAULT_ORDER
 from routehead.model import load_model
 from routehead.router import load_router
 from routehead.scorer import HeadScorer
@@ -59,7 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-root", default="../shared/data")
-    ap.add_argument("--train-order", default="shuffle")
+    ap.add_argument("--order", default=DEFAULT_ORDER, choices=["reverse", "input", "shuffle"],
+                    help="prompt order of the train and test stores, and the calibration's key")
     ap.add_argument("--test", nargs="*", default=["adi", "med", "trec-dl19-passage"])
     ap.add_argument("--ship", action="store_true")
     args = ap.parse_args()
@@ -68,20 +72,20 @@ def main() -> None:
     heads, _ = load_heads(default_heads_path(lm.name), lm.identity())
     router = load_router(default_router_path(lm.name), lm.identity())
     train = score_collection(load_collection(f"{args.data_root}/scifact", "train"), None, scorer.settings(),
-                             doc_order=args.train_order)
+                             doc_order=args.order)
     tests = {}
     for name in args.test:
         sc = score_collection(load_collection(f"{args.data_root}/{name}", "test"), None, scorer.settings(),
-                              doc_order="reverse")
+                              doc_order=args.order)
         if sc.entries:
             tests[name] = sc
     out = {"model": lm.name, "date": time.strftime("%Y-%m-%d"), "train_queries": len(train.entries),
-           "train_order": args.train_order, "methods": {}}
+           "order": args.order, "methods": {}}
     for method in ("route", "static", "icr"):
         raw, grp, grades = method_rows(train, scorer, method, heads, router)
-        key = calibration_key({"model": lm.name, "method": method, "doc_order": "reverse"})
+        key = calibration_key({"model": lm.name, "method": method, "doc_order": args.order})
         cal = fit_calibration(raw, grp, grades, features=("raw",), key=key,
-                              fitted_on=f"scifact/train, {len(train.entries)} queries, {args.train_order} order")
+                              fitted_on=f"scifact/train, {len(train.entries)} queries, {args.order} order")
         row = {"coef": cal.coef, "intercept": cal.intercept, "train": cal.reliability, "test": {}}
         for name, sc in tests.items():
             r, g, y = method_rows(sc, scorer, method, heads, router)
