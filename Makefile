@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/routehead rerank --query "What lowers the risk of heart disease?" --docs examples/docs.jsonl
+	$(BIN)/routehead rerank --query "What lowers the risk of heart disease?" --docs examples/docs.jsonl --evidence 3
+	$(BIN)/routehead rerank --query "What lowers the risk of heart disease?" --docs examples/docs.jsonl --method route
 	$(BIN)/routehead evaluate --data examples/scifact-mini --split test --reranker bm25 icr single static route
 
 test: setup

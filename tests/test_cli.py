@@ -42,11 +42,12 @@ def test_missing_docs_file_is_a_clear_error(capsys):
 
 
 @pytest.mark.slow
-def test_rerank_json_icr_on_default_model():
+def test_rerank_json_default_is_icr_on_default_model():
     out = run_cli("rerank", "--query", "What lowers the risk of heart disease?", "--docs", "examples/docs.jsonl",
-                  "--method", "icr", "--json")
+                  "--json")
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
+    assert body["method"] == "icr" and body["model"] == "smollm2-135m"
     docs = read_documents(str(ROOT / "examples/docs.jsonl"))
     assert sorted(r["index"] for r in body["results"]) == list(range(len(docs)))
     assert [r["text"] for r in body["results"]] == [docs[r["index"]] for r in body["results"]]
@@ -74,9 +75,9 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_rerank_default_is_routehead_with_shipped_router():
+def test_rerank_route_uses_the_shipped_router():
     out = run_cli("rerank", "--query", "What lowers the risk of heart disease?", "--docs", "examples/docs.jsonl",
-                  "--json")
+                  "--json", "--method", "route")
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body["method"] == "route" and body["model"] == "smollm2-135m"

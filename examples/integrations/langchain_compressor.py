@@ -2,7 +2,7 @@ from langchain_core.documents import Document
 
 from routehead.integrations.langchain import RouteheadCompressor
 
-# RouteHead on the embedded default model; the retriever's metadata["score"] is the first-stage score
+# ICR (the default) on the embedded default model; the retriever's metadata["score"] is the first-stage score
 compressor = RouteheadCompressor(top_n=2)
 docs = [Document(page_content="Jupiter is a gas giant.", metadata={"score": 1.2}),
         Document(page_content="Statins lower LDL cholesterol and heart-attack risk.", metadata={"score": 7.5}),

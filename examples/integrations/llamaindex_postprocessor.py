@@ -2,7 +2,7 @@ from llama_index.core.schema import NodeWithScore, TextNode
 
 from routehead.integrations.llamaindex import RouteheadRerank
 
-# RouteHead on the embedded default model; each node's retriever score is the first-stage score
+# ICR (the default) on the embedded default model; each node's retriever score is the first-stage score
 rerank = RouteheadRerank(top_n=2, keep_retrieval_score=True)
 nodes = [NodeWithScore(node=TextNode(text="Jupiter is a gas giant."), score=1.2),
          NodeWithScore(node=TextNode(text="Statins lower LDL cholesterol and heart-attack risk."), score=7.5),

@@ -1,12 +1,13 @@
 """The Python API: ``Reranker(...).rank(query, documents)``, shaped like sentence-transformers' CrossEncoder.
 
-Methods (all head selections over the same kind of forward pass, aggregated as the references do):
-- ``route`` (default): RouteHead; a router picks this query's heads, only their rows are computed and the
+Methods (all head selections over the same kind of forward pass, aggregated as the references do; the
+default pairing of method and order is in :mod:`routehead.methods`):
+- ``route``: RouteHead; a router picks this query's heads, only their rows are computed and the
   forward pass stops after the deepest routed layer. Without ``router=``, the router shipped in the package
   for the model.
 - ``static``: a fixed head set (QRHead), from ``heads=`` (a JSON file or a list of (layer, head));
   without it, the set shipped for the model.
-- ``icr``: all heads (ICR).
+- ``icr`` (default): all heads (ICR).
 
 Documents are given in first-stage order (best first); ``doc_order`` says where each goes in the prompt
 (:mod:`routehead.order`; default ``reverse``, the published runs' order: best last, next to the query).
@@ -68,7 +69,8 @@ Item = tuple[str, Sequence[str]] | tuple[str, Sequence[str], Sequence[float] | N
 class Reranker:
     """Attention-based re-ranker over a frozen causal LM.
 
-    >>> rr = Reranker()                     # RouteHead on the embedded SmolLM2-135M-Instruct
+    >>> rr = Reranker()                     # ICR on the embedded SmolLM2-135M-Instruct
+    >>> rr = Reranker(method="route")       # RouteHead with the router shipped for it
     >>> rr.rank("what is X?", ["doc a", "doc b"], top_k=1)
     [{'corpus_id': 1, 'score': ..., 'text': 'doc b'}]
     """
