@@ -23,6 +23,7 @@ import httpx
 import torch
 
 from routehead.api import Reranker
+from routehead.methods import DEFAULT_METHOD
 from routehead.service import ServiceSettings, create_app
 from routehead.service.run import build_server
 
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=5)
     ap.add_argument("--words", type=int, default=50)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--method", default="icr", help="icr by default: the shipped router predates main's format")
+    ap.add_argument("--method", default=DEFAULT_METHOD, help=f"default {DEFAULT_METHOD} (the service default)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--data", default="../shared/data/scifact")

@@ -158,3 +158,10 @@ def test_highlight_marks_every_evidence_word_in_an_excerpt():
     out = highlight(long, ["needle"], tty=False, width=100)
     assert out.startswith("...") and out.endswith("...") and "**needle**" in out and len(out) < 130
     assert highlight("plain", [], tty=False) == "plain"
+
+
+def test_batching_auto_is_on_for_gpus_only():
+    from routehead.cli import batching_for
+
+    assert batching_for("auto", ["cuda:0", "cuda:1"]) and not batching_for("auto", ["cpu"])
+    assert batching_for("on", ["cpu"]) and not batching_for("off", ["cuda:0"])

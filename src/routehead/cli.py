@@ -260,6 +260,17 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(p)
 
 
+def batching_for(mode: str, devices: list[str | None]) -> bool:
+    """``auto``: batch on GPUs only. Measured on the CPU box (BENCHMARKS.md, "Service throughput"): a CPU pass
+    over several prompts costs the sum of their passes plus padding (0.89x the requests/s of one at a time at
+    16 clients), while on a GPU one pass's kernels carry many prompts for about the price of one."""
+    if mode != "auto":
+        return mode == "on"
+    import torch
+
+    return any((d or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") for d in devices)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from routehead.api import Reranker
     from routehead.service import Limits, ServiceSettings, serve
@@ -276,7 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServiceSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
                                max_concurrent_requests=args.max_concurrent_requests,
                                request_timeout_s=args.request_timeout, graceful_shutdown_s=args.graceful_shutdown,
-                               max_connections=args.max_connections, batching=not args.no_batching)
+                               max_connections=args.max_connections,
+                               batching=batching_for(args.batching if not args.no_batching else "off", devices))
     serve(factory, host=args.host, port=args.port, settings=settings, json_logs=args.json_logs,
           replica_names=[d or "default" for d in devices],
           limits=Limits(max_documents=args.max_documents, max_document_chars=args.max_document_chars,
@@ -387,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "queue: cuda:0,cuda:1 or cpu (default: --device)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded prompt tokens per model call")
     p.add_argument("--max-batch-requests", type=int, default=32, help="requests per model call")
-    p.add_argument("--no-batching", action="store_true", help="one request per model call")
+    p.add_argument("--batching", default="auto", choices=["auto", "on", "off"], help="share model calls between "
+                   "queued requests: auto (default) = on for GPUs, off on CPU, where it measured slower")
+    p.add_argument("--no-batching", action="store_true", help="the same as --batching off")
     p.add_argument("--max-concurrent-requests", type=int, default=512, help="queued + running; 429 past it")
     p.add_argument("--max-connections", type=int, default=1024, help="open connections; 503 past it")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request gets 504")
