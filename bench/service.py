@@ -6,6 +6,11 @@ For each batching setting a real server (the service's own uvicorn settings) run
 default model on CPU; for each client count, that many threads send ``POST /v1/rerank`` back to back for
 ``--seconds`` (after a warm-up request each), all with SciFact queries and documents cut to ``--words`` words.
 Prints and writes results/service-<docs>x<words>.json: requests/s and p50/p90/p99 latency per setting.
+
+``--rates R ...`` adds open-loop runs: requests arrive at ``R`` per second (evenly spaced, each on its own
+connection, whatever the server's pace) for ``--seconds``; latency is then queueing plus service, as a
+user sees it at that load. The saturating rate is the closed-loop requests/s; half of it is the "half load" of
+the latency goal (p99 within 2x p50).
 """
 
 from __future__ import annotations
@@ -66,6 +71,35 @@ def run_clients(base: str, payloads: list[dict], clients: int, seconds: float) -
             "p99_s": round(percentile(latencies, 0.99), 3), "mean_s": round(statistics.mean(latencies), 3)}
 
 
+def run_rate(base: str, payloads: list[dict], rate: float, seconds: float) -> dict:
+    """Open loop: one request every ``1 / rate`` s for ``seconds``, each in its own thread."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        t = time.perf_counter()
+        r = httpx.post(f"{base}/v1/rerank", json=payloads[i % len(payloads)], timeout=600, trust_env=False)
+        dt = time.perf_counter() - t
+        with lock:
+            if r.status_code == 200:
+                latencies.append(dt)
+            else:
+                errors[0] += 1
+
+    t0 = time.perf_counter()
+    threads = []
+    for i in range(max(1, int(rate * seconds))):
+        time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    return {"rate": rate, "requests": len(latencies), "errors": errors[0], "p50_s": round(p50, 3),
+            "p90_s": round(percentile(latencies, 0.9), 3), "p99_s": round(p99, 3), "p99_over_p50": round(p99 / p50, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
@@ -79,6 +113,8 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/scifact")
     ap.add_argument("--settings", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rates", type=float, nargs="*", default=[], help="open-loop arrival rates (requests/s)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,11 +144,15 @@ def main() -> None:
             row = run_clients(base, payloads, clients, args.seconds)
             rows.append(row)
             print(json.dumps({"batching": setting, **row}), flush=True)
+        for rate in args.rates:
+            row = run_rate(base, payloads, rate, args.seconds)
+            rows.append(row)
+            print(json.dumps({"batching": setting, **row}), flush=True)
         out["runs"][setting] = rows
         server.should_exit = True
         thread.join(30)
     Path("results").mkdir(exist_ok=True)
-    path = Path(f"results/service-{args.docs}x{args.words}.json")
+    path = Path(args.out or f"results/service-{args.docs}x{args.words}.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"-> {path}")
 
