@@ -112,7 +112,8 @@ def test_serve_command_answers_rerank_on_loopback():
                                              {"text": "jupiter is a gas giant"}], "top_n": 1, "return_heads": True})
             assert r.status_code == 200, r.text
             body = r.json()
-            assert len(body["results"]) == 1 and body["heads"] and body["model"] == "smollm2-135m"
+            assert len(body["results"]) == 1 and body["model"] == "smollm2-135m"
+        assert "heads" in body and body["heads"] is None  # the default, ICR, routes no heads (every head counts)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -126,8 +127,10 @@ def test_readme_python_example():
     docs = ["Statins lower LDL cholesterol and heart-attack risk.", "Jupiter is a gas giant."]
     out = rr.rank("What lowers the risk of heart disease?", docs, top_k=1)
     assert len(out) == 1 and set(out[0]) == {"corpus_id", "score", "text"}
-    r = rr.rerank("What lowers the risk of heart disease?", docs)
-    assert sorted(r.indices) == [0, 1] and r.heads
+    r = rr.rerank("What lowers the risk of heart disease?", docs, evidence=3)
+    assert sorted(r.indices) == [0, 1] and r.heads is None and r.evidence  # ICR: every head, none routed
+    routed = Reranker(method="route").rerank("What lowers the risk of heart disease?", docs)
+    assert sorted(routed.indices) == [0, 1] and routed.heads and len(routed.weights) == len(routed.heads)
 
 
 def test_readme_bigger_model_command_with_a_local_folder(tmp_path):
