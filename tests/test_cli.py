@@ -168,3 +168,12 @@ def test_batching_auto_is_on_for_gpus_only():
 
     assert batching_for("auto", ["cuda:0", "cuda:1"]) and not batching_for("auto", ["cpu"])
     assert batching_for("on", ["cpu"]) and not batching_for("off", ["cuda:0"])
+
+
+def test_a_router_or_heads_imply_their_method():
+    from routehead.methods import DEFAULT_METHOD, resolve_method
+
+    assert resolve_method(None) == DEFAULT_METHOD == "icr"
+    assert resolve_method(None, router="r.safetensors") == "route"
+    assert resolve_method(None, heads=[(0, 0)]) == "static"
+    assert resolve_method("icr", router="r.safetensors") == "icr"  # an explicit method wins

@@ -10,7 +10,7 @@ store.write_documents([Document(content="Jupiter is a gas giant."),
                        Document(content="Regular exercise reduces cardiovascular risk.")])
 pipe = Pipeline()
 pipe.add_component("retriever", InMemoryBM25Retriever(document_store=store, top_k=10))
-pipe.add_component("ranker", RouteheadRanker(top_k=2))  # ICR (the default) on the embedded default model
+pipe.add_component("ranker", RouteheadRanker(top_k=2, method="route"))  # RouteHead, embedded default model
 pipe.connect("retriever.documents", "ranker.documents")  # BM25 scores become the first-stage scores
 
 query = "What lowers the risk of heart disease?"

@@ -2,8 +2,8 @@ from langchain_core.documents import Document
 
 from routehead.integrations.langchain import RouteheadCompressor
 
-# ICR (the default) on the embedded default model; the retriever's metadata["score"] is the first-stage score
-compressor = RouteheadCompressor(top_n=2)
+# RouteHead on the embedded default model; the retriever's metadata["score"] is the first-stage score
+compressor = RouteheadCompressor(top_n=2, method="route")
 docs = [Document(page_content="Jupiter is a gas giant.", metadata={"score": 1.2}),
         Document(page_content="Statins lower LDL cholesterol and heart-attack risk.", metadata={"score": 7.5}),
         Document(page_content="Regular exercise reduces cardiovascular risk.", metadata={"score": 6.1})]

@@ -2,8 +2,8 @@ from llama_index.core.schema import NodeWithScore, TextNode
 
 from routehead.integrations.llamaindex import RouteheadRerank
 
-# ICR (the default) on the embedded default model; each node's retriever score is the first-stage score
-rerank = RouteheadRerank(top_n=2, keep_retrieval_score=True)
+# RouteHead on the embedded default model; each node's retriever score is the first-stage score
+rerank = RouteheadRerank(top_n=2, keep_retrieval_score=True, method="route")
 nodes = [NodeWithScore(node=TextNode(text="Jupiter is a gas giant."), score=1.2),
          NodeWithScore(node=TextNode(text="Statins lower LDL cholesterol and heart-attack risk."), score=7.5),
          NodeWithScore(node=TextNode(text="Regular exercise reduces cardiovascular risk."), score=6.1)]

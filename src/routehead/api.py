@@ -30,7 +30,7 @@ import numpy as np
 from routehead.errors import RouteheadError
 from routehead.heads import Head, load_heads, zscore
 from routehead.labels import combine
-from routehead.methods import DEFAULT_METHOD, DEFAULT_ORDER, METHODS
+from routehead.methods import DEFAULT_ORDER, METHODS, resolve_method
 from routehead.model import DEFAULT_MODEL, LoadedModel, load_model
 from routehead.order import passes, prompt_order
 from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
@@ -75,12 +75,13 @@ class Reranker:
     [{'corpus_id': 1, 'score': ..., 'text': 'doc b'}]
     """
 
-    def __init__(self, model: str | LoadedModel | None = None, method: str = DEFAULT_METHOD,
+    def __init__(self, model: str | LoadedModel | None = None, method: str | None = None,
                  router: str | Path | None = None, heads: str | Path | Sequence[Head] | None = None,
                  max_doc_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, doc_order: str = DEFAULT_ORDER, retrieval_type: str = "IE",
                  instruction: str | None = None) -> None:
+        method = resolve_method(method, router, heads)
         if method not in METHODS:
             raise RouteheadError(f"unknown method {method!r}; use one of {METHODS}")
         passes(doc_order)  # validates

@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rerank", help="re-rank documents for one query")
     p.add_argument("--query", required=True)
     p.add_argument("--docs", required=True, help="JSONL with 'text' (and optional 'title'), TSV, or one doc per line")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help=f"default: route with --router, static with --heads, else {DEFAULT_METHOD}")
     p.add_argument("--router", default=None, help="router .safetensors (default: the one shipped for the model)")
     p.add_argument("--heads", default=None, help="head-set JSON for --method static (default: the shipped one)")
     p.add_argument("--top-k", type=int, default=None)
@@ -386,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "/metrics)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help=f"default: route with --router, static with --heads, else {DEFAULT_METHOD}")
     p.add_argument("--router", default=None)
     p.add_argument("--heads", default=None)
     p.add_argument("--doc-order", default=DEFAULT_ORDER, choices=list(ORDERS),

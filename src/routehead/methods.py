@@ -17,3 +17,11 @@ from __future__ import annotations
 METHODS = ("route", "static", "icr")
 DEFAULT_METHOD = "icr"
 DEFAULT_ORDER = "reverse"
+
+
+def resolve_method(method: str | None, router: object = None, heads: object = None) -> str:
+    """The method a caller means: the one named; else ``route`` when a router is given, ``static`` when heads
+    are, and the default otherwise (so ``Reranker(router=PATH)`` is RouteHead, as anyone would expect)."""
+    if method is not None:
+        return method
+    return "route" if router is not None else "static" if heads is not None else DEFAULT_METHOD

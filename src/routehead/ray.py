@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routehead.errors import RouteheadError
-from routehead.methods import DEFAULT_METHOD
 
 if TYPE_CHECKING:
     from routehead.api import Ranking
@@ -101,7 +100,7 @@ class _RerankBatch:
         return batch.append_column("heads", pa.array(heads, type=pa.list_(pa.list_(pa.int64()))))
 
 
-def rerank_dataset(ds: Any, model: str | Callable[[], Any] | None = None, method: str = DEFAULT_METHOD, *,
+def rerank_dataset(ds: Any, model: str | Callable[[], Any] | None = None, method: str | None = None, *,
                    concurrency: int = 1, num_gpus: float = 0, num_cpus: float | None = None, batch_size: int = 8,
                    router: str | Path | None = None, heads: Any = None, max_doc_tokens: int | None = None,
                    instruction: str | None = None, device: str | None = None, dtype: str | None = None) -> Any:

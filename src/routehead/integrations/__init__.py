@@ -21,7 +21,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Union
 
 from routehead.errors import RouteheadError
-from routehead.methods import DEFAULT_METHOD
 
 if TYPE_CHECKING:
     from routehead.api import Ranking, Reranker
@@ -58,7 +57,7 @@ def supports_instruction() -> bool:
     return "instruction" in inspect.signature(Reranker.__init__).parameters
 
 
-def load_reranker(model: ModelSpec = None, method: str = DEFAULT_METHOD, router: str | Path | None = None,
+def load_reranker(model: ModelSpec = None, method: str | None = None, router: str | Path | None = None,
                   heads: Any = None, max_doc_tokens: int | None = None, instruction: str | None = None,
                   device: str | None = None, dtype: str | None = None, **kwargs: Any) -> Reranker:
     """Build the :class:`routehead.Reranker` an adapter scores with, from the adapter's settings.

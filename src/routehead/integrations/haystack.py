@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from routehead.integrations import first_stage_scores, ranking_metadata, require, reranker_for
-from routehead.methods import DEFAULT_METHOD
 
 require("haystack", "haystack")
 
@@ -34,7 +33,7 @@ class RouteheadRanker:
     ``LoadedModel``, a shared ``Reranker`` or a factory also work, but such a component cannot be saved.
     """
 
-    def __init__(self, model: Any = None, method: str = DEFAULT_METHOD, router: str | None = None,
+    def __init__(self, model: Any = None, method: str | None = None, router: str | None = None,
                  heads: str | list[list[int]] | None = None, max_doc_tokens: int | None = None,
                  instruction: str | None = None, device: str | None = None, dtype: str | None = None,
                  top_k: int = 10, score_threshold: float | None = None, scale_score: bool = True,

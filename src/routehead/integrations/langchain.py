@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from routehead.integrations import first_stage_scores, ranking_metadata, require, reranker_for
-from routehead.methods import DEFAULT_METHOD
 
 require("langchain_core", "langchain")
 
@@ -38,7 +37,7 @@ class RouteheadCompressor(BaseDocumentCompressor):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     model: Any = None
-    method: str = DEFAULT_METHOD
+    method: str | None = None
     router: str | Path | None = None
     heads: Any = None
     max_doc_tokens: int | None = None

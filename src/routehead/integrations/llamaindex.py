@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from routehead.integrations import HEADS_KEY, WEIGHTS_KEY, first_stage_scores, ranking_metadata, require, reranker_for
-from routehead.methods import DEFAULT_METHOD
 
 require("llama_index.core", "llamaindex")
 
@@ -39,7 +38,8 @@ class RouteheadRerank(BaseNodePostprocessor):
     """
 
     model: Any = Field(default=None, description="routehead model: name, path, hub id, LoadedModel, Reranker")
-    method: str = Field(default=DEFAULT_METHOD, description="route | static | icr")
+    method: str | None = Field(default=None, description="route | static | icr (default: route with a router, "
+                               "static with heads, else icr)")
     router: str | Path | None = Field(default=None, description="router .safetensors (route)")
     heads: Any = Field(default=None, description="head-set JSON or list of (layer, head) (static)")
     max_doc_tokens: int | None = Field(default=None, description="per-document truncation")

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from routehead.integrations import first_stage_scores, load_reranker, ranking_metadata, require
-from routehead.methods import DEFAULT_METHOD
 
 require("rerankers", "rerankers")
 
@@ -41,7 +40,7 @@ class RouteheadRanker(BaseRanker):
     a shared ``Reranker``, a factory). Each result's document metadata gets this query's ``routed_heads``.
     """
 
-    def __init__(self, model_name_or_path: str | None = None, verbose: int = 1, method: str = DEFAULT_METHOD,
+    def __init__(self, model_name_or_path: str | None = None, verbose: int = 1, method: str | None = None,
                  router: str | None = None, heads: Any = None, max_doc_tokens: int | None = None,
                  instruction: str | None = None, device: str | None = None, dtype: str | None = None,
                  model: Any = None, **kwargs: Any) -> None:
