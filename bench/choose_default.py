@@ -98,8 +98,10 @@ def main() -> None:
         for name, router in routers.items():
             emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling, dev)
             qs = {x.qid: x for x in queries_for(sc, router.config.pool_heads, False, dev)}
-            per[name] = {q: doc_scores(qs[q], *(lambda r: (r.signals, r.signal_weights))(router.route(emb[q])))
-                         for q in dev}
+            per[name] = {}
+            for q in dev:
+                r = router.route(emb[q])
+                per[name][q] = doc_scores(qs[q], r.signals, r.signal_weights)
         scores[o] = per
     runs = {"bm25": make_run(scs["reverse"], "bm25")}
     for o in ORDERS:

@@ -38,24 +38,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+class Tally:
+    """Latencies of the answered requests and a count of the others, shared by client threads."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.lock = threading.Lock()
+
+    def timed(self, send) -> None:
+        t = time.perf_counter()
+        ok = send().status_code == 200
+        dt = time.perf_counter() - t
+        with self.lock:
+            if ok:
+                self.latencies.append(dt)
+            else:
+                self.errors += 1
+
+    def summary(self) -> dict:
+        lat = self.latencies
+        return {"requests": len(lat), "errors": self.errors, "p50_s": round(percentile(lat, 0.5), 3),
+                "p90_s": round(percentile(lat, 0.9), 3), "p99_s": round(percentile(lat, 0.99), 3),
+                "mean_s": round(statistics.mean(lat), 3)}
+
+
 def run_clients(base: str, payloads: list[dict], clients: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
+    """Closed loop: ``clients`` threads, each sending back to back for ``seconds``."""
+    tally = Tally()
     stop = time.perf_counter() + seconds
 
     def client(k: int) -> None:
         with httpx.Client(base_url=base, timeout=600, trust_env=False) as c:
             i = k
             while time.perf_counter() < stop:
-                t = time.perf_counter()
-                r = c.post("/v1/rerank", json=payloads[i % len(payloads)])
-                dt = time.perf_counter() - t
-                with lock:
-                    if r.status_code == 200:
-                        latencies.append(dt)
-                    else:
-                        errors[0] += 1
+                tally.timed(lambda i=i: c.post("/v1/rerank", json=payloads[i % len(payloads)]))
                 i += clients
 
     t0 = time.perf_counter()
@@ -65,27 +82,17 @@ def run_clients(base: str, payloads: list[dict], clients: int, seconds: float) -
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": len(latencies), "errors": errors[0], "wall_s": round(wall, 2),
-            "requests_per_s": round(len(latencies) / wall, 3),
-            "p50_s": round(percentile(latencies, 0.5), 3), "p90_s": round(percentile(latencies, 0.9), 3),
-            "p99_s": round(percentile(latencies, 0.99), 3), "mean_s": round(statistics.mean(latencies), 3)}
+    return {"clients": clients, "wall_s": round(wall, 2), "requests_per_s": round(len(tally.latencies) / wall, 3),
+            **tally.summary()}
 
 
 def run_rate(base: str, payloads: list[dict], rate: float, seconds: float) -> dict:
     """Open loop: one request every ``1 / rate`` s for ``seconds``, each in its own thread."""
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
+    tally = Tally()
 
     def one(i: int) -> None:
-        t = time.perf_counter()
-        r = httpx.post(f"{base}/v1/rerank", json=payloads[i % len(payloads)], timeout=600, trust_env=False)
-        dt = time.perf_counter() - t
-        with lock:
-            if r.status_code == 200:
-                latencies.append(dt)
-            else:
-                errors[0] += 1
+        tally.timed(lambda: httpx.post(f"{base}/v1/rerank", json=payloads[i % len(payloads)], timeout=600,
+                                       trust_env=False))
 
     t0 = time.perf_counter()
     threads = []
@@ -95,9 +102,8 @@ def run_rate(base: str, payloads: list[dict], rate: float, seconds: float) -> di
         threads[-1].start()
     for t in threads:
         t.join()
-    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-    return {"rate": rate, "requests": len(latencies), "errors": errors[0], "p50_s": round(p50, 3),
-            "p90_s": round(percentile(latencies, 0.9), 3), "p99_s": round(p99, 3), "p99_over_p50": round(p99 / p50, 2)}
+    out = {"rate": rate, **tally.summary()}
+    return {**out, "p99_over_p50": round(out["p99_s"] / out["p50_s"], 2)}
 
 
 def main() -> None:

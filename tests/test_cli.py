@@ -113,7 +113,7 @@ def test_serve_command_answers_rerank_on_loopback():
             assert r.status_code == 200, r.text
             body = r.json()
             assert len(body["results"]) == 1 and body["model"] == "smollm2-135m"
-        assert "heads" in body and body["heads"] is None  # the default, ICR, routes no heads (every head counts)
+            assert "heads" in body and body["heads"] is None  # the default, ICR, routes no heads
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -164,7 +164,7 @@ def test_highlight_marks_every_evidence_word_in_an_excerpt():
 
 
 def test_batching_auto_is_on_for_gpus_only():
-    from routehead.cli import batching_for
+    from routehead.service.config import batching_for
 
     assert batching_for("auto", ["cuda:0", "cuda:1"]) and not batching_for("auto", ["cpu"])
     assert batching_for("on", ["cpu"]) and not batching_for("off", ["cuda:0"])

@@ -260,20 +260,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(p)
 
 
-def batching_for(mode: str, devices: list[str | None]) -> bool:
-    """``auto``: batch on GPUs only. Measured on the CPU box (BENCHMARKS.md, "Service throughput"): a CPU pass
-    over several prompts costs the sum of their passes plus padding (0.89x the requests/s of one at a time at
-    16 clients), while on a GPU one pass's kernels carry many prompts for about the price of one."""
-    if mode != "auto":
-        return mode == "on"
-    import torch
-
-    return any((d or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") for d in devices)
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     from routehead.api import Reranker
     from routehead.service import Limits, ServiceSettings, serve
+    from routehead.service.config import batching_for
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else [args.device]
 

@@ -72,3 +72,14 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         _check_positive(self, allow_float=("request_timeout_s", "body_timeout_s", "header_timeout_s",
                                            "graceful_shutdown_s"))
+
+
+def batching_for(mode: str, devices: list[str | None]) -> bool:
+    """``auto``: batch on GPUs only. Measured on the CPU box (BENCHMARKS.md, "Service throughput"): a CPU pass
+    over several prompts costs the sum of their passes plus padding (0.89x the requests/s of one at a time at
+    16 clients), while on a GPU one pass's kernels carry many prompts for about the price of one."""
+    if mode != "auto":
+        return mode == "on"
+    import torch
+
+    return any((d or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") for d in devices)
