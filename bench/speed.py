@@ -146,9 +146,12 @@ def routed_heads(num_layers: int, num_heads: int, k: int = 4) -> list[tuple[int,
     return sorted(picks)
 
 
+ROUTER_PATH: dict[str, str | None] = {"path": None}  # --router, set by setup() in the parent and every child
+
+
 def shipped_router(lm: LoadedModel) -> Router | None:
-    """The router shipped for this model (SmolLM2, Gemma-3-270M), or None (random models)."""
-    path = default_router_path(lm.name)
+    """``--router`` if given, else the router shipped for this model (SmolLM2, Gemma-3-270M), or None."""
+    path = Path(ROUTER_PATH["path"]) if ROUTER_PATH["path"] else default_router_path(lm.name)
     return load_router(path, lm.identity()) if path.is_file() else None
 
 
@@ -156,7 +159,8 @@ def routed_source(scorer: HeadScorer, router: Router | None, query: str) -> dict
     if router is None:
         return {"source": "synthetic", "heads": routed_heads(scorer.lm.num_layers, scorer.lm.num_heads)}
     heads = router.route(scorer.query_embedding(query, router.config.embed_layer, router.config.pooling)).heads
-    return {"source": "shipped router", "embed_layer": router.config.embed_layer, "heads": [list(h) for h in heads]}
+    return {"source": ROUTER_PATH["path"] or "shipped router", "embed_layer": router.config.embed_layer,
+            "heads": [list(h) for h in heads]}
 
 
 def eager_bytes(num_layers: int, num_heads: int, tokens: int, elem: int) -> int:
@@ -461,6 +465,7 @@ def measure(name: str, scorer: HeadScorer, query: str, docs: list[str], warmup: 
 
 # -- setup shared by the parent and the isolated children -----------------------------------------------------
 def setup(cfg: dict[str, Any]) -> tuple[LoadedModel, HeadScorer]:
+    ROUTER_PATH["path"] = cfg.get("router")
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     lm = build_lm(cfg["model"], cfg["device"], cfg["dtype"])
@@ -731,6 +736,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=None, help="throughput queries (default 10; --quick 3)")
     ap.add_argument("--throughput-methods", nargs="+", default=["full", "routed"],
                     choices=["full", "static16", "routed"])
+    ap.add_argument("--router", default=None, help="routed: this router file instead of the shipped one")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--out", default=None, help="JSON path (default results/speed/<name>.json)")
     ap.add_argument("--default-malloc", action="store_true",
@@ -761,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "queries": args.queries or (3 if args.quick else 10), "candidates": args.candidates,
         "throughput_methods": args.throughput_methods, "batch_sizes": args.batch_sizes,
         "methods": [] if args.no_methods else list(args.methods),
-        "isolate": isolate, "malloc": malloc,
+        "isolate": isolate, "malloc": malloc, "router": args.router,
     }
     slug = (args.model or "default").replace("random:", "random-").replace("/", "_")
     name = args.name or f"{slug}-{device}{'-quick' if args.quick else ''}{'-throughput' if args.throughput else ''}"

@@ -1,13 +1,17 @@
 """Detect the static heads and train the shipped routers on scifact train; choose every setting on dev.
 
     python bench/train_router.py [--model smollm2-135m] [--folds 5] [--doc-order shuffle] [--ship]
+                                 [--max-layers 15 19] [--out results/router-grid-<model>.json]
 
 Uses only scifact *train* queries already in the head-score store (bench/collect_scores.py fills it). Routers are
 chosen by out-of-fold nDCG@10 of K-fold cross-fitted routers (--folds); the static heads on a dev split
 carved from them (20%, seeded). Writes results/router-grid-<model>.json with every configuration's dev nDCG@10,
 and with --ship copies into src/routehead/assets/ the static head set and the best router of each variant:
 ``router-<model>.safetensors`` (listwise, heads only: the default), ``-fs`` (listwise, may also route the
-first-stage score) and ``-bce`` (the paper's recipe: BCE on greedy pseudo labels).
+first-stage score) and ``-bce`` (the paper's recipe: BCE on greedy pseudo labels). ``--max-layers L...`` adds
+listwise routers with a depth budget (pool from layers <= L only; every routed pass can stop there), reported
+beside the others and never shipped in their place. ICR is reported on the same queries as the routers
+(``icr_all_ndcg@10``), so the comparison is like for like.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     ap.add_argument("--folds", type=int, default=5, help="K-fold cross-fitted routers (1: one 80/20 dev split)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-layers", type=int, nargs="*", default=[],
+                    help="also train listwise routers whose pool is limited to layers <= L (a depth budget)")
+    ap.add_argument("--out", default=None, help="grid JSON (default results/router-grid-<model>.json)")
+    ap.add_argument("--save-dir", default=None, help="also save every grid router here (e.g. for bench/speed.py "
+                    "--router)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
@@ -71,8 +80,9 @@ def main() -> None:
         heads, _ = detect_heads(sc, top, tr_ids)
         static.append({"top": top, "dev_ndcg@10": static_dev(sc, heads, dev_ids), "heads": [list(h) for h in heads]})
         print(f"static top-{top:2d}: dev nDCG@10 {static[-1]['dev_ndcg@10']:.4f}", flush=True)
-    icr_dev = static_dev(sc, [(a, b) for a in range(lm.num_layers) for b in range(lm.num_heads)], dev_ids)
-    print(f"icr (all heads): dev nDCG@10 {icr_dev:.4f}")
+    all_heads = [(a, b) for a in range(lm.num_layers) for b in range(lm.num_heads)]
+    icr_dev, icr_all = static_dev(sc, all_heads, dev_ids), static_dev(sc, all_heads, ids)
+    print(f"icr (all heads): dev nDCG@10 {icr_dev:.4f}, all {len(ids)} queries {icr_all:.4f}")
     best16 = next(s for s in static if s["top"] == 16)
 
     grid = []
@@ -83,29 +93,38 @@ def main() -> None:
         configs += [dict(objective="listwise", embed_layer=15, use_first_stage=False, pool_size=32, lr=3e-3),
                     dict(objective="listwise", embed_layer=8, use_first_stage=False, pool_size=64, lr=3e-3),
                     dict(objective="bce", embed_layer=15, use_first_stage=False, pool_size=32, lr=3e-3)]
+    configs += [dict(objective="listwise", embed_layer=8, use_first_stage=False, pool_size=32, lr=3e-3, max_layer=m)
+                for m in args.max_layers]
     for c in configs:
         t = time.time()
         settings = TrainSettings(objective=c["objective"], lr=c["lr"])
         router, info = fit_router(sc, scorer, embed_layer=c["embed_layer"], use_first_stage=c["use_first_stage"],
-                                  max_heads=4, pool_size=c["pool_size"], folds=args.folds, settings=settings)
+                                  max_heads=4, pool_size=c["pool_size"], folds=args.folds, settings=settings,
+                                  max_layer=c.get("max_layer"))
         tr = router.config.training
         row = {**c, "dev_ndcg@10": tr["dev_ndcg@10"], "threshold": router.config.threshold,
                **{k: tr[k] for k in ("best_epoch", "mean_label_size", "routed_oof", "fold_dev_ndcg@10") if k in tr},
                "seconds": round(time.time() - t, 1)}
         grid.append((row, router))
+        if args.save_dir:
+            name = "-".join([c["objective"], f"e{c['embed_layer']}", f"p{c['pool_size']}"]
+                            + (["fs"] if c["use_first_stage"] else [])
+                            + ([f"L{c['max_layer']}"] if c.get("max_layer") is not None else []))
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            router.save(Path(args.save_dir) / f"{name}.safetensors")
         print(json.dumps(row), flush=True)
 
     def best(objective, fs):
-        return max((g for g in grid if g[0]["objective"] == objective and g[0]["use_first_stage"] == fs),
-                   key=lambda g: g[0]["dev_ndcg@10"])
+        return max((g for g in grid if g[0]["objective"] == objective and g[0]["use_first_stage"] == fs
+                    and g[0].get("max_layer") is None), key=lambda g: g[0]["dev_ndcg@10"])
     chosen = {"route": best("listwise", False), "route+fs": best("listwise", True), "route-bce": best("bce", False)}
     out = {"model": lm.name, "doc_order": args.doc_order, "train_queries": len(tr_ids), "dev_queries": len(dev_ids),
-           "static": static, "icr_dev_ndcg@10": icr_dev, "grid": [g[0] for g in grid],
+           "static": static, "icr_dev_ndcg@10": icr_dev, "icr_all_ndcg@10": icr_all, "grid": [g[0] for g in grid],
            "chosen": {k: v[0] for k, v in chosen.items()},
            "note": "static: dev split (20%) of the stored train queries; routers: out-of-fold nDCG@10 of "
                    f"{args.folds}-fold cross-fitting over all stored train queries"}
     Path("results").mkdir(exist_ok=True)
-    Path(f"results/router-grid-{lm.name}.json").write_text(json.dumps(out, indent=1))
+    Path(args.out or f"results/router-grid-{lm.name}.json").write_text(json.dumps(out, indent=1))
     for k, v in chosen.items():
         print(k, json.dumps(v[0]))
     if args.ship:

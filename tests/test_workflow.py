@@ -42,6 +42,16 @@ def test_score_detect_train_evaluate_plot(tmp_path):
     assert out.returncode == 0, out.stderr
     assert router.is_file() and "out-of-fold (5 folds) nDCG@10" in out.stdout
 
+    shallow = tmp_path / "shallow.safetensors"  # a depth budget: nothing below layer 6 can be routed
+    out = run_cli("train", *DATA, "--split", "test", "--out", str(shallow), "--embed-layer", "4", "--max-layer", "6",
+                  "--pool-size", "16", env=env)
+    assert out.returncode == 0, out.stderr
+    from routehead.router import load_router
+
+    cfg = load_router(shallow).config
+    assert len(cfg.pool_heads) == 16 and max(a for a, _ in cfg.pool_heads) <= 6
+    assert cfg.training["max_layer"] == 6
+
     out = run_cli("evaluate", *DATA, "--split", "test", "--reranker", "bm25", "icr", "single", "static", "route",
                   "oracle", "--heads", str(heads), "--router", str(router), "--json", env=env)
     assert out.returncode == 0, out.stderr

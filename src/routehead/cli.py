@@ -195,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     router, _ = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling,
                               use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
                               labels_kind=args.labels, pool_size=args.pool_size, folds=args.folds,
-                              settings=settings)
+                              settings=settings, max_layer=args.max_layer)
     router.save(args.out)
     t = router.config.training
     held_out = f"out-of-fold ({args.folds} folds)" if args.folds > 1 else "dev"
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="mean", choices=["mean", "last"])
     p.add_argument("--use-first-stage", action="store_true", help="let the router also route the first-stage score")
     p.add_argument("--pool-size", type=int, default=64, help="only the N best heads on train can be routed")
+    p.add_argument("--max-layer", type=int, default=None,
+                   help="a depth budget: route only heads of layers <= L, so every routed pass stops there")
     p.add_argument("--folds", type=int, default=5, help="K cross-fitted routers merged into one (1: one dev split)")
     p.add_argument("--labels", default="greedy", choices=["greedy", "soft"],
                    help="greedy: binary greedy head sets (paper); soft: each head's own nDCG@10 as the target")

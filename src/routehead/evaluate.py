@@ -72,9 +72,13 @@ def queries_for(sc: ScoredCollection, pool: Sequence[Head], use_first_stage: boo
     return out
 
 
-def detect_heads(sc: ScoredCollection, top: int = 16, qids: Sequence[str] | None = None, k: int = 10
-                 ) -> tuple[list[Head], np.ndarray]:
-    """QRHead-style detection: each head's mean nDCG@k alone on ``qids``; the ``top`` best heads."""
+def detect_heads(sc: ScoredCollection, top: int = 16, qids: Sequence[str] | None = None, k: int = 10,
+                 max_layer: int | None = None) -> tuple[list[Head], np.ndarray]:
+    """QRHead-style detection: each head's mean nDCG@k alone on ``qids``; the ``top`` best heads.
+
+    ``max_layer``: choose only among heads of layers ``<= max_layer`` (the quality map is still returned whole),
+    so that a pass scoring the chosen heads can stop after that layer: a depth budget traded against quality.
+    """
     ids = list(qids) if qids is not None else sorted(sc.entries)
     qual = []
     for qid in ids:
@@ -82,7 +86,9 @@ def detect_heads(sc: ScoredCollection, top: int = 16, qids: Sequence[str] | None
         gains, ideal = _gains(sc, qid, e.doc_ids)
         qual.append(per_head_quality(e.calibrated, gains, ideal, k))  # not computed: -inf, ranks last
     q = np.mean(qual, axis=0)
-    return top_heads(q, top), q
+    if max_layer is None:
+        return top_heads(q, top), q
+    return top_heads(np.where(np.arange(q.shape[0])[:, None] <= max_layer, q, -np.inf), top), q
 
 
 def position_correlation(sc: ScoredCollection, qids: Sequence[str] | None = None) -> np.ndarray:

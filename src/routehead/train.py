@@ -193,11 +193,14 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
 def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", use_first_stage: bool = False,
                max_heads: int = 4, route_max: int = 8, dim: int = 64, dev_fraction: float = 0.2,
                labels_kind: str = "greedy", pool_size: int = 64, folds: int = 1,
-               settings: TrainSettings | None = None) -> tuple[Router, dict[str, Any]]:
+               settings: TrainSettings | None = None, max_layer: int | None = None
+               ) -> tuple[Router, dict[str, Any]]:
     """The whole recipe on a scored training split: pool, carve dev, prior, pseudo labels, embeddings, training.
 
     ``pool_size``: the routable pool is the ``pool_size`` heads best alone (QRHead detection) on the training
     queries, plus the first stage if used; the router, its labels and its training see only the pool.
+    ``max_layer``: the pool holds heads of layers ``<= max_layer`` only, so every routed pass can stop after that
+    layer (RouteHead's early exit with a guaranteed depth: a speed budget, paid for in quality on deep heads).
     ``labels_kind="greedy"``: binary targets, the greedy head set of each query (the paper's pseudo labels).
     ``labels_kind="soft"``: each signal's own nDCG@10 on the query as the target.
     ``folds > 1``: K-fold cross-fitting instead of one dev split (``info`` then holds per-fold lists). Each
@@ -217,7 +220,8 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
         parts = [(sorted(set(ids) - set(order[k::folds])), sorted(order[k::folds])) for k in range(folds)]
     else:
         parts = [split_dev(ids, dev_fraction=dev_fraction, seed=0)]
-    pool, _ = detect_heads(sc, top=pool_size, qids=ids)  # from all training queries: one pool for every fold
+    # from all training queries: one pool for every fold
+    pool, _ = detect_heads(sc, top=pool_size, qids=ids, max_layer=max_layer)
     all_q = {q.qid: q for q in queries_for(sc, pool, use_first_stage, ids)}
     emb = query_embeddings(sc, scorer, embed_layer, pooling, ids)
     config = RouterConfig(identity=scorer.lm.identity(), embed_layer=embed_layer, pool=[list(h) for h in pool],
@@ -226,7 +230,7 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
                           prompt=scorer.builder.settings(),
                           training={"collection": sc.collection.name, "split": sc.collection.split,
                                     "doc_order": sc.settings.get("doc_order"), "label_max_heads": max_heads,
-                                    "labels": labels_kind})
+                                    "labels": labels_kind, "max_layer": max_layer})
     members, infos, oof = [], [], {}
     for tr_ids, dev_ids in parts:
         router, info = _fit_split(copy.deepcopy(config), [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids],
