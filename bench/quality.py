@@ -1,6 +1,7 @@
 """Quality table: every re-ranker on the stored forward passes of each collection and prompt order, in one run.
 
     python bench/quality.py [--model smollm2-135m] [--orders reverse input shuffle] [--jobs scifact:test ...]
+                            [--router NAME=PATH ...]
 
 Re-rankers: bm25, position (the prompt position alone: what position bias gives without reading), dense
 (MiniLM), icr, single (the best shipped head), static (the shipped 16 heads, QRHead), route-bce (the paper's
@@ -10,7 +11,8 @@ aggregates as the references do (sum over its heads, outlier mask, sum). Orders 
 reverse (the references' published order, best first-stage candidate last), input (first-stage order) and
 shuffle (a fixed random order per query: the content signal). Paired t-tests on nDCG@10 against bm25, icr,
 static and single. Writes results/quality-<model>.json and prints a markdown table. Queries not yet in the
-store are scored first (slow on CPU: seconds a query for the default model).
+store are scored first (slow on CPU: seconds a query for the default model). ``--router NAME=PATH`` adds a
+router that is not shipped (e.g. one trained in another order or with a depth budget) as one more column.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the CPU)")
     ap.add_argument("--out", default=None, help="default results/quality-<model>.json")
+    ap.add_argument("--router", nargs="+", default=[], metavar="NAME=PATH", help="extra routers, one column each")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,6 +63,11 @@ def main() -> None:
         path = asset(f"router-{lm.name}-{variant}.safetensors")
         if path.is_file():
             routers[f"route{'+' if variant == 'fs' else '-'}{variant}"] = load_router(path, lm.identity())
+    for spec in args.router:
+        rname, _, path = spec.partition("=")
+        if not path or rname in routers:
+            raise SystemExit(f"--router wants NAME=PATH with a new NAME, got {spec!r}")
+        routers[rname] = load_router(path, lm.identity())
     results = []
     for job in args.jobs:
         name, split, *cap = job.split(":")
@@ -113,7 +121,8 @@ MARK = {"bm25": "b", "icr": "i", "static": "s", "single": "1"}
 def markdown(out: dict) -> str:
     """nDCG@10 table; superscripts +b/+i/+s/+1 (-b...): significantly above (below) bm25/icr/static/single
     (paired t-test, p < 0.05)."""
-    cols = [c for c in ORDER if c in out["results"][0]["rerankers"]]
+    present = out["results"][0]["rerankers"]
+    cols = [c for c in ORDER if c in present] + [c for c in present if c not in ORDER]
     lines = ["| collection | order | n | " + " | ".join(cols) + " | heads routed |",
              "|---|---|---|" + "---|" * len(cols) + "---|"]
     for rep in out["results"]:
