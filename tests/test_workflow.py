@@ -42,15 +42,20 @@ def test_score_detect_train_evaluate_plot(tmp_path):
     assert out.returncode == 0, out.stderr
     assert router.is_file() and "out-of-fold (5 folds) nDCG@10" in out.stdout
 
-    shallow = tmp_path / "shallow.safetensors"  # a depth budget: nothing below layer 6 can be routed
-    out = run_cli("train", *DATA, "--split", "test", "--out", str(shallow), "--embed-layer", "4", "--max-layer", "6",
-                  "--pool-size", "16", env=env)
-    assert out.returncode == 0, out.stderr
     from routehead.router import load_router
 
-    cfg = load_router(shallow).config
-    assert len(cfg.pool_heads) == 16 and max(a for a, _ in cfg.pool_heads) <= 6
-    assert cfg.training["max_layer"] == 6
+    for max_layer, pool in (("6", 16), ("0", 9)):  # a depth budget: nothing below it can be routed
+        shallow = tmp_path / f"shallow{max_layer}.safetensors"  # layer 0 has 9 heads: the pool is capped there
+        out = run_cli("train", *DATA, "--split", "test", "--out", str(shallow), "--embed-layer", "4",
+                      "--max-layer", max_layer, "--pool-size", "16", env=env)
+        assert out.returncode == 0, out.stderr
+        cfg = load_router(shallow).config
+        assert len(cfg.pool_heads) == pool and max(a for a, _ in cfg.pool_heads) <= int(max_layer)
+        assert cfg.training["max_layer"] == int(max_layer)
+    out = run_cli("train", *DATA, "--split", "test", "--out", str(tmp_path / "x.safetensors"), "--max-layer", "30",
+                  env=env)
+    assert out.returncode == 2 and "max_layer 30 is not a layer of this model" in out.stderr
+    assert "Traceback" not in out.stderr
 
     out = run_cli("evaluate", *DATA, "--split", "test", "--reranker", "bm25", "icr", "single", "static", "route",
                   "oracle", "--heads", str(heads), "--router", str(router), "--json", env=env)

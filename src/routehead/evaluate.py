@@ -88,7 +88,10 @@ def detect_heads(sc: ScoredCollection, top: int = 16, qids: Sequence[str] | None
     q = np.mean(qual, axis=0)
     if max_layer is None:
         return top_heads(q, top), q
-    return top_heads(np.where(np.arange(q.shape[0])[:, None] <= max_layer, q, -np.inf), top), q
+    if not 0 <= max_layer < q.shape[0]:
+        raise RouteheadError(f"max_layer {max_layer} is not a layer of this model (0..{q.shape[0] - 1})")
+    allowed = np.arange(q.shape[0])[:, None] <= max_layer
+    return top_heads(np.where(allowed, q, -np.inf), min(top, int(allowed.sum()) * q.shape[1])), q
 
 
 def position_correlation(sc: ScoredCollection, qids: Sequence[str] | None = None) -> np.ndarray:
