@@ -86,12 +86,9 @@ def detect_heads(sc: ScoredCollection, top: int = 16, qids: Sequence[str] | None
         gains, ideal = _gains(sc, qid, e.doc_ids)
         qual.append(per_head_quality(e.calibrated, gains, ideal, k))  # not computed: -inf, ranks last
     q = np.mean(qual, axis=0)
-    if max_layer is None:
-        return top_heads(q, top), q
-    if not 0 <= max_layer < q.shape[0]:
+    if max_layer is not None and not 0 <= max_layer < q.shape[0]:
         raise RouteheadError(f"max_layer {max_layer} is not a layer of this model (0..{q.shape[0] - 1})")
-    allowed = np.arange(q.shape[0])[:, None] <= max_layer
-    return top_heads(np.where(allowed, q, -np.inf), min(top, int(allowed.sum()) * q.shape[1])), q
+    return top_heads(q if max_layer is None else q[: max_layer + 1], top), q
 
 
 def position_correlation(sc: ScoredCollection, qids: Sequence[str] | None = None) -> np.ndarray:
