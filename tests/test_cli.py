@@ -177,3 +177,16 @@ def test_a_router_or_heads_imply_their_method():
     assert resolve_method(None, router="r.safetensors") == "route"
     assert resolve_method(None, heads=[(0, 0)]) == "static"
     assert resolve_method("icr", router="r.safetensors") == "icr"  # an explicit method wins
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["route", "static"])
+def test_rerank_with_the_second_backbone_uses_its_shipped_assets(method):
+    """Gemma-3-270M's own router and head set (trained for it) are found by name; its heads fit its shape."""
+    out = run_cli("rerank", "--model", "gemma3-270m", "--query", "What lowers the risk of heart disease?",
+                  "--docs", "examples/docs.jsonl", "--json", "--method", method)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["method"] == method and body["model"] == "gemma3-270m"
+    assert body["heads"] and all(0 <= lay < 18 and 0 <= h < 4 for lay, h in body["heads"])
+    assert sorted(r["index"] for r in body["results"]) == list(range(len(body["results"])))
