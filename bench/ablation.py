@@ -17,6 +17,9 @@ With ``--passes N``, items 2 and 5, which change the forward pass itself, are ru
   the chat template's closing tokens not run), as routehead did before;
 - item 5, text and tokenization: documents as ``title. text`` and the prompt tokenized segment by segment
   (instruction, separator, marker, document), ids concatenated, as routehead did before.
+With ``--v1 N``, the shipped ``layout="v1"`` option (items 2 and 5 undone together, :mod:`routehead.prompt`) is
+scored on the first N dev queries into its own store (resumable) and compared with the reference store on the same
+queries: ICR, and the static 16 heads detected on the reference train part.
 Writes results/ablation-<model>.json.
 """
 
@@ -36,7 +39,7 @@ from routehead.evaluate import _gains, detect_heads, head_rows
 from routehead.heads import ndcg_at_k, spans_of
 from routehead.model import load_model
 from routehead.order import prompt_order
-from routehead.prompt import INSTRUCTION, Prompt
+from routehead.prompt import Prompt
 from routehead.scorer import HeadScorer, HeadSet, SpanIndex, normalize_heads, set_weights
 
 
@@ -97,15 +100,7 @@ def segment_prompt(scorer: HeadScorer, ref: Prompt, docs: list[str]) -> Prompt:
     """Item 5 undone: each segment tokenized alone and the ids concatenated (documents as ``title. text``); the
     reference suffix (late instruction .. chat tail) is kept so only text and tokenization change."""
     b = scorer.builder
-    enc = lambda text: b._encode(text, special=False)  # noqa: E731
-    prefix = list(b.head_ids) + enc(INSTRUCTION)
-    spans = []
-    for i, d in enumerate(docs):
-        prefix += enc(b.sep)
-        start = len(prefix)
-        prefix += enc(f"[{i + 1}]") + enc(" " + b._cut(d, b.max_doc_tokens)[0])
-        spans.append((start, len(prefix)))
-    prefix += enc(b.sep)
+    prefix, spans = b.segment_body([b._cut(d, b.max_doc_tokens)[0] for d in docs])
     return Prompt(prefix, spans, ref.query_ids, ref.na_ids, ref.truncated)
 
 
@@ -141,6 +136,7 @@ def main() -> None:
     ap.add_argument("--doc-order", default="shuffle")
     ap.add_argument("--orders-too", action="store_true")
     ap.add_argument("--passes", type=int, default=0, help="run items 2 and 5 on the first N dev queries")
+    ap.add_argument("--v1", type=int, default=0, help="score the v1 layout on the first N dev queries")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,8 +168,19 @@ def main() -> None:
                                                       "static16": evaluate(sc, sub, static, "reference")},
                          **pass_items(scorer, coll, sc, sub, static)}
         print("passes", json.dumps(out["passes"]), flush=True)
+    if args.v1:
+        sub = dev[: args.v1]
+        v1 = HeadScorer(lm, layout="v1")
+        so = score_collection(coll, v1, v1.settings(), doc_order=args.doc_order, only=sub, progress=False)
+        out["v1_layout"] = {"n": len(sub), **{name: {"icr": evaluate(st, sub, None, "reference"),
+                                                     "static16": evaluate(st, sub, static, "reference")}
+                                              for name, st in (("reference", sc), ("v1", so))}}
+        print("v1 layout", json.dumps(out["v1_layout"]), flush=True)
     Path("results").mkdir(exist_ok=True)
-    Path(f"results/ablation-{lm.name}.json").write_text(json.dumps(out, indent=1))
+    path = Path(f"results/ablation-{lm.name}.json")
+    if path.is_file():  # keep the sections of earlier runs that this one did not redo
+        out = {**json.loads(path.read_text()), **out}
+    path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_read_documents_formats(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"title": "T", "text": "body"}\n{"text": "two"}\n')
-    assert read_documents(str(tmp_path / "d.jsonl")) == ["T. body", "two"]
+    assert read_documents(str(tmp_path / "d.jsonl")) == ["T\nbody", "two"]  # the references' title + "\n" + text
+    assert read_documents(str(tmp_path / "d.jsonl"), "v1") == ["T. body", "two"]
     (tmp_path / "d.tsv").write_text("1\tfirst doc\n2\tsecond doc\n")
     assert read_documents(str(tmp_path / "d.tsv")) == ["first doc", "second doc"]
     (tmp_path / "d.txt").write_text("one\n\ntwo\n")

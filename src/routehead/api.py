@@ -20,6 +20,7 @@ list and added.
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from routehead.labels import combine
 from routehead.methods import DEFAULT_ORDER, METHODS, resolve_method
 from routehead.model import DEFAULT_MODEL, LoadedModel, load_model
 from routehead.order import passes, prompt_order
-from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
+from routehead.prompt import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, layout_of
 from routehead.router import Router, Routing, load_router
 from routehead.scorer import HeadScorer, HeadScores, HeadSet
 
@@ -80,7 +81,7 @@ class Reranker:
                  max_doc_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, doc_order: str = DEFAULT_ORDER, retrieval_type: str = "IE",
-                 instruction: str | None = None) -> None:
+                 instruction: str | None = None, layout: str | None = None) -> None:
         method = resolve_method(method, router, heads)
         if method not in METHODS:
             raise RouteheadError(f"unknown method {method!r}; use one of {METHODS}")
@@ -112,8 +113,14 @@ class Reranker:
                 self.heads = sorted((int(a), int(b)) for a, b in heads)
         if max_doc_tokens is None:
             max_doc_tokens = trained.get("max_doc_tokens", DEFAULT_MAX_DOC_TOKENS)
+        trained_layout = layout_of(trained.get("prompt")) if trained else None
+        if layout is None:
+            layout = trained_layout or DEFAULT_LAYOUT
+        elif trained_layout is not None and layout != trained_layout:
+            warnings.warn(f"the {method} heads were chosen under the {trained_layout!r} prompt layout, not {layout!r}; "
+                          "their scores are not what was measured", stacklevel=2)
         self.scorer = HeadScorer(self.lm, max_doc_tokens=max_doc_tokens, max_prompt_tokens=max_prompt_tokens,
-                                 retrieval_type=retrieval_type, instruction=instruction)
+                                 retrieval_type=retrieval_type, instruction=instruction, layout=layout)
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.lm.name, "method": self.method, "doc_order": self.doc_order,

@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from routehead.data import doc_text
 from routehead.errors import RouteheadError
 from routehead.methods import DEFAULT_METHOD, DEFAULT_ORDER, METHODS
 from routehead.order import ORDERS
-from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
+from routehead.prompt import DEFAULT_MAX_DOC_TOKENS, LAYOUTS, document_text
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------
-def read_documents(path: str) -> list[str]:
-    """Documents from JSONL (``text``, optional ``title``), TSV (``id<TAB>text``: the last column) or plain lines."""
+def read_documents(path: str, layout: str | None = None) -> list[str]:
+    """Documents from JSONL (``text``, optional ``title``, joined as the prompt layout joins them: ``title\\ntext``,
+    ``title. text`` under v1), TSV (``id<TAB>text``: the last column) or plain lines."""
     p = Path(path)
     if not p.is_file():
         raise RouteheadError(f"documents file not found: {path}")
@@ -29,8 +31,9 @@ def read_documents(path: str) -> list[str]:
                 text = obj["text"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise RouteheadError(f"{path}:{i}: expected a JSON object with a 'text' field ({exc})") from None
-            title = obj.get("title") or ""
-            docs.append(f"{title}. {text}".strip() if title else str(text))
+            title = obj.get("title")
+            docs.append(doc_text({"title": title, "text": str(text)}) if layout == "v1"
+                        else document_text(str(text), title))
         elif p.suffix == ".tsv":
             docs.append(line.split("\t")[-1])
         else:
@@ -59,6 +62,8 @@ def _data_args(ap: argparse.ArgumentParser, split: str) -> None:
                     help="candidates' order in the prompt: reverse (best last, the published runs; default), "
                          "input (first-stage order) or shuffle (a fixed random order per query)")
     ap.add_argument("--retrieval-type", default="IE", choices=["IE", "QA"], help="ICR's late instruction")
+    ap.add_argument("--layout", default="reference", choices=sorted(LAYOUTS), help="prompt layout: reference "
+                    "(the ICR/QRHead code's; default) or v1 (segments tokenized alone, query-only span)")
     ap.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass when computing S "
                     "(same scores; more queries/s on a GPU with a small model; default 1)")
     ap.add_argument("--no-progress", action="store_true")
@@ -74,7 +79,8 @@ def _scored(args: argparse.Namespace, compute: bool = True) -> tuple[Any, Any]:
 
     coll = load_collection(args.data, args.split)
     lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, retrieval_type=args.retrieval_type)
+    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, retrieval_type=args.retrieval_type,
+                        layout=args.layout)
     shard, num = getattr(args, "shard", (0, 1))
     compute = compute and not getattr(args, "stored_only", False)
     sc = score_collection(coll, scorer if compute else None, scorer.settings(), top_k=args.top_k,
@@ -89,11 +95,11 @@ def _scored(args: argparse.Namespace, compute: bool = True) -> tuple[Any, Any]:
 def cmd_rerank(args: argparse.Namespace) -> None:
     from routehead.api import Reranker
 
-    docs = read_documents(args.docs)
+    docs = read_documents(args.docs, args.layout)
     rr = Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
                   max_doc_tokens=args.max_doc_tokens, device=args.device, dtype=args.dtype,
                   trust_remote_code=args.trust_remote_code, doc_order=args.doc_order,
-                  instruction=args.instruction)
+                  instruction=args.instruction, layout=args.layout)
     r = rr.rerank(args.query, docs, evidence=args.evidence)
     n = len(r.indices) if args.top_k is None else args.top_k
     results = [{"index": i, "score": s, "text": docs[i]} for i, s in zip(r.indices[:n], r.scores[:n])]
@@ -303,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the documents go in the prompt (given in first-stage order); both: debiased, 2 passes "
                         f"(default {DEFAULT_ORDER})")
     p.add_argument("--instruction", default=None, help="the task instruction after the documents")
+    p.add_argument("--layout", default=None, choices=sorted(LAYOUTS),
+                   help="prompt layout (default: the one the heads or router were chosen under; else reference)")
     p.add_argument("--evidence", type=int, default=0, help="show each document's top N words by share of its score")
     p.add_argument("--json", action="store_true", help='print {"results": [{"index","score","text"}...]}')
     _model_args(p)

@@ -93,7 +93,8 @@ def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_s
                 chunk = todo[k:k + batch_size]
                 doc_ids = [[d for d, _ in fs[qid][:top_k]] for qid in chunk]
                 perms = [prompt_order(len(ids), doc_order, qid) for qid, ids in zip(chunk, doc_ids)]
-                items = [(collection.queries[qid], [collection.prompt_text(ids[j]) for j in perm])
+                layout = scorer.builder.layout
+                items = [(collection.queries[qid], [collection.prompt_text(ids[j], layout) for j in perm])
                          for qid, ids, perm in zip(chunk, doc_ids, perms)]
                 results = scorer.score_many(items, batch_size=batch_size, keep_tokens=True)
                 for qid, ids, perm, S in zip(chunk, doc_ids, perms, results):

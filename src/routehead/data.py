@@ -78,10 +78,13 @@ class Collection:
             raise RouteheadError(f"{self.name}: unknown document id {doc_id!r}") from None
         return doc_text(doc)
 
-    def prompt_text(self, doc_id: str) -> str:
-        """The document as the LLM re-rankers put it in the prompt: ``title + "\\n" + text`` (the references')."""
+    def prompt_text(self, doc_id: str, layout: str = "reference") -> str:
+        """The document as the LLM re-rankers put it in the prompt: ``title + "\\n" + text`` (the references'),
+        or ``title. text`` under the v1 prompt layout (:mod:`routehead.prompt`)."""
         from routehead.prompt import document_text
 
+        if layout == "v1":
+            return self.doc_text(doc_id)
         try:
             doc = self.corpus[doc_id]
         except KeyError:

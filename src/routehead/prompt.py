@@ -24,6 +24,12 @@ Documents and queries are data: text that spells a control token (``<|im_end|>``
 never as the model's special token. When no such text is present the whole prompt is tokenized in one call,
 exactly as the references do; otherwise the user content is tokenized with ``split_special_tokens`` between
 the chat template's own special tokens.
+
+``layout="v1"`` is routehead's layout before it followed the references, kept under its own name because it
+measured better on scifact dev (``bench/ablation.py``): every segment (instruction, separator, ``[i]``, document)
+tokenized alone and the ids concatenated, documents as ``title. text``, and only the query's own tokens (or
+"N/A"'s) as the query span: the late instruction and ``Query:`` end the prefix and the chat tail is not run.
+The methods' names (icr, static, route) mean the reference layout; v1 is an option beside it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from typing import Any
 from routehead.errors import RouteheadError
 
 PROMPT_VERSION = "icr-ref-v1"
+LAYOUTS = {"reference": PROMPT_VERSION, "v1": "routehead-v1"}  # layout -> the version stores and assets record
+DEFAULT_LAYOUT = "reference"
 DEFAULT_MAX_DOC_TOKENS = 160  # one default for the API, the CLI, the service, the store and the benchmarks
 INSTRUCTION = " Here are some paragraphs:"
 LATE_INSTRUCTIONS = {
@@ -72,10 +80,21 @@ class Prompt:
 
 
 def document_text(text: str, title: str | None = None) -> str:
-    """A document as the references put it in the prompt: ``title + "\\n" + text`` when it has a title."""
+    """A document as the references put it in the prompt: ``title + "\\n" + text`` when it has a title (the v1
+    layout's ``title. text`` is :func:`routehead.data.doc_text`)."""
     title = (title or "").strip()
     text = (text or "").strip()
     return f"{title}\n{text}" if title else text
+
+
+def layout_of(version: str | None) -> str:
+    """The layout a store or asset recorded as its prompt version (``None``: the default)."""
+    for name, v in LAYOUTS.items():
+        if v == version:
+            return name
+    if version is None:
+        return DEFAULT_LAYOUT
+    raise RouteheadError(f"unknown prompt version {version!r}; this routehead knows {sorted(LAYOUTS.values())}")
 
 
 class PromptBuilder:
@@ -83,7 +102,9 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: Any, max_doc_tokens: int | None = DEFAULT_MAX_DOC_TOKENS,
                  max_query_tokens: int = 128, use_chat_template: bool = True, retrieval_type: str = "IE",
-                 instruction: str | None = None, separator: str | None = None) -> None:
+                 instruction: str | None = None, separator: str | None = None, layout: str = DEFAULT_LAYOUT) -> None:
+        if layout not in LAYOUTS:
+            raise RouteheadError(f"unknown prompt layout {layout!r}; use one of {sorted(LAYOUTS)}")
         if retrieval_type not in LATE_INSTRUCTIONS:
             raise RouteheadError(f"unknown retrieval_type {retrieval_type!r}; use one of {sorted(LATE_INSTRUCTIONS)}")
         if not getattr(tokenizer, "is_fast", False):
@@ -92,6 +113,7 @@ class PromptBuilder:
         if instruction is not None and not instruction.strip():
             raise RouteheadError("the instruction is empty")
         self.tok = tokenizer
+        self.layout = layout
         self.max_doc_tokens = max_doc_tokens
         self.max_query_tokens = max_query_tokens
         self.retrieval_type = retrieval_type
@@ -193,6 +215,10 @@ class PromptBuilder:
     def fixed_tokens(self, n_docs: int, query: str) -> int:
         """Tokens a prompt of ``n_docs`` documents needs besides the documents' own text (an upper estimate:
         tokens only merge when tokenized together)."""
+        if self.layout == "v1":  # exact: every segment is tokenized alone (the document's leading space may add one)
+            enc = lambda t: len(self._encode(t, special=False))  # noqa: E731
+            return (len(self.head_ids) + enc(INSTRUCTION) + enc(self.sep) + enc(self.late) + enc(self.sep)
+                    + enc(QUERY_LABEL) + enc(" " + query) + n_docs * (enc(self.sep) + enc(f"[{max(n_docs, 1)}]") + 1))
         per_doc = len(self._encode(f"{self.sep}[{max(n_docs, 1)}] ", special=False))
         rest = f"{INSTRUCTION}{self.sep}{self.late}{self.sep}{QUERY_LABEL} {query}"
         return (len(self._encode(self.head_text, special=True)) + len(self._encode(rest, special=False))
@@ -215,6 +241,8 @@ class PromptBuilder:
     def build(self, query: str, docs: Sequence[str], truncated: Sequence[bool] | None = None,
               numbering_start: int = 1) -> Prompt:
         """The prompt for a prepared query and prepared documents (in prompt order)."""
+        if self.layout == "v1":
+            return self._build_segments(query, docs, truncated, numbering_start)
         dirty = self._has_special(query) or any(self._has_special(d) for d in docs)
         body, ranges, late_at = self._body(query, docs, numbering_start)
         ids, offs, base = self._tokenize(body, dirty)
@@ -238,6 +266,30 @@ class PromptBuilder:
         return Prompt(prefix_ids=ids[:q0], doc_spans=spans, query_ids=ids[q0:], na_ids=na_ids[q0:],
                       truncated=list(truncated) if truncated is not None else [False] * len(docs))
 
+    def segment_body(self, docs: Sequence[str], numbering_start: int = 1) -> tuple[list[int], list[tuple[int, int]]]:
+        """The v1 layout up to the separator after the last document: chat head, instruction, ``[i] doc`` per
+        document, each segment tokenized alone as text (so no special token can appear; spans exact by
+        construction), and the documents' spans."""
+        ids = list(self.head_ids) + self._encode(INSTRUCTION, special=False)
+        spans = []
+        for i, d in enumerate(docs):
+            ids += self._encode(self.sep, special=False)
+            start = len(ids)
+            ids += self._encode(f"[{numbering_start + i}]", special=False)
+            ids += self._encode(" " + d, special=False) if d else []
+            spans.append((start, len(ids)))
+        return ids + self._encode(self.sep, special=False), spans
+
+    def _build_segments(self, query: str, docs: Sequence[str], truncated: Sequence[bool] | None,
+                        numbering_start: int) -> Prompt:
+        """The v1 layout: :meth:`segment_body`, then the late instruction and ``Query:`` end the prefix; the query
+        span is only the query's tokens."""
+        enc = lambda t: self._encode(t, special=False)  # noqa: E731
+        ids, spans = self.segment_body(docs, numbering_start)
+        ids += enc(self.late) + enc(self.sep) + enc(QUERY_LABEL)
+        return Prompt(prefix_ids=ids, doc_spans=spans, query_ids=enc(" " + query), na_ids=enc(" " + NA_QUERY),
+                      truncated=list(truncated) if truncated is not None else [False] * len(docs))
+
     def prompt(self, query: str, documents: Sequence[str]) -> Prompt:
         """:meth:`build` from raw inputs (one window, documents in prompt order)."""
         texts, _, truncated = self.prepare_documents(documents)
@@ -245,7 +297,7 @@ class PromptBuilder:
 
     def settings(self) -> dict[str, Any]:
         """Everything in the prompt that changes scores (for stores and checkpoints)."""
-        return {"prompt": PROMPT_VERSION, "max_doc_tokens": self.max_doc_tokens,
+        return {"prompt": LAYOUTS[self.layout], "max_doc_tokens": self.max_doc_tokens,
                 "max_query_tokens": self.max_query_tokens, "late_instruction": self.late, "separator": self.sep,
                 "chat_template": self.chat}
 

@@ -30,7 +30,7 @@ import torch
 
 from routehead import capture
 from routehead.model import LoadedModel
-from routehead.prompt import DEFAULT_MAX_DOC_TOKENS, Prompt, PromptBuilder, plan_windows
+from routehead.prompt import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, Prompt, PromptBuilder, plan_windows
 
 Head = tuple[int, int]
 
@@ -166,10 +166,10 @@ class HeadScorer:
 
     def __init__(self, lm: LoadedModel, max_doc_tokens: int | None = DEFAULT_MAX_DOC_TOKENS,
                  max_prompt_tokens: int | None = None, use_chat_template: bool = True, retrieval_type: str = "IE",
-                 instruction: str | None = None) -> None:
+                 instruction: str | None = None, layout: str = DEFAULT_LAYOUT) -> None:
         self.lm = lm
         self.builder = PromptBuilder(lm.tokenizer, max_doc_tokens=max_doc_tokens, use_chat_template=use_chat_template,
-                                     retrieval_type=retrieval_type, instruction=instruction)
+                                     retrieval_type=retrieval_type, instruction=instruction, layout=layout)
         self.budget = min(lm.max_context, max_prompt_tokens or lm.max_context)
         capture.install(lm.model)
         self.base = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
