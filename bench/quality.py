@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--orders", nargs="+", default=["reverse", "input", "shuffle"])
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--max-doc-tokens", type=int, default=DEFAULT_MAX_DOC_TOKENS)
+    ap.add_argument("--layout", default="reference", help="prompt layout (v1: heads and routers are still the "
+                    "shipped ones, chosen under the reference layout)")
     ap.add_argument("--no-compute", action="store_true", help="only queries already in the store")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the CPU)")
@@ -56,7 +58,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens)
+    scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, layout=args.layout)
     heads, hbody = load_heads(default_heads_path(lm.name), lm.identity())
     routers = {"route": load_router(default_router_path(lm.name), lm.identity())}
     for variant in ("fs", "bce"):

@@ -102,3 +102,13 @@ def test_reranker_warns_on_a_layout_its_heads_were_not_chosen_under(default_lm):
     assert rr.info()["prompt"]["prompt"] == "routehead-v1"
     assert Reranker(model=default_lm, method="static").info()["prompt"]["prompt"] == "icr-ref-v1"
     assert Reranker(model=default_lm, method="icr", layout="v1").scorer.builder.layout == "v1"
+
+
+def test_v1_batched_equals_one_at_a_time():
+    lm = tiny_lm("llama")
+    scorer = HeadScorer(lm, max_doc_tokens=None, layout="v1")
+    items = [(QUERY, DOCS), ("dogs and walks", DOCS[::-1][:3]), ("stock market", DOCS[1:])]
+    sets = [HeadSet.of(None), HeadSet.of(STATIC)]
+    alone = [scorer.score(q, d, sets=sets) for q, d in items]
+    for a, b in zip(alone, scorer.score_many(items, batch_size=3, sets=sets, keep_tokens=True)):
+        assert torch.allclose(a.sets, b.sets, atol=1e-5) and torch.allclose(a.calibrated, b.calibrated, atol=1e-5)
