@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import ttest_rel
 
 from routehead.collect import score_collection
 from routehead.data import doc_text, load_collection, split_dev
@@ -60,7 +61,7 @@ def without_marker(counts: np.ndarray, positions: np.ndarray) -> SpanIndex:
     return SpanIndex.build([(int(a) + min(k, int(b - a) - 1), int(b)) for a, b, k in zip(bounds[:-1], bounds[1:], m)])
 
 
-def evaluate(sc, qids, heads, variant: str) -> float:
+def evaluate(sc, qids, heads, variant: str, per_query: bool = False) -> float | np.ndarray:
     vals = []
     for q in qids:
         e = sc.entries[q]
@@ -80,7 +81,7 @@ def evaluate(sc, qids, heads, variant: str) -> float:
             raise ValueError(variant)
         gains, ideal = _gains(sc, q, e.doc_ids)
         vals.append(float(ndcg_at_k(np.asarray(s, dtype=np.float64), gains, ideal)))
-    return float(np.mean(vals))
+    return np.asarray(vals) if per_query else float(np.mean(vals))
 
 
 def query_only_span(ref: Prompt) -> Prompt:
@@ -172,9 +173,12 @@ def main() -> None:
         sub = dev[: args.v1]
         v1 = HeadScorer(lm, layout="v1")
         so = score_collection(coll, v1, v1.settings(), doc_order=args.doc_order, only=sub, progress=False)
-        out["v1_layout"] = {"n": len(sub), **{name: {"icr": evaluate(st, sub, None, "reference"),
-                                                     "static16": evaluate(st, sub, static, "reference")}
-                                              for name, st in (("reference", sc), ("v1", so))}}
+        out["v1_layout"] = {"n": len(sub)}
+        for name, heads in (("icr", None), ("static16", static)):
+            a, b = (evaluate(st, sub, heads, "reference", per_query=True) for st in (sc, so))
+            out["v1_layout"][name] = {"reference": float(a.mean()), "v1": float(b.mean()),
+                                      "paired_t_p": float(ttest_rel(b, a).pvalue),
+                                      "wins": int((b > a).sum()), "losses": int((b < a).sum())}
         print("v1 layout", json.dumps(out["v1_layout"]), flush=True)
     Path("results").mkdir(exist_ok=True)
     path = Path(f"results/ablation-{lm.name}.json")
