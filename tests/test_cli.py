@@ -191,3 +191,16 @@ def test_rerank_with_the_second_backbone_uses_its_shipped_assets(method):
     assert body["method"] == method and body["model"] == "gemma3-270m"
     assert body["heads"] and all(0 <= lay < 18 and 0 <= h < 4 for lay, h in body["heads"])
     assert sorted(r["index"] for r in body["results"]) == list(range(len(body["results"])))
+
+
+def test_layout_option_reaches_every_scoring_command():
+    from routehead.cli import build_parser
+
+    ap = build_parser()
+    for argv in (["rerank", "--query", "q", "--docs", "d.txt"], ["serve"], ["score", "--data", "x"],
+                 ["evaluate", "--data", "x"], ["detect", "--data", "x", "--out", "h.json"]):
+        assert ap.parse_args(argv + ["--layout", "v1"]).layout == "v1"
+    assert ap.parse_args(["rerank", "--query", "q", "--docs", "d.txt"]).layout is None  # the assets' layout
+    assert ap.parse_args(["score", "--data", "x"]).layout == "reference"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["serve", "--layout", "v9"])

@@ -277,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         """One replica per device, all behind the same queue (loaded after the socket opens: /ready is 503)."""
         return [Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
                          device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                         doc_order=args.doc_order)
+                         doc_order=args.doc_order, layout=args.layout)
                 for device in devices]
 
     settings = ServiceSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None)
     p.add_argument("--doc-order", default=DEFAULT_ORDER, choices=list(ORDERS),
                    help=f"where the documents go in the prompt (default {DEFAULT_ORDER})")
+    p.add_argument("--layout", default=None, choices=sorted(LAYOUTS),
+                   help="prompt layout (default: the one the heads or router were chosen under; else reference)")
     p.add_argument("--max-documents", type=int, default=1000)
     p.add_argument("--max-document-chars", type=int, default=20000)
     p.add_argument("--max-request-tokens", type=int, default=65536, help="estimated prompt tokens a request may "
