@@ -86,3 +86,45 @@ def test_missing_framework_names_the_extra(monkeypatch, module, extra, framework
     with pytest.raises(ImportError, match=rf"routehead\[{extra}\]"):
         importlib.import_module(f"routehead.integrations.{module}")
     monkeypatch.delitem(sys.modules, f"routehead.integrations.{module}", raising=False)
+
+
+def _adapter(framework: str, **settings):
+    """Each framework's adapter built from the same settings, and the Reranker it scores with."""
+    if framework == "langchain":
+        from routehead.integrations.langchain import RouteheadCompressor
+        return RouteheadCompressor(**settings).reranker
+    if framework == "llamaindex":
+        from routehead.integrations.llamaindex import RouteheadRerank
+        return RouteheadRerank(**settings).reranker
+    if framework == "haystack":
+        from routehead.integrations.haystack import RouteheadRanker
+        ranker = RouteheadRanker(**settings)
+        ranker.warm_up()
+        return ranker._reranker
+    from routehead.integrations.rerankers import RouteheadRanker as RerankersRanker
+    return RerankersRanker(**settings).reranker
+
+
+@pytest.mark.parametrize("framework,module", [("langchain", "langchain_core"), ("llamaindex", "llama_index.core"),
+                                              ("haystack", "haystack"), ("rerankers", "rerankers")])
+def test_layout_reaches_the_prompt_through_every_adapter(framework, module):
+    pytest.importorskip(module)
+    lm = tiny_lm("llama")
+    assert _adapter(framework, model=lm, method="icr", layout="v1").scorer.builder.layout == "v1"
+    assert _adapter(framework, model=lm, method="icr").scorer.builder.layout == "reference"
+    with pytest.raises(RouteheadError, match="unknown prompt layout"):
+        _adapter(framework, model=lm, method="icr", layout="v2")
+
+
+def test_layout_cannot_be_applied_to_a_built_reranker(rr):
+    with pytest.raises(RouteheadError, match="already built"):
+        load_reranker(rr, layout="v1")
+
+
+def test_haystack_layout_survives_serialisation():
+    pytest.importorskip("haystack")
+    from routehead.integrations.haystack import RouteheadRanker
+
+    data = RouteheadRanker(model="smollm2-135m", layout="v1").to_dict()
+    assert data["init_parameters"]["layout"] == "v1"
+    assert RouteheadRanker.from_dict(data).layout == "v1"

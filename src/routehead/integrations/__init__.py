@@ -59,11 +59,13 @@ def supports_instruction() -> bool:
 
 def load_reranker(model: ModelSpec = None, method: str | None = None, router: str | Path | None = None,
                   heads: Any = None, max_doc_tokens: int | None = None, instruction: str | None = None,
-                  device: str | None = None, dtype: str | None = None, **kwargs: Any) -> Reranker:
+                  device: str | None = None, dtype: str | None = None, layout: str | None = None,
+                  **kwargs: Any) -> Reranker:
     """Build the :class:`routehead.Reranker` an adapter scores with, from the adapter's settings.
 
     ``model`` may already be a Reranker (used as is, so several adapters can share one model in memory) or a
-    zero-argument factory. ``instruction`` is passed on only where the installed Reranker accepts it; asking for
+    zero-argument factory. ``layout`` names the prompt layout (None: the one the heads or router were chosen
+    under, else the reference). ``instruction`` is passed on only where the installed Reranker accepts it; asking for
     one from a Reranker that has no such setting is an error rather than a silently different prompt.
     """
     from routehead.api import Reranker
@@ -71,9 +73,10 @@ def load_reranker(model: ModelSpec = None, method: str | None = None, router: st
     if callable(model) and not isinstance(model, (str, Path)):
         model = model()
     if _is_reranker(model):
-        if instruction is not None:
-            raise RouteheadError("instruction= cannot be applied to an already built Reranker; "
-                                 "pass it to Reranker(..., instruction=...) instead")
+        for name, value in (("instruction", instruction), ("layout", layout)):
+            if value is not None:
+                raise RouteheadError(f"{name}= cannot be applied to an already built Reranker; "
+                                     f"pass it to Reranker(..., {name}=...) instead")
         return model  # type: ignore[return-value]
     if instruction is not None:
         if not supports_instruction():
@@ -81,11 +84,11 @@ def load_reranker(model: ModelSpec = None, method: str | None = None, router: st
                                  "leave instruction unset (the prompt's built-in instruction is used)")
         kwargs["instruction"] = instruction
     return Reranker(model=model, method=method, router=router, heads=heads, max_doc_tokens=max_doc_tokens,
-                    device=device, dtype=dtype, **kwargs)
+                    device=device, dtype=dtype, layout=layout, **kwargs)
 
 
 # the Reranker settings every adapter exposes under the same names (besides ``model``)
-SETTINGS = ("method", "router", "heads", "max_doc_tokens", "instruction", "device", "dtype")
+SETTINGS = ("method", "router", "heads", "max_doc_tokens", "instruction", "device", "dtype", "layout")
 
 
 def reranker_for(adapter: Any) -> Reranker:

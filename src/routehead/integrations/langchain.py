@@ -44,6 +44,7 @@ class RouteheadCompressor(BaseDocumentCompressor):
     instruction: str | None = None
     device: str | None = None
     dtype: str | None = None
+    layout: str | None = None
     top_n: int | None = 3
     first_stage_key: str | None = "score"
 

@@ -46,6 +46,7 @@ class RouteheadRerank(BaseNodePostprocessor):
     instruction: str | None = Field(default=None, description="the prompt's task instruction")
     device: str | None = Field(default=None)
     dtype: str | None = Field(default=None)
+    layout: str | None = Field(default=None, description="prompt layout: reference | v1 (default: the heads' own)")
     top_n: int = Field(default=2, description="number of nodes to return, best first")
     keep_retrieval_score: bool = Field(default=False, description="keep the retriever's score in metadata")
     _reranker: Any = PrivateAttr(default=None)

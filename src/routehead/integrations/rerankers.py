@@ -43,14 +43,15 @@ class RouteheadRanker(BaseRanker):
     def __init__(self, model_name_or_path: str | None = None, verbose: int = 1, method: str | None = None,
                  router: str | None = None, heads: Any = None, max_doc_tokens: int | None = None,
                  instruction: str | None = None, device: str | None = None, dtype: str | None = None,
-                 model: Any = None, **kwargs: Any) -> None:
+                 model: Any = None, layout: str | None = None, **kwargs: Any) -> None:
         if kwargs:
             raise TypeError(f"RouteheadRanker got unexpected settings {sorted(kwargs)}")
         spec = model if model is not None else (
             None if model_name_or_path in (None, MODEL_TYPE) else model_name_or_path)
         self.verbose = verbose
         self.reranker = load_reranker(spec, method=method, router=router, heads=heads, max_doc_tokens=max_doc_tokens,
-                                      instruction=instruction, device=device, dtype=dtype)
+                                      instruction=instruction, device=device, dtype=dtype,
+                                      layout=layout)
 
     def rank(self, query: str, docs: str | list[str] | Document | list[Document],
              doc_ids: list[str] | list[int] | None = None, metadata: list[dict] | None = None,
