@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from routehead import capture  # noqa: E402
 from routehead.model import wrap_model  # noqa: E402
 from routehead.scorer import HeadScorer, mask_outliers_and_sum  # noqa: E402
 from routehead.testing import byte_tokenizer  # noqa: E402
@@ -35,7 +36,7 @@ def check(family: str, device: str, dtype: torch.dtype) -> dict:
     model = tiny_model(family).to(device=device, dtype=dtype)
     scorer = HeadScorer(wrap_model(model, byte_tokenizer(), name=f"tiny-{family}"), max_doc_tokens=None)
     b = scorer.builder
-    prompt = b.build(b.encode_query(QUERY), b.encode_documents(DOCS)[0])
+    prompt = b.prompt(QUERY, DOCS)
     heads = [(lay, h) for lay in range(scorer.lm.num_layers) for h in range(scorer.lm.num_heads)]
     single = mask_outliers_and_sum(torch.sub(*scorer.query_rows(prompt, heads, single_pass=True)), prompt.doc_spans)
     ref = mask_outliers_and_sum(torch.sub(*scorer.query_rows(prompt, heads, single_pass=False)), prompt.doc_spans)
@@ -44,10 +45,55 @@ def check(family: str, device: str, dtype: torch.dtype) -> dict:
     batched = scorer.score_many(items, batch_size=3)
     alone = [scorer.score(q, d) for q, d in items]
     batch_diff = max(float((a.calibrated - b.calibrated).abs().max()) for a, b in zip(batched, alone))
-    return {"family": family, "dtype": str(dtype).replace("torch.", ""), "tokens": prompt.prefix_len,
+    return {**kernel_check(scorer, prompt, heads, items), "family": family,
+            "dtype": str(dtype).replace("torch.", ""), "tokens": prompt.prefix_len,
             "single_pass": scorer.single_pass, "max_abs_diff": float((single - ref).abs().max()),
             "scale": float(ref.abs().max()), "heads_same_order": float(same_order),
             "batched_max_abs_diff": batch_diff, "host_syncs_per_score": host_syncs(scorer)}
+
+
+def kernel_check(scorer: HeadScorer, prompt, heads: list, items: list) -> dict:
+    """The fused span kernels (``auto``: used on CUDA) against the torch path: the span rows of one prompt and the
+    per-token calibrated scores of prompts sharing a batch (the documents' scores before the outlier mask,
+    which a change in the last float32 bit can flip at a token sitting on ``mean - 2 std``)."""
+    B = len(items)
+    runs = {}
+    for name in ("torch", "auto"):
+        with capture.kernel(name):
+            rows = scorer.query_rows(prompt, heads, single_pass=True)
+            toks = [s.tokens.rows for s in scorer.score_many(items, batch_size=B, keep_tokens=True)]
+        runs[name] = (rows, toks)
+    (qt, nt), tt = runs["torch"]
+    (qf, nf), tf = runs["auto"]
+    d = capture.fused(torch.empty(1, device=scorer.lm.device), 1, None)
+    return {"fused": d, "fused_error": capture.FUSED_ERROR[:1],
+            "kernel_rows_max_abs_diff": max(float((qt - qf).abs().max()), float((nt - nf).abs().max())),
+            "kernel_rows_scale": float(qt.abs().max()),
+            "kernel_tokens_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(tt, tf))}
+
+
+def big_check(shape: str, tokens: int, device: str) -> dict:
+    """A random model of a real shape (bf16 on CUDA): fused vs torch span rows, and the ICR ranking from each."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import docs_for_tokens, random_lm
+
+    lm = random_lm(shape, device, None)
+    scorer = HeadScorer(lm)
+    query, docs = docs_for_tokens(scorer, tokens, None, 170)
+    prompt = scorer.builder.prompt(query, docs)
+    heads = [(lay, h) for lay in range(lm.num_layers) for h in range(lm.num_heads)]
+    out = {}
+    for name in ("torch", "auto"):
+        with capture.kernel(name):
+            q, na = scorer.query_rows(prompt, heads, single_pass=True)
+        out[name] = (q, na, mask_outliers_and_sum((q - na).sum(0, keepdim=True), prompt.doc_spans)[0])
+    (qt, nt, st), (qf, nf, sf) = out["torch"], out["auto"]
+    del lm, scorer
+    torch.cuda.empty_cache() if device.startswith("cuda") else None
+    return {"check": f"fused vs torch on random:{shape}", "tokens": prompt.length, "docs": len(docs),
+            "rows_max_abs_diff": max(float((qt - qf).abs().max()), float((nt - nf).abs().max())),
+            "rows_scale": float(qt.abs().max()), "icr_max_abs_diff": float((st - sf).abs().max()),
+            "icr_scale": float(st.abs().max()), "icr_same_ranking": bool(torch.equal(st.argsort(), sf.argsort()))}
 
 
 def host_syncs(scorer: HeadScorer) -> int | None:
@@ -89,18 +135,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--big", nargs="*", default=[], metavar="SHAPE:TOKENS",
+                    help="also compare the fused kernels with the torch path on a random model of a real shape, "
+                         "e.g. llama-3.1-8b:2048")
     args = ap.parse_args()
     ok = True
     for name in args.dtype:
         for family in ("llama", "qwen2", "gemma3"):  # tiny Mistral's 16-token window never reaches a document
             r = check(family, args.device, getattr(torch, name))
-            if name == "float32" and max(r["max_abs_diff"], r["batched_max_abs_diff"]) > 1e-5:
+            if name == "float32" and max(r["max_abs_diff"], r["batched_max_abs_diff"],
+                                         r["kernel_rows_max_abs_diff"], r["kernel_tokens_max_abs_diff"]) > 1e-5:
                 ok = False
             print(json.dumps(r), flush=True)
     tf = tf32_check(args.device)
     if tf is not None:
         print(json.dumps(tf), flush=True)
         ok &= tf["max_abs_err_tf32"] < 1e-5
+    for spec in args.big:
+        shape, tokens = spec.split(":")
+        r = big_check(shape, int(tokens), args.device)
+        print(json.dumps(r), flush=True)
+        ok &= r["rows_max_abs_diff"] <= 1e-3 * r["rows_scale"]
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -1,6 +1,7 @@
 """Throughput and latency of the re-rank service under concurrent clients, batching on vs off.
 
     python bench/service.py [--clients 1 4 16] [--seconds 20] [--docs 5 --words 50] [--model smollm2-135m]
+    python bench/service.py --model random:smollm2-135m --device cuda --data examples/scifact-mini   # a GPU
 
 For each batching setting a real server (the service's own uvicorn settings) runs on 127.0.0.1 around the
 default model on CPU; for each client count, that many threads send ``POST /v1/rerank`` back to back for
@@ -130,7 +131,16 @@ def main() -> None:
     queries = [json.loads(line)["text"] for line in open(f"{args.data}/queries.jsonl").read().splitlines()[:40]]
     payloads = [{"query": q, "documents": texts[(i * args.docs) % len(texts):][: args.docs] or texts[: args.docs]}
                 for i, q in enumerate(queries)]
-    rr = Reranker(model=args.model, method=args.method, device=args.device)
+    model = args.model
+    if model and model.startswith("random:"):  # a random-weight model of a real shape (bench/speed.py), e.g. on a GPU
+        import sys  # noqa: I001  (bench/ is not a package)
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from speed import random_lm
+
+        model = random_lm(model.split(":", 1)[1], args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                          None)
+    rr = Reranker(model=model, method=args.method, device=args.device)
     out = {"model": rr.lm.name, "method": args.method, "docs": args.docs, "words": args.words,
            "seconds": args.seconds, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -10,6 +10,8 @@ Methods, each timed per query (tokenization included) on the same prompt:
 
 - ``bare``: :meth:`HeadScorer.bare_forward`, one plain SDPA pass over prefix + query, all layers: the floor.
 - ``full``: :meth:`HeadScorer.score` with all heads (ICR's tensor): one pass over prefix + query + "N/A".
+- ``full_torch``: the same with the span rows computed by torch ops (``capture.kernel("torch")``) instead of
+  the fused Triton kernels that ``full`` uses on a GPU; on CPU both are the torch path.
 - ``static16``: ``score`` with a fixed set of 16 heads in the first half of the model. Rule: the pool is
   ``[(l, h) for l in range(L // 2) for h in range(H)]`` (layers ``0 .. L/2 - 1``) and the 16 heads are
   ``pool[round(i * (len(pool) - 1) / 15)]`` for ``i = 0..15`` (evenly spread, first and last included; the
@@ -109,7 +111,7 @@ from routehead.router import Router, load_router  # noqa: E402
 from routehead.scorer import HeadScorer, mask_outliers_and_sum  # noqa: E402
 from routehead.testing import byte_tokenizer  # noqa: E402
 
-METHODS = ("bare", "full", "static16", "routed", "eager")
+METHODS = ("bare", "full", "full_torch", "static16", "routed", "eager")
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH_QUERY = "Which paragraph describes how the protein complex regulates cell growth?"
 
@@ -392,6 +394,11 @@ def method_fn(name: str, scorer: HeadScorer, query: str, docs: list[str]) -> Cal
         return lambda: scorer.bare_forward(query, docs)
     if name == "full":
         return lambda: scorer.score(query, docs)
+    if name == "full_torch":  # the span rows by torch ops instead of the fused kernels (the same on CPU)
+        def full_torch() -> Any:
+            with capture.kernel("torch"):
+                return scorer.score(query, docs)
+        return full_torch
     if name == "static16":
         heads = static16_heads(L, H)
         return lambda: scorer.score(query, docs, heads=heads)
@@ -534,6 +541,7 @@ def summarize(per: dict[str, dict[str, Any]], prompt_tokens: int, n_docs: int, s
         run[f"{m}_s"] = r["median_s"] if r.get("status") == "ok" else r.get("status", "error")
     mem = {m: r["peak_mem_mb"] for m, r in per.items() if r.get("status") == "ok"}
     run["full_over_bare"] = _ratio(run.get("full_s"), run.get("bare_s"))
+    run["full_torch_over_bare"] = _ratio(run.get("full_torch_s"), run.get("bare_s"))
     run["routed_over_full"] = _ratio(run.get("routed_s"), run.get("full_s"))
     run["routed_over_bare"] = _ratio(run.get("routed_s"), run.get("bare_s"))
     run["static16_over_bare"] = _ratio(run.get("static16_s"), run.get("bare_s"))
@@ -709,7 +717,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                   f"({', '.join(RANDOM_SHAPES)}); default: the embedded default")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                    help="default: all (full_torch on CUDA only, where it differs from full)")
     ap.add_argument("--no-methods", action="store_true", help="skip the per-method timings (e.g. throughput only)")
     ap.add_argument("--docs", type=int, default=None, help="documents per prompt (default 20, --quick 6; with "
                                                            "--tokens: round(T / (doc_tokens + 6)))")
@@ -766,7 +775,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "eager_max_bytes": eager_max if device == "cpu" else None,
         "queries": args.queries or (3 if args.quick else 10), "candidates": args.candidates,
         "throughput_methods": args.throughput_methods, "batch_sizes": args.batch_sizes,
-        "methods": [] if args.no_methods else list(args.methods),
+        "methods": [] if args.no_methods else list(args.methods or [m for m in METHODS if m != "full_torch"
+                                                                         or device.startswith("cuda")]),
         "isolate": isolate, "malloc": malloc, "router": args.router,
     }
     slug = (args.model or "default").replace("random:", "random-").replace("/", "_")

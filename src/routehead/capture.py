@@ -20,16 +20,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from routehead import span_kernel
+
 ATTN_NAME = "routehead_capture"
+KERNELS = ("auto", "torch", "triton")
 
 _RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("routehead_recorder", default=None)
 _SPLIT: contextvars.ContextVar[Split | None] = contextvars.ContextVar("routehead_split", default=None)
+_DEFAULT_KERNEL = os.environ.get("ROUTEHEAD_KERNEL", "auto")
+_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("routehead_kernel", default=_DEFAULT_KERNEL)
 _registered = False
 
 
@@ -193,7 +200,9 @@ class Split:
             offs = torch.arange(int((M - P).max()))
             valid = offs[None, :] < (M - P)[:, None]  # [B, Qmax] real query rows
             qidx = torch.where(valid, P[:, None] + offs[None, :], P[:, None])  # padding rows repeat the first
-            for name, t in (("prefix", P), ("qidx", qidx), ("valid", valid)):
+            weight = valid / valid.sum(-1, keepdim=True)  # each real query row's share of its row's mean
+            width = torch.full_like(P, int(M.max()))
+            for name, t in (("prefix", P), ("qidx", qidx), ("valid", valid), ("weight", weight), ("width", width)):
                 if device.type == "cuda":
                     t = t.pin_memory()
                 self._dev[name] = t.to(device, non_blocking=True)
@@ -204,43 +213,70 @@ def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                      dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    W = split.width
+    W, T = split.width, query.shape[2]
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
     softcap = kwargs.get("softcap")
-    q_main, k_main, v_main = query[:, :, :W], key[:, :, :W], value[:, :, :W]
     layer = getattr(module, "layer_idx", None)
     heads = split.heads.get(layer) if split.on_layer is not None else None
     lay = split.tensors(query.device)
     if heads:
-        qidx = lay["qidx"]
-        q_sel = q_main.gather(2, qidx[:, None, :, None].expand(-1, q_main.shape[1], -1, q_main.shape[-1]))
-        q_rows = _rows(q_sel, k_main, heads, qidx, None, scaling, softcap, window, lay["valid"], min(split.prefix))
+        q_rows = _query_rows(query, key, heads, lay, split, scaling, softcap, window)
+    # One SDPA call over every row, "N/A" included, whose rows are then overwritten by their own branch: SDPA's
+    # output is already the layer's [B, T, H, D] buffer, so the branches need no concatenation (a copy of the
+    # whole layer's output). The "N/A" rows SDPA computes (they see the query) are never used.
     main_mask = None
-    if window is not None and W > window:  # what SDPA's own mask function materializes for a sliding layer
-        pos = torch.arange(W, device=query.device)
+    if window is not None and T > window:  # what SDPA's own mask function materializes for a sliding layer
+        pos = torch.arange(T, device=query.device)
         main_mask = _allowed(pos, pos, window)[None, None]
-    out_main, _ = sdpa_attention_forward(module, q_main, k_main, v_main, main_mask, dropout=dropout,
-                                         scaling=scaling, is_causal=main_mask is None, **kwargs)
-    out_na, na_rows = _na_attention(query, key, value, split, lay["prefix"], window, scaling, softcap)
+    out, _ = sdpa_attention_forward(module, query, key, value, main_mask, dropout=dropout, scaling=scaling,
+                                    is_causal=main_mask is None, **kwargs)
+    out_na, na_rows = _na_attention(query, key, value, split, lay, window, scaling, softcap)
+    out[:, W:] = out_na
     if heads:
         split.on_layer(layer, q_rows, take(na_rows, heads))
-    return torch.cat([out_main, out_na], dim=1), None
+    return out, None
+
+
+def _query_rows(query: torch.Tensor, key: torch.Tensor, heads: list[int], lay: dict[str, torch.Tensor],
+                split: Split, scaling: float | None, softcap: float | None, window: int | None) -> torch.Tensor:
+    """``[B, len(heads), width]``: the query span's mean attention row per head over the causal part's keys."""
+    W, qidx, valid = split.width, lay["qidx"], lay["valid"]
+    k_main = key[:, :, :W]
+    if fused(query, qidx.shape[1], softcap):
+        r = query.shape[1] // key.shape[1]
+        lo, hi = min(heads) // r * r, (max(heads) // r + 1) * r  # whole KV groups, as the torch path
+        got = _guarded(lambda: span_kernel.span_rows(query, k_main, None, qidx, qidx, lay["weight"], W, lay["width"],
+                                                     scaling=scaling, window=window, heads=(lo, hi)))
+        if got is not None:
+            return take(got[0], [h - lo for h in heads])
+    q_main = query[:, :, :W]
+    q_sel = q_main.gather(2, qidx[:, None, :, None].expand(-1, q_main.shape[1], -1, q_main.shape[-1]))
+    return _rows(q_sel, k_main, heads, qidx, None, scaling, softcap, window, valid, min(split.prefix))
 
 
 def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
-                  prefix: torch.Tensor, window: int | None, scaling: float | None, softcap: float | None
+                  lay: dict[str, torch.Tensor], window: int | None, scaling: float | None, softcap: float | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "N/A" rows over their row's prefix keys and their own: a few query rows, so plain float32
-    attention, every KV group in one batched product, with no repeat of the prefix K/V. ``prefix`` ``[B]``
-    holds each row's prefix length. Returns the output ``[B, n, H, D]`` and every head's attention row
-    ``[B, H, max(prefix) + n]`` (mean over the "N/A" tokens)."""
+    """The "N/A" rows over their row's prefix keys and their own, with no copy of the prefix K/V
+    (``lay["prefix"]`` ``[B]``: each row's prefix length). Returns the output ``[B, n, H, D]`` and every head's
+    attention row ``[B, H, max(prefix) + n]`` (mean over the "N/A" tokens).
+
+    Fused kernels on a GPU (:mod:`routehead.span_kernel`); otherwise a few query rows, so plain float32
+    attention, every KV group in one batched product."""
     Pm, W = max(split.prefix), split.width
     B, H, T, D = query.shape
     n_kv, n = key.shape[1], T - W
-    r = H // n_kv
+    prefix = lay["prefix"]
     dev = query.device
     own = torch.arange(n, device=dev)
     qpos = prefix[:, None] + own  # [B, n]
+    if fused(query, n, softcap):
+        got = _guarded(lambda: span_kernel.span_rows(query, key, value, (W + own).expand(B, n), qpos,
+                                                     torch.full((B, n), 1.0 / n, device=dev), Pm, prefix, lb=n,
+                                                     b_start=W, b_base=prefix, scaling=scaling, window=window))
+        if got is not None:
+            return got[1], got[0]
+    r = H // n_kv
     kpos = torch.arange(Pm, device=dev)
     to_prefix = _allowed(qpos, kpos, window) & (kpos < prefix[:, None, None])  # [B, n, Pm]
     to_own = _allowed(own, own, window).expand(B, n, n)  # same relative positions in every row
@@ -307,6 +343,36 @@ def install(model: Any) -> None:
             cfg._attn_implementation = ATTN_NAME
 
 
+def fused(query: torch.Tensor, n_rows: int, softcap: float | None) -> bool:
+    """Whether span rows are computed by the fused kernels: ``auto`` where they apply (CUDA with Triton),
+    ``triton`` wherever they can run (also Triton's CPU interpreter), ``torch`` never. After a kernel has
+    failed in this process (:data:`FUSED_ERROR`), never."""
+    name = _KERNEL.get()
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+    if name == "torch" or FUSED_ERROR:
+        return False
+    ok = span_kernel.supports(query, n_rows, softcap)
+    return ok and (name == "triton" or query.is_cuda)
+
+
+FUSED_ERROR: list[str] = []  # why the fused kernels were switched off in this process, if they were
+
+
+def _guarded(run: Callable[[], Any]) -> Any:
+    """``run()``, or None (and the fused kernels off for this process, with a warning) if Triton fails here,
+    e.g. an unsupported GPU or a broken compiler install: the torch path then gives the same scores."""
+    try:
+        return run()
+    except Exception as exc:  # Triton's compile and launch errors have no common base class
+        if _KERNEL.get() == "triton":
+            raise
+        FUSED_ERROR.append(f"{type(exc).__name__}: {exc}"[:500])
+        warnings.warn(f"routehead: fused span kernels failed, using torch ops instead ({FUSED_ERROR[-1][:200]})",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
 @contextlib.contextmanager
 def _bound(var: contextvars.ContextVar[Any], value: Any) -> Iterator[Any]:
     token = var.set(value)
@@ -318,6 +384,14 @@ def _bound(var: contextvars.ContextVar[Any], value: Any) -> Iterator[Any]:
 
 def recording(recorder: Recorder | None) -> contextlib.AbstractContextManager[Recorder | None]:
     return _bound(_RECORDER, recorder)
+
+
+def kernel(name: str) -> contextlib.AbstractContextManager[str]:
+    """Choose how span rows are computed inside the block: ``auto`` (default; env ``ROUTEHEAD_KERNEL``),
+    ``torch`` or ``triton`` (see :func:`fused`). The scores are the same up to float32 summation order."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+    return _bound(_KERNEL, name)
 
 
 def splitting(split: Split | None) -> contextlib.AbstractContextManager[Split | None]:

@@ -1,0 +1,52 @@
+"""The fused span kernels (routehead.span_kernel) against the torch path and eager attention.
+
+They run on GPUs; here they run under Triton's CPU interpreter, in a child process (tests/span_kernel_cases.py),
+since the interpreter must be switched on before Triton compiles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from routehead import capture, span_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, float]:
+    if span_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "tests.span_kernel_cases"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("case", ["window=None", "window=48", "llama rows vs eager", "gemma3 rows vs eager",
+                                  "llama batched tokens vs torch", "gemma3 batched tokens vs torch"])
+def test_fused_equals_reference(cases, case):
+    assert cases[case] < 1e-6, f"{case}: max abs difference {cases[case]:.3g}"
+
+
+def test_models_ran_the_kernels(cases):
+    assert cases["kernel calls"] >= 2 * 4 * 3  # both branches, every layer, three passes, two models
+
+
+def test_kernel_setting():
+    x = torch.zeros(1, 1, 4, 8)
+    with capture.kernel("torch"):
+        assert not capture.fused(x, 4, None)
+    assert not capture.fused(x, 4, None)  # auto on a CPU tensor: the torch path
+    with capture.kernel("triton"):
+        assert not capture.fused(x, 4, 30.0)  # softcap: the torch path
+    with pytest.raises(ValueError, match="unknown kernel"):
+        capture.kernel("cuda")
