@@ -200,9 +200,11 @@ class Split:
             offs = torch.arange(int((M - P).max()))
             valid = offs[None, :] < (M - P)[:, None]  # [B, Qmax] real query rows
             qidx = torch.where(valid, P[:, None] + offs[None, :], P[:, None])  # padding rows repeat the first
-            weight = valid / valid.sum(-1, keepdim=True)  # each real query row's share of its row's mean
+            # for the fused kernels: int32 indices, each real query row's share of its row's mean
+            weight = (valid / valid.sum(-1, keepdim=True)).float()
             width = torch.full_like(P, int(M.max()))
-            for name, t in (("prefix", P), ("qidx", qidx), ("valid", valid), ("weight", weight), ("width", width)):
+            for name, t in (("prefix", P), ("qidx", qidx), ("valid", valid), ("weight", weight),
+                            ("qidx32", qidx.int()), ("prefix32", P.int()), ("width32", width.int())):
                 if device.type == "cuda":
                     t = t.pin_memory()
                 self._dev[name] = t.to(device, non_blocking=True)
@@ -245,7 +247,8 @@ def _query_rows(query: torch.Tensor, key: torch.Tensor, heads: list[int], lay: d
     if fused(query, qidx.shape[1], softcap):
         r = query.shape[1] // key.shape[1]
         lo, hi = min(heads) // r * r, (max(heads) // r + 1) * r  # whole KV groups, as the torch path
-        got = _guarded(lambda: span_kernel.span_rows(query, k_main, None, qidx, qidx, lay["weight"], W, lay["width"],
+        q32 = lay["qidx32"]
+        got = _guarded(lambda: span_kernel.span_rows(query, k_main, None, q32, q32, lay["weight"], W, lay["width32"],
                                                      scaling=scaling, window=window, heads=(lo, hi)))
         if got is not None:
             return take(got[0], [h - lo for h in heads])
@@ -268,14 +271,20 @@ def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     n_kv, n = key.shape[1], T - W
     prefix = lay["prefix"]
     dev = query.device
-    own = torch.arange(n, device=dev)
-    qpos = prefix[:, None] + own  # [B, n]
     if fused(query, n, softcap):
-        got = _guarded(lambda: span_kernel.span_rows(query, key, value, (W + own).expand(B, n), qpos,
-                                                     torch.full((B, n), 1.0 / n, device=dev), Pm, prefix, lb=n,
-                                                     b_start=W, b_base=prefix, scaling=scaling, window=window))
+        if "na_rows" not in lay:  # once per pass, not per layer
+            own = torch.arange(n, device=dev, dtype=torch.int32)
+            lay["na_rows"] = (W + own).expand(B, n).contiguous()
+            lay["na_pos"] = lay["prefix32"][:, None] + own
+            lay["na_weight"] = torch.full((B, n), 1.0 / n, device=dev)
+        p32 = lay["prefix32"]
+        got = _guarded(lambda: span_kernel.span_rows(query, key, value, lay["na_rows"], lay["na_pos"],
+                                                     lay["na_weight"], Pm, p32, lb=n, b_start=W, b_base=p32,
+                                                     scaling=scaling, window=window))
         if got is not None:
             return got[1], got[0]
+    own = torch.arange(n, device=dev)
+    qpos = prefix[:, None] + own  # [B, n]
     r = H // n_kv
     kpos = torch.arange(Pm, device=dev)
     to_prefix = _allowed(qpos, kpos, window) & (kpos < prefix[:, None, None])  # [B, n, Pm]

@@ -7,8 +7,8 @@ out of two passes that never write a logit: split over key chunks so that every 
 does.
 
 - pass 1, per (batch row, head, key chunk): each span row's running max and sum of ``exp`` (online softmax);
-- combine (torch, ``[B, heads, chunks, rows]``): each row's max and ``1 / sum``;
-- pass 2, per (batch row, head, key chunk): ``p = exp(s - max) / sum``; the span-weighted mean of ``p`` over
+- pass 2, per (batch row, head, key chunk): the chunks' statistics combined into each row's max and
+  ``1 / sum``, then ``p = exp(s - max) / sum``; the span-weighted mean of ``p`` over
   the rows is written per key (the attention row ICR reads), and optionally ``p @ V`` per chunk, summed in
   torch: the attention output of those rows (the "N/A" branch needs it, the query rows do not).
 
@@ -78,32 +78,32 @@ if triton is not None:
         return tl.where(ok, s, float("-inf")), phys, kval, offs_n
 
     @triton.jit
-    def _load_rows(Q, QROW, QPOS, b, h, sqb, sqh, sqm, sqd, n_rows,
-                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        rmask = offs_m < n_rows
-        row = tl.load(QROW + b * n_rows + offs_m, mask=rmask, other=0)
-        qpos = tl.load(QPOS + b * n_rows + offs_m, mask=rmask, other=0)
-        q = tl.load(Q + b * sqb + h * sqh + row[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
-        return q, qpos
+    def _program(pid, QROW, QPOS, ALEN, BBASE, n_rows, n_chunks, n_blocks, NH, head_lo, BLOCK_M: tl.constexpr):
+        """A program's (chunk, row block, batch row, head) and its rows' indices and positions."""
+        c = pid % n_chunks
+        t = pid // n_chunks  # (batch row, head, row block)
+        rb = t % n_blocks
+        bh = t // n_blocks
+        b = (bh // NH).to(tl.int64)  # row offsets of a large batch overflow int32
+        hh = bh % NH
+        m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = m < n_rows
+        row = tl.load(QROW + b * n_rows + m, mask=rmask, other=0)
+        qpos = tl.load(QPOS + b * n_rows + m, mask=rmask, other=0)
+        return c, t, rb, b, hh, head_lo + hh, m, rmask, row, qpos, tl.load(ALEN + b), tl.load(BBASE + b)
 
     @triton.jit
     def _stats_kernel(Q, K, QROW, QPOS, ALEN, BBASE, MPART, LPART,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                      n_rows, LA, LB, B_START, head_lo, chunk, n_chunks, scale, window, NH,
+                      n_rows, LA, LB, B_START, head_lo, chunk, n_chunks, n_blocks, scale, window, NH,
                       GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
-        c = pid % n_chunks
-        bh = pid // n_chunks
-        b = (bh // NH).to(tl.int64)  # row offsets of a large batch overflow int32
-        hh = bh % NH
-        h = head_lo + hh
-        q, qpos = _load_rows(Q, QROW, QPOS, b, h, sqb, sqh, sqm, sqd, n_rows, D, BLOCK_M, BLOCK_D)
-        alen = tl.load(ALEN + b)
-        bbase = tl.load(BBASE + b)
+        c, t, rb, b, hh, h, m, rmask, row, qpos, alen, bbase = _program(
+            pid, QROW, QPOS, ALEN, BBASE, n_rows, n_chunks, n_blocks, NH, head_lo, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b * sqb + h * sqh + row[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
         kbase = b * skb + (h // GROUP) * skh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -122,29 +122,35 @@ if triton is not None:
         tl.store(LPART + pid * BLOCK_M + offs_m, l_i)
 
     @triton.jit
-    def _rows_kernel(Q, K, V, QROW, QPOS, W, ALEN, BBASE, MROW, INVL, ROWS, OPART,
-                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, srb, srh, srn,
-                     n_rows, LA, LB, B_START, head_lo, chunk, n_chunks, scale, window, NH,
+    def _rows_kernel(Q, K, V, QROW, QPOS, W, ALEN, BBASE, MPART, LPART, ROWS, OPART,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     n_rows, LA, LB, B_START, head_lo, chunk, n_chunks, n_blocks, scale, window, NH, n_batch,
                      GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
                      WITH_OUT: tl.constexpr):
         pid = tl.program_id(0)
-        c = pid % n_chunks
-        bh = pid // n_chunks
-        b = (bh // NH).to(tl.int64)  # row offsets of a large batch overflow int32
-        hh = bh % NH
-        h = head_lo + hh
-        q, qpos = _load_rows(Q, QROW, QPOS, b, h, sqb, sqh, sqm, sqd, n_rows, D, BLOCK_M, BLOCK_D)
-        alen = tl.load(ALEN + b)
-        bbase = tl.load(BBASE + b)
-        kbase = b * skb + (h // GROUP) * skh
-        vbase = b * svb + (h // GROUP) * svh
+        c, t, rb, b, hh, h, m, rmask, row, qpos, alen, bbase = _program(
+            pid, QROW, QPOS, ALEN, BBASE, n_rows, n_chunks, n_blocks, NH, head_lo, BLOCK_M)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        rmask = offs_m < n_rows
-        w = tl.load(W + b * n_rows + offs_m, mask=rmask, other=0.0)  # each row's weight in the mean
-        m = tl.load(MROW + bh * BLOCK_M + offs_m)
-        inv = tl.load(INVL + bh * BLOCK_M + offs_m)
+        # every chunk's (max, sum) of these rows -> each row's max and 1 / sum over all keys
+        mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        sm = tl.zeros([BLOCK_M], tl.float32)
+        for cc in range(0, n_chunks):
+            m_c = tl.load(MPART + (t * n_chunks + cc) * BLOCK_M + offs_m)
+            l_c = tl.load(LPART + (t * n_chunks + cc) * BLOCK_M + offs_m)
+            m_new = tl.maximum(mx, m_c)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            sm = sm * tl.exp(mx - m_safe) + l_c * tl.exp(m_c - m_safe)
+            mx = m_new
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        inv = 1.0 / tl.where(sm > 0, sm, 1.0)
+        q = tl.load(Q + b * sqb + h * sqh + row[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
+        kbase = b * skb + (h // GROUP) * skh
+        vbase = b * svb + (h // GROUP) * svh
+        w = tl.load(W + b * n_rows + m, mask=rmask, other=0.0)  # each row's weight in the mean
+        rows_base = ((rb * n_batch + b) * NH + hh) * (LA + LB)  # [row blocks, B, heads, keys]
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         c0 = c * chunk
         c1 = tl.minimum(c0 + chunk, LA + LB)
@@ -152,9 +158,9 @@ if triton is not None:
             s, phys, kval, offs_n = _block(q, K, kbase, skn, skd, qpos, start, LA, LB, B_START, alen, bbase,
                                            scale, window, D, BLOCK_N, BLOCK_D, HAS_WINDOW, IEEE)
             inside = offs_n < c1
-            p = tl.exp(s - m[:, None]) * inv[:, None]
+            p = tl.exp(s - mx[:, None]) * inv[:, None]
             p = tl.where(inside[None, :], p, 0.0)
-            tl.store(ROWS + b * srb + hh * srh + offs_n * srn, tl.sum(p * w[:, None], 0), mask=inside)
+            tl.store(ROWS + rows_base + offs_n, tl.sum(p * w[:, None], 0), mask=inside)
             if WITH_OUT:
                 v = tl.load(V + vbase + phys[:, None] * svn + offs_d[None, :] * svd,
                             mask=(kval & inside)[:, None] & (offs_d < D)[None, :], other=0.0)
@@ -180,75 +186,51 @@ def span_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None
     at positions ``b_base[b] + j`` (see the module's docstring). ``heads``: the ``[lo, hi)`` range of query heads
     to compute (default: all; with ``value``, all). The output is ``[B, M, H, D]`` in ``value``'s dtype.
 
-    Spans longer than :data:`BLOCK_M` rows run in blocks of rows: the mean is a weighted sum, so the blocks'
-    rows add up.
+    Index tensors are best passed as contiguous int32 and ``weight`` as float32, made once per pass: each
+    conversion here is one more kernel launch per layer, and on a fast GPU the host's launches are the cost.
+    Spans longer than :data:`BLOCK_M` rows run as several blocks of rows in the same two launches; the mean is a
+    weighted sum, so the blocks' rows add up.
     """
     B, H, _, D = query.shape
     M = qrow.shape[1]
     lo, hi = heads if heads is not None else (0, H)
-    if value is not None and (lo, hi) != (0, H):
+    NH = hi - lo
+    if value is not None and NH != H:
         raise ValueError("the attention output needs every head")
-    cfg = _Launch(query, key, value, la, alen.to(torch.int32).contiguous(),
-                  (alen if b_base is None else b_base).to(torch.int32).contiguous(), lb, b_start, lo, hi - lo,
-                  float(scaling if scaling is not None else D ** -0.5), window)
-    qrow, qpos, weight = qrow.to(torch.int32), qpos.to(torch.int32), weight.float()
-    rows, outs = None, []
-    for r0 in range(0, M, BLOCK_M):
-        sub = slice(r0, min(M, r0 + BLOCK_M))
-        r, o = cfg.run(qrow[:, sub].contiguous(), qpos[:, sub].contiguous(), weight[:, sub].contiguous())
-        rows = r if rows is None else rows.add_(r)
-        outs.append(o)
-    if value is None:
+    i32 = torch.int32
+    qrow, qpos = qrow.to(i32).contiguous(), qpos.to(i32).contiguous()
+    alen = alen.to(i32).contiguous()
+    b_base = alen if b_base is None else b_base.to(i32).contiguous()
+    weight = weight.float().contiguous()
+    total = la + lb
+    bm = max(16, min(BLOCK_M, triton.next_power_of_2(M)))
+    n_blocks = _ceil(M, bm)
+    n_chunks = max(1, min(_ceil(total, BLOCK_N), _ceil(TARGET_PROGRAMS, B * NH * n_blocks)))
+    chunk = _ceil(_ceil(total, n_chunks), BLOCK_N) * BLOCK_N  # whole key blocks
+    n_chunks = _ceil(total, chunk)
+    bd = max(16, triton.next_power_of_2(D))
+    programs = B * NH * n_blocks * n_chunks
+    dev = query.device
+    args = (M, la, lb, b_start, lo, chunk, n_chunks, n_blocks,
+            float(scaling if scaling is not None else D ** -0.5), window or 0, NH)
+    const = dict(GROUP=H // key.shape[1], D=D, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_D=bd,
+                 HAS_WINDOW=window is not None, IEEE=query.dtype == torch.float32)
+    mpart = torch.empty(programs, bm, device=dev, dtype=torch.float32)
+    lpart = torch.empty_like(mpart)
+    _stats_kernel[(programs,)](query, key, qrow, qpos, alen, b_base, mpart, lpart, *query.stride(), *key.stride(),
+                               *args, **const)
+    rows = torch.empty(n_blocks, B, NH, total, device=dev, dtype=torch.float32)
+    with_out = value is not None
+    opart = torch.empty(programs, bm, bd, device=dev, dtype=torch.float32) if with_out else mpart
+    v = value if with_out else key
+    _rows_kernel[(programs,)](query, key, v, qrow, qpos, weight, alen, b_base, mpart, lpart, rows, opart,
+                              *query.stride(), *key.stride(), *v.stride(), *args, B, WITH_OUT=with_out, **const)
+    rows = rows[0] if n_blocks == 1 else rows.sum(0)
+    if not with_out:
         return rows, None
-    return rows, outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    out = opart.view(B, NH, n_blocks, n_chunks, bm, bd).sum(3).view(B, NH, n_blocks * bm, bd)[:, :, :M, :D]
+    return rows, out.transpose(1, 2).to(value.dtype)
 
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
-
-
-class _Launch:
-    """One span's two kernel launches for a block of at most :data:`BLOCK_M` rows."""
-
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, la: int,
-                 alen: torch.Tensor, b_base: torch.Tensor, lb: int, b_start: int, lo: int, nh: int, scale: float,
-                 window: int | None) -> None:
-        self.query, self.key, self.value = query, key, value
-        self.la, self.alen, self.b_base, self.lb, self.b_start = la, alen, b_base, lb, b_start
-        self.lo, self.nh, self.scale, self.window = lo, nh, scale, window
-        B, H, _, D = query.shape
-        total = la + lb
-        n_chunks = max(1, min(_ceil(total, BLOCK_N), _ceil(TARGET_PROGRAMS, B * nh)))
-        self.chunk = _ceil(_ceil(total, n_chunks), BLOCK_N) * BLOCK_N  # whole key blocks
-        self.n_chunks = _ceil(total, self.chunk)
-        self.bd = max(16, triton.next_power_of_2(D))
-        self.const = dict(GROUP=H // key.shape[1], D=D, BLOCK_N=BLOCK_N, BLOCK_D=self.bd,
-                          HAS_WINDOW=window is not None, IEEE=query.dtype == torch.float32)
-
-    def run(self, qrow: torch.Tensor, qpos: torch.Tensor, weight: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self.query, self.key, self.value
-        B, M = qrow.shape
-        bm = max(16, triton.next_power_of_2(M))
-        dev, total, nc = q.device, self.la + self.lb, self.n_chunks
-        grid = (B * self.nh * nc,)
-        args = (M, self.la, self.lb, self.b_start, self.lo, self.chunk, nc, self.scale, self.window or 0, self.nh)
-        const = dict(BLOCK_M=bm, **self.const)
-        mpart = torch.empty(B * self.nh * nc, bm, device=dev, dtype=torch.float32)
-        lpart = torch.empty_like(mpart)
-        _stats_kernel[grid](q, k, qrow, qpos, self.alen, self.b_base, mpart, lpart, *q.stride(), *k.stride(),
-                            *args, **const)
-        mp = mpart.view(B * self.nh, nc, bm)
-        mrow = mp.amax(1)
-        mrow = torch.where(torch.isinf(mrow), torch.zeros_like(mrow), mrow)
-        inv = 1.0 / (lpart.view(B * self.nh, nc, bm) * torch.exp(mp - mrow[:, None])).sum(1)
-        rows = torch.empty(B, self.nh, total, device=dev, dtype=torch.float32)
-        with_out = v is not None
-        opart = torch.empty(B * self.nh * nc, bm, self.bd, device=dev, dtype=torch.float32) if with_out else mpart
-        vv = v if with_out else k
-        _rows_kernel[grid](q, k, vv, qrow, qpos, weight, self.alen, self.b_base, mrow, inv, rows, opart,
-                           *q.stride(), *k.stride(), *vv.stride(), *rows.stride(), *args, WITH_OUT=with_out, **const)
-        if not with_out:
-            return rows, None
-        out = opart.view(B, self.nh, nc, bm, self.bd).sum(2)[:, :, :M, :q.shape[-1]]
-        return rows, out.transpose(1, 2).to(v.dtype)
