@@ -52,6 +52,10 @@ def supports(query: torch.Tensor, n_rows: int, softcap: float | None) -> bool:
             and query.shape[-1] <= MAX_DIM)
 
 
+# Sizes that change from prompt to prompt: Triton would otherwise compile a variant for each new pattern of
+# "equals 1" / "divisible by 16" among them, i.e. recompile in the middle of serving.
+_SHAPES = ["n_rows", "LA", "LB", "B_START", "head_lo", "n_chunks", "n_blocks", "window", "NH"]
+
 if triton is not None:
 
     @triton.jit
@@ -92,7 +96,7 @@ if triton is not None:
         qpos = tl.load(QPOS + b * n_rows + m, mask=rmask, other=0)
         return c, t, rb, b, hh, head_lo + hh, m, rmask, row, qpos, tl.load(ALEN + b), tl.load(BBASE + b)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SHAPES)
     def _stats_kernel(Q, K, QROW, QPOS, ALEN, BBASE, MPART, LPART,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd,
                       n_rows, LA, LB, B_START, head_lo, chunk, n_chunks, n_blocks, scale, window, NH,
@@ -121,7 +125,7 @@ if triton is not None:
         tl.store(MPART + pid * BLOCK_M + offs_m, m_i)
         tl.store(LPART + pid * BLOCK_M + offs_m, l_i)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SHAPES + ["n_batch"])
     def _rows_kernel(Q, K, V, QROW, QPOS, W, ALEN, BBASE, MPART, LPART, ROWS, OPART,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      n_rows, LA, LB, B_START, head_lo, chunk, n_chunks, n_blocks, scale, window, NH, n_batch,
