@@ -8,9 +8,11 @@ mask function SDPA uses: a custom attention name must register its mask function
 
 Two suffixes in one pass (:class:`Split`): the sequence ``prefix + query + "N/A"`` runs once, with the "N/A"
 tokens given the positions right after the prefix. Each layer then attends in two branches: prefix and
-query causally (the plain pass), and "N/A" over the prefix and itself only, exactly as if it ran alone after
-the prefix. No KV cache is kept, so memory is that of one plain pass over the prompt. Several prompts can
-share the pass as rows of a batch (right-padded; see :class:`Split`).
+query causally (the plain pass: one SDPA call over every row, whose "N/A" rows are then overwritten), and "N/A"
+over the prefix and itself only, exactly as if it ran alone after the prefix. No KV cache is kept, so memory is
+that of one plain pass over the prompt. Several prompts can share the pass as rows of a batch (right-padded;
+see :class:`Split`). The span rows of both suffixes come from fused Triton kernels on a GPU
+(:mod:`routehead.span_kernel`, chosen by :func:`kernel`) and from float32 torch ops elsewhere.
 
 Nothing here indexes a device tensor with a Python list or builds one from a list mid-pass: either makes the
 host wait for the GPU, and a pass of many small kernels then costs the host's time plus the GPU's.

@@ -47,9 +47,9 @@ def interpreting() -> bool:
 
 def supports(query: torch.Tensor, n_rows: int, softcap: float | None) -> bool:
     """Whether the fused kernels can compute these rows: Triton present, a CUDA tensor (or Triton's CPU
-    interpreter), no softcap, a head size that fits one program."""
+    interpreter), no softcap, a head size that fits one program, a dtype Triton's products take exactly."""
     return (triton is not None and (query.is_cuda or interpreting()) and softcap is None and n_rows > 0
-            and query.shape[-1] <= MAX_DIM)
+            and query.shape[-1] <= MAX_DIM and query.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
 # Sizes that change from prompt to prompt: Triton would otherwise compile a variant for each new pattern of
