@@ -50,3 +50,18 @@ def test_kernel_setting():
         assert not capture.fused(x, 4, 30.0)  # softcap: the torch path
     with pytest.raises(ValueError, match="unknown kernel"):
         capture.kernel("cuda")
+
+
+def test_a_failing_kernel_falls_back_to_torch_ops(monkeypatch):
+    """If Triton fails on a user's machine, scoring warns once and goes on with the torch ops (same scores);
+    asked for explicitly (``triton``), the error is raised."""
+    monkeypatch.setattr(capture, "FUSED_ERROR", [])
+
+    def broken():
+        raise RuntimeError("no kernel image for this GPU")
+
+    with pytest.warns(RuntimeWarning, match="fused span kernels failed"):
+        assert capture._guarded(broken) is None
+    assert capture.FUSED_ERROR and not capture.fused(torch.zeros(1, 1, 4, 8), 4, None)
+    with capture.kernel("triton"), pytest.raises(RuntimeError, match="no kernel image"):
+        capture._guarded(broken)
