@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -133,10 +134,8 @@ def main() -> None:
                 for i, q in enumerate(queries)]
     model = args.model
     if model and model.startswith("random:"):  # a random-weight model of a real shape (bench/speed.py), e.g. on a GPU
-        import sys  # noqa: I001  (bench/ is not a package)
-
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from speed import random_lm
+        from speed import random_lm  # bench/ is not a package
 
         model = random_lm(model.split(":", 1)[1], args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           None)

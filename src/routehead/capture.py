@@ -37,7 +37,7 @@ KERNELS = ("auto", "torch", "triton")
 
 _RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("routehead_recorder", default=None)
 _SPLIT: contextvars.ContextVar[Split | None] = contextvars.ContextVar("routehead_split", default=None)
-_DEFAULT_KERNEL = os.environ.get("ROUTEHEAD_KERNEL", "auto")
+_DEFAULT_KERNEL = os.environ.get("ROUTEHEAD_KERNEL", "auto")  # a call, so not inline (ruff B039)
 _KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("routehead_kernel", default=_DEFAULT_KERNEL)
 _registered = False
 
@@ -358,9 +358,7 @@ def fused(query: torch.Tensor, n_rows: int, softcap: float | None) -> bool:
     """Whether span rows are computed by the fused kernels: ``auto`` where they apply (CUDA with Triton),
     ``triton`` wherever they can run (also Triton's CPU interpreter), ``torch`` never. After a kernel has
     failed in this process (:data:`FUSED_ERROR`), never."""
-    name = _KERNEL.get()
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+    name = _checked(_KERNEL.get())
     if name == "torch" or FUSED_ERROR:
         return False
     ok = span_kernel.supports(query, n_rows, softcap)
@@ -400,9 +398,14 @@ def recording(recorder: Recorder | None) -> contextlib.AbstractContextManager[Re
 def kernel(name: str) -> contextlib.AbstractContextManager[str]:
     """Choose how span rows are computed inside the block: ``auto`` (default; env ``ROUTEHEAD_KERNEL``),
     ``torch`` or ``triton`` (see :func:`fused`). The scores are the same up to float32 summation order."""
+    return _bound(_KERNEL, _checked(name))
+
+
+def _checked(name: str) -> str:
     if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
-    return _bound(_KERNEL, name)
+        raise ValueError(f"unknown kernel {name!r} (capture.kernel or ROUTEHEAD_KERNEL); use one of "
+                         f"{', '.join(KERNELS)}")
+    return name
 
 
 def splitting(split: Split | None) -> contextlib.AbstractContextManager[Split | None]:
