@@ -17,7 +17,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import build_lm, docs_for_tokens  # noqa: E402
+from speed import build_lm, docs_for_tokens, rerank_pass  # noqa: E402
 
 from routehead.scorer import HeadScorer  # noqa: E402
 
@@ -49,7 +49,7 @@ def main() -> None:
     for T in args.tokens:
         q, docs = docs_for_tokens(scorer, T, None, 170)
         res = {m: kernels(f) for m, f in (("bare", lambda q=q, docs=docs: scorer.bare_forward(q, docs)),
-                                          ("full", lambda q=q, docs=docs: scorer.score(q, docs)))}
+                                          ("full", lambda q=q, docs=docs: rerank_pass(scorer, [(q, docs)])))}
         names = sorted(set(res["bare"][1]) | set(res["full"][1]), key=lambda k: -res["full"][1].get(k, 0))
         rows = [(k, res["bare"][1].get(k, 0.0), res["full"][1].get(k, 0.0)) for k in names]
         tot = {m: sum(v for v in res[m][1].values()) for m in res}

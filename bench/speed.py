@@ -9,15 +9,18 @@
 Methods, each timed per query (tokenization included) on the same prompt:
 
 - ``bare``: :meth:`HeadScorer.bare_forward`, one plain SDPA pass over prefix + query, all layers: the floor.
-- ``full``: :meth:`HeadScorer.score` with all heads (ICR's tensor): one pass over prefix + query + "N/A".
-- ``full_torch``: the same with the span rows computed by torch ops (``capture.kernel("torch")``) instead of
+- ``full``: ICR as ``Reranker(method="icr")`` runs it (:func:`rerank_pass`: all heads, one pass over prefix +
+  query + "N/A", the heads' token scores summed, masked, summed; no per-head scores).
+- ``full_per_head``: the same pass that also gives every head's own masked score (``HeadScorer.score``: what
+  head detection and the score store run). Until 2026-12-04 this was the pass timed as ``full``.
+- ``full_torch``: ``full`` with the span rows computed by torch ops (``capture.kernel("torch")``) instead of
   the fused Triton kernels that ``full`` uses on a GPU; on CPU both are the torch path.
-- ``static16``: ``score`` with a fixed set of 16 heads in the first half of the model. Rule: the pool is
+- ``static16``: :func:`rerank_pass` with a fixed set of 16 heads in the first half of the model. Rule: the pool is
   ``[(l, h) for l in range(L // 2) for h in range(H)]`` (layers ``0 .. L/2 - 1``) and the 16 heads are
   ``pool[round(i * (len(pool) - 1) / 15)]`` for ``i = 0..15`` (evenly spread, first and last included; the
   whole pool if it has fewer than 16). Exit after layer ``L/2 - 1``.
 - ``routed``: for a model with a shipped router (SmolLM2, Gemma-3-270M), RouteHead's real path: the
-  query-embedding pass, routing, then ``score`` with the routed heads only (exit after the deepest); the
+  query-embedding pass, routing, then :func:`rerank_pass` with the routed heads only (exit after the deepest); the
   heads it routed are in ``heads.routed``. For other models a routed-style set of 4 heads whose deepest
   layer sits at 2/3 of the depth. Rule: ``d = round(2 L / 3)``; layers ``round(j * (d - 1) / 3)`` and heads
   ``(j * H) // 4`` for ``j = 0..3`` (so the deepest head is in layer ``d - 1`` and ``d`` of ``L`` layers run).
@@ -108,10 +111,10 @@ from routehead import capture  # noqa: E402
 from routehead.api import default_router_path  # noqa: E402
 from routehead.model import LoadedModel, load_model, wrap_model  # noqa: E402
 from routehead.router import Router, load_router  # noqa: E402
-from routehead.scorer import HeadScorer, mask_outliers_and_sum  # noqa: E402
+from routehead.scorer import HeadScorer, HeadSet, mask_outliers_and_sum  # noqa: E402
 from routehead.testing import byte_tokenizer  # noqa: E402
 
-METHODS = ("bare", "full", "full_torch", "static16", "routed", "eager")
+METHODS = ("bare", "full", "full_per_head", "full_torch", "static16", "routed", "eager")
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH_QUERY = "Which paragraph describes how the protein complex regulates cell growth?"
 
@@ -388,20 +391,28 @@ def eager_scores(scorer: HeadScorer, query: str, documents: Sequence[str]) -> to
     return mask_outliers_and_sum(rows.flatten(0, 1), prompt.doc_spans)
 
 
+def rerank_pass(scorer: HeadScorer, items: Sequence[tuple[str, Sequence[str]]],
+                heads: Sequence[tuple[int, int]] | None = None, batch_size: int = 1) -> list[Any]:
+    """What ``Reranker`` runs for a head selection (None: all heads, ICR): its set's scores, no per-head ones."""
+    return scorer.score_many(items, heads=heads, batch_size=batch_size, sets=[HeadSet.of(heads)], per_head=False)
+
+
 def method_fn(name: str, scorer: HeadScorer, query: str, docs: list[str]) -> Callable[[], Any]:
     L, H = scorer.lm.num_layers, scorer.lm.num_heads
     if name == "bare":
         return lambda: scorer.bare_forward(query, docs)
     if name == "full":
+        return lambda: rerank_pass(scorer, [(query, docs)])
+    if name == "full_per_head":
         return lambda: scorer.score(query, docs)
     if name == "full_torch":  # the span rows by torch ops instead of the fused kernels (the same on CPU)
         def full_torch() -> Any:
             with capture.kernel("torch"):
-                return scorer.score(query, docs)
+                return rerank_pass(scorer, [(query, docs)])
         return full_torch
     if name == "static16":
         heads = static16_heads(L, H)
-        return lambda: scorer.score(query, docs, heads=heads)
+        return lambda: rerank_pass(scorer, [(query, docs)], heads)
     if name == "routed":
         fn = batch_scorer(scorer, "routed", shipped_router(scorer.lm), 1)
         return lambda: fn([(query, docs)])
@@ -542,6 +553,7 @@ def summarize(per: dict[str, dict[str, Any]], prompt_tokens: int, n_docs: int, s
     mem = {m: r["peak_mem_mb"] for m, r in per.items() if r.get("status") == "ok"}
     run["full_over_bare"] = _ratio(run.get("full_s"), run.get("bare_s"))
     run["full_torch_over_bare"] = _ratio(run.get("full_torch_s"), run.get("bare_s"))
+    run["full_per_head_over_bare"] = _ratio(run.get("full_per_head_s"), run.get("bare_s"))
     run["routed_over_full"] = _ratio(run.get("routed_s"), run.get("full_s"))
     run["routed_over_bare"] = _ratio(run.get("routed_s"), run.get("bare_s"))
     run["static16_over_bare"] = _ratio(run.get("static16_s"), run.get("bare_s"))
@@ -597,24 +609,27 @@ def _meminfo(field: str) -> int | None:
 
 def batch_scorer(scorer: HeadScorer, method: str, router: Router | None, batch_size: int
                  ) -> Callable[[list[tuple[str, list[str]]]], Any]:
-    """Scores a list of queries ``batch_size`` prompts per pass. ``routed``: each query's embedding pass and
-    routing, then one pass per batch with the union of the batch's routed heads (a superset of each query's)."""
+    """Scores a list of queries ``batch_size`` prompts per pass, as ``Reranker.rerank_many`` does. ``routed``: each
+    query's embedding pass and routing, then one pass per batch computing the union of the batch's routed heads
+    and aggregating each query's own set."""
     L, H = scorer.lm.num_layers, scorer.lm.num_heads
     if method != "routed":
         heads = {"full": None, "static16": static16_heads(L, H)}[method]
-        return lambda items: scorer.score_many(items, heads=heads, batch_size=batch_size)
+        return lambda items: rerank_pass(scorer, items, heads, batch_size)
 
     def routed(items: list[tuple[str, list[str]]]) -> list[Any]:
         out = []
         for k in range(0, len(items), batch_size):
             batch = items[k:k + batch_size]
             if router is None:
-                union = routed_heads(L, H)
+                sets = [HeadSet.of(routed_heads(L, H))] * len(batch)
             else:
                 cfg = router.config
-                union = sorted({h for q, _ in batch
-                                for h in router.route(scorer.query_embedding(q, cfg.embed_layer, cfg.pooling)).heads})
-            out += scorer.score_many(batch, heads=union, batch_size=batch_size)
+                sets = [HeadSet.of(r.heads, r.weights) for r in
+                        (router.route(scorer.query_embedding(q, cfg.embed_layer, cfg.pooling)) for q, _ in batch)]
+            union = sorted({h for hs in sets for h in hs.heads or ()})
+            out += scorer.score_many(batch, heads=union, batch_size=batch_size, sets=list(dict.fromkeys(sets)),
+                                     per_head=False)
         return out
     return routed
 

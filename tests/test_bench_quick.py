@@ -52,8 +52,9 @@ def test_quick_json_on_tiny_random_model(speed, tmp_path, capsys):
             assert d["machine"][key], key
     assert result["prompt_tokens"] == stored["prompt_tokens"]
     assert abs(stored["prompt_tokens"] - 384) <= 16  # documents sized from an estimate of the fixed tokens
-    for key in ("bare_s", "full_s", "static16_s", "routed_s", "eager_s", "full_over_bare", "routed_over_full",
-                "static16_over_bare", "eager_over_bare", "routed_over_bare"):
+    for key in ("bare_s", "full_s", "full_per_head_s", "static16_s", "routed_s", "eager_s", "full_over_bare",
+                "full_per_head_over_bare", "routed_over_full", "static16_over_bare", "eager_over_bare",
+                "routed_over_bare"):
         assert _positive(stored[key]), (key, stored[key])
     assert stored["peak_mem_over_bare"] is None or _positive(stored["peak_mem_over_bare"])
     assert all(v >= 0 for v in stored["peak_mem_mb"].values())

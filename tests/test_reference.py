@@ -106,6 +106,11 @@ def check_against_reference(lm, ref_model, sep: str = SEP) -> None:
     # routed: only the set's heads computed (early exit), same scores as the same selection over the full pass
     R = scorer.score(QUERY, DOCS, heads=STATIC, sets=[HeadSet.of(STATIC)])
     assert torch.allclose(R.sets[0], S.sets[1], atol=1e-6)
+    # the re-ranking pass (no per-head scores): the same sets, and no head claims a per-head score
+    for heads, k in ((None, 0), (STATIC, 1)):
+        F = scorer.score(QUERY, DOCS, heads=heads, sets=[HeadSet.of(heads)], per_head=False)
+        assert torch.allclose(F.sets[0], S.sets[k], atol=1e-6)
+        assert not F.computed.any() and F.calibrated.isnan().all()
     # per head: the detection score of one head is the set of that head alone
     for lay, h in STATIC:
         one = reference_doc_scores(cal, spans, [(lay, h)]).float()

@@ -170,7 +170,7 @@ class Reranker:
                 where.append((i, perm))
                 jobs.append((q, [docs[j] for j in perm]))
         results = self.scorer.score_many(jobs, heads=computed, batch_size=batch_size, sets=sets,
-                                         keep_tokens=evidence > 0)
+                                         keep_tokens=evidence > 0, per_head=False)
         per_item: dict[int, list[tuple[list[int], HeadScores]]] = {}
         for (i, perm), S in zip(where, results):
             per_item.setdefault(i, []).append((perm, S))

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from routehead import capture
@@ -66,7 +67,7 @@ class HeadScores:
 
     calibrated: torch.Tensor  # [layers, heads, docs], float32, CPU: each head alone, masked (QRHead detection)
     raw: torch.Tensor  # the same from the query's attention alone (no "N/A" calibration)
-    computed: torch.Tensor  # [layers, heads] bool
+    computed: torch.Tensor  # [layers, heads] bool: heads with per-head scores (none with ``per_head=False``)
     sets: torch.Tensor | None = None  # [len(sets), docs]: each requested HeadSet, summed then masked
     tokens: TokenScores | None = None  # with keep_tokens: every computed head's token scores
     set_tokens: TokenScores | None = None  # with keep_tokens: each set's summed token scores (before the mask)
@@ -150,7 +151,7 @@ def _by_layer(heads: list[Head]) -> dict[int, list[int]]:
 def set_weights(sets: Sequence[HeadSet], sel: list[Head]) -> torch.Tensor:
     """``[len(sets), len(sel)]``: each set's weight on each computed head (0 where not in the set)."""
     pos = {h: i for i, h in enumerate(sel)}
-    W = torch.zeros(len(sets), len(sel))
+    W = np.zeros((len(sets), len(sel)), dtype=np.float32)  # numpy: one tensor op per head costs ~1k on an 8B
     for k, hs in enumerate(sets):
         heads = sel if hs.heads is None else list(hs.heads)
         ws = hs.weights or (1.0,) * len(heads)
@@ -158,7 +159,7 @@ def set_weights(sets: Sequence[HeadSet], sel: list[Head]) -> torch.Tensor:
             if h not in pos:
                 raise ValueError(f"head {h} of a head set is not among the computed heads")
             W[k, pos[h]] += w
-    return W
+    return torch.from_numpy(W)
 
 
 class HeadScorer:
@@ -231,15 +232,18 @@ class HeadScorer:
 
     @torch.inference_mode()
     def _score_prompts(self, prompts: Sequence[Prompt], heads: list[Head], W_sets: torch.Tensor,
-                       keep_tokens: bool) -> list[dict[str, torch.Tensor]]:
-        """Per prompt: ``cal``/``raw`` ``[heads, docs]`` (each head masked alone), ``sets`` ``[sets, docs]`` (summed
-        over each set's heads, then masked) and, with ``keep_tokens``, ``tokens`` ``[heads, span tokens]``.
+                       keep_tokens: bool, per_head: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Per prompt: ``sets`` ``[sets, docs]`` (summed over each set's heads, then masked); with ``per_head``,
+        ``cal``/``raw`` ``[heads, docs]`` (each head masked alone); with ``keep_tokens``, ``tokens``
+        ``[heads, span tokens]``.
 
         Each layer's rows are reduced as soon as the layer has run: the pass keeps the sets' token sums
         ``[sets, prefix]`` and (only with ``keep_tokens``) the document tokens' rows, never rows of all layers.
+        Without ``per_head`` a layer costs a subtraction and one weighted sum over its heads, nothing per head:
+        re-ranking needs only the sets, and on a GPU every small op a layer adds is host time.
         """
         if not self.single_pass and len(prompts) > 1:
-            return [o for p in prompts for o in self._score_prompts([p], heads, W_sets, keep_tokens)]
+            return [o for p in prompts for o in self._score_prompts([p], heads, W_sets, keep_tokens, per_head)]
         Pm = max(p.prefix_len for p in prompts)
         spans = SpanIndex.build([(b * Pm + s, b * Pm + e) for b, p in enumerate(prompts) for s, e in p.doc_spans],
                                 self.lm.device)  # every prompt's documents, rows laid end to end
@@ -256,13 +260,15 @@ class HeadScorer:
             q = q_rows[:, :, :Pm].float()
             cal = q - na_rows[:, :, :Pm].float()  # [B, h, Pm]
             n = cal.shape[1]
-            both = torch.cat([cal, q], dim=1)  # [B, 2h, Pm]: calibrated, raw
-            flat = both.transpose(0, 1).reshape(2 * n, -1)
-            done[layer] = mask_outliers_and_sum(flat, spans)
             i0 = first[layer]
             acc.add_(torch.einsum("sh,bht->bst", Wd[:, i0:i0 + n], cal))
-            if keep_tokens:
-                toks[layer] = flat[:n, spans.flat]
+            if per_head or keep_tokens:
+                both = torch.cat([cal, q], dim=1) if per_head else cal  # [B, 2h, Pm]: calibrated, raw
+                flat = both.transpose(0, 1).reshape(both.shape[1], -1)
+                if per_head:
+                    done[layer] = mask_outliers_and_sum(flat, spans)
+                if keep_tokens:
+                    toks[layer] = flat[:n, spans.flat]
 
         if self.single_pass:
             self._single_pass(prompts, by_layer, reduce)
@@ -273,12 +279,14 @@ class HeadScorer:
                 reduce(lay, q[None, i0:i0 + len(hs)], na[None, i0:i0 + len(hs)])
         order = sorted(by_layer)
         nh = {lay: len(by_layer[lay]) for lay in order}
-        cal = torch.cat([done[lay][:nh[lay]] for lay in order])
-        raw = torch.cat([done[lay][nh[lay]:] for lay in order])
         sets = mask_outliers_and_sum(acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm), spans)
         counts = [len(p.doc_spans) for p in prompts]
-        out = [{"cal": c, "raw": r, "sets": t} for c, r, t in zip(*(x.float().cpu().split(counts, dim=1)
-                                                                  for x in (cal, raw, sets)))]
+        out: list[dict[str, torch.Tensor]] = [{"sets": t} for t in sets.float().cpu().split(counts, dim=1)]
+        if per_head:
+            cal = torch.cat([done[lay][:nh[lay]] for lay in order])
+            raw = torch.cat([done[lay][nh[lay]:] for lay in order])
+            for o, c, r in zip(out, cal.float().cpu().split(counts, dim=1), raw.float().cpu().split(counts, dim=1)):
+                o["cal"], o["raw"] = c, r
         if keep_tokens:
             lens = [sum(e - s for s, e in p.doc_spans) for p in prompts]
             set_toks = acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm)[:, spans.flat]
@@ -289,16 +297,18 @@ class HeadScorer:
 
     # -- public -------------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None,
-              sets: Sequence[HeadSet] = (), keep_tokens: bool = False) -> HeadScores:
+              sets: Sequence[HeadSet] = (), keep_tokens: bool = False, per_head: bool = True) -> HeadScores:
         """Scores of ``documents`` (in prompt order) for ``query``; only ``heads`` are computed (None: all).
 
         ``sets``: head sets aggregated as the references do (``HeadScores.sets``); their heads must be computed.
+        ``per_head=False`` skips each head's own masked score (``calibrated``/``raw`` stay NaN): re-ranking with
+        ``sets`` does not need them, head detection does.
         """
-        return self.score_many([(query, documents)], heads, sets=sets, keep_tokens=keep_tokens)[0]
+        return self.score_many([(query, documents)], heads, sets=sets, keep_tokens=keep_tokens, per_head=per_head)[0]
 
     def score_many(self, items: Sequence[tuple[str, Sequence[str]]], heads: Iterable[Head] | None = None,
-                   batch_size: int = 1, sets: Sequence[HeadSet] = (), keep_tokens: bool = False
-                   ) -> list[HeadScores]:
+                   batch_size: int = 1, sets: Sequence[HeadSet] = (), keep_tokens: bool = False,
+                   per_head: bool = True) -> list[HeadScores]:
         """:meth:`score` for many ``(query, documents)`` pairs, ``batch_size`` prompts per forward pass.
 
         Batching pays where one prompt leaves a GPU idle (small models, short lists): a pass costs a fixed
@@ -322,7 +332,7 @@ class HeadScorer:
             windows = plan_windows(lengths, -(-per_doc // len(texts)), fixed, self.budget)
             n = len(texts)
             computed = torch.zeros(L, H, dtype=torch.bool)
-            computed[li, hi] = True
+            computed[li, hi] = per_head
             results.append(HeadScores(calibrated=torch.full((L, H, n), float("nan")),
                                       raw=torch.full((L, H, n), float("nan")), computed=computed,
                                       sets=torch.zeros(len(sets), n), windows=windows, truncated=truncated))
@@ -338,14 +348,15 @@ class HeadScorer:
                 batch.append(jobs[k + len(batch)])
             k += len(batch)
             for (i, win, prompt), out in zip(batch, self._score_prompts([p for _, _, p in batch], sel, W_sets,
-                                                                        keep_tokens)):
+                                                                        keep_tokens, per_head)):
                 S = results[i]
                 S.prompt_tokens = max(S.prompt_tokens, prompt.length)
                 factor = len(win) / S.num_docs
                 for j, doc in enumerate(win):
-                    S.calibrated[li, hi, doc] = out["cal"][:, j] * factor
-                    S.raw[li, hi, doc] = out["raw"][:, j] * factor
                     S.sets[:, doc] = out["sets"][:, j] * factor
+                    if per_head:
+                        S.calibrated[li, hi, doc] = out["cal"][:, j] * factor
+                        S.raw[li, hi, doc] = out["raw"][:, j] * factor
                 if keep_tokens:
                     bounds = [0]
                     for s, e in prompt.doc_spans:

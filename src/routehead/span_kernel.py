@@ -201,11 +201,9 @@ def span_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None
     NH = hi - lo
     if value is not None and NH != H:
         raise ValueError("the attention output needs every head")
-    i32 = torch.int32
-    qrow, qpos = qrow.to(i32).contiguous(), qpos.to(i32).contiguous()
-    alen = alen.to(i32).contiguous()
-    b_base = alen if b_base is None else b_base.to(i32).contiguous()
-    weight = weight.float().contiguous()
+    qrow, qpos, alen = _as(qrow, torch.int32), _as(qpos, torch.int32), _as(alen, torch.int32)
+    b_base = alen if b_base is None else _as(b_base, torch.int32)
+    weight = _as(weight, torch.float32)
     total = la + lb
     bm = max(16, min(BLOCK_M, triton.next_power_of_2(M)))
     n_blocks = _ceil(M, bm)
@@ -234,6 +232,11 @@ def span_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None
         return rows, None
     out = opart.view(B, NH, n_blocks, n_chunks, bm, bd).sum(3).view(B, NH, n_blocks * bm, bd)[:, :, :M, :D]
     return rows, out.transpose(1, 2).to(value.dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as contiguous ``dtype``, with no dispatcher call when it already is (the usual case, per layer)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def _ceil(a: int, b: int) -> int:
