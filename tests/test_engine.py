@@ -137,8 +137,11 @@ def test_head_subset_is_slice_and_exits_early(setup):
     full = scorer.score(QUERY, DOCS)
     subset = [(0, 1), (1, 3), (1, 0)]
     calls = [0] * lm.num_layers
+    mlps = [0] * lm.num_layers
     hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(scorer.layers)]
+    hooks += [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: mlps.__setitem__(i, mlps[i] + 1))
+              for i, layer in enumerate(scorer.layers)]
     try:
         part = scorer.score(QUERY, DOCS, heads=subset)
     finally:
@@ -146,6 +149,7 @@ def test_head_subset_is_slice_and_exits_early(setup):
             h.remove()
     assert calls[:2] == [1, 1]  # one pass: prefix, query and "N/A" together
     assert sum(calls[2:]) == 0, f"layers after the deepest selected one ran: {calls}"
+    assert mlps[:2] == [1, 0], f"the deepest layer's output is not needed, its MLP must not run: {mlps}"
     for lay, h in subset:
         torch.testing.assert_close(part.calibrated[lay, h], full.calibrated[lay, h], atol=1e-6, rtol=0)
     mask = part.computed

@@ -10,9 +10,11 @@ Two suffixes in one pass (:class:`Split`): the sequence ``prefix + query + "N/A"
 tokens given the positions right after the prefix. Each layer then attends in two branches: prefix and
 query causally (the plain pass: one SDPA call over every row, whose "N/A" rows are then overwritten), and "N/A"
 over the prefix and itself only, exactly as if it ran alone after the prefix. No KV cache is kept, so memory is
-that of one plain pass over the prompt. Several prompts can share the pass as rows of a batch (right-padded;
-see :class:`Split`). The span rows of both suffixes come from fused Triton kernels on a GPU
-(:mod:`routehead.span_kernel`, chosen by :func:`kernel`) and from float32 torch ops elsewhere.
+that of one plain pass over the prompt. The deepest layer a pass reads stops inside its attention, once its
+rows are taken: that layer's output (SDPA, output projection, MLP) is never computed. Several prompts can
+share the pass as rows of a batch (right-padded; see :class:`Split`). The span rows of both suffixes come from
+fused Triton kernels on a GPU (:mod:`routehead.span_kernel`, chosen by :func:`kernel`) and from float32 torch
+ops elsewhere.
 
 Nothing here indexes a device tensor with a Python list or builds one from a list mid-pass: either makes the
 host wait for the GPU, and a pass of many small kernels then costs the host's time plus the GPU's.
@@ -225,6 +227,10 @@ def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     lay = split.tensors(query.device)
     if heads:
         q_rows = _query_rows(query, key, heads, lay, split, scaling, softcap, window)
+        if layer == max(split.heads):  # the deepest layer read: its output is never used, so no SDPA, no MLP
+            _, na_rows = _na_attention(query, key, None, split, lay, window, scaling, softcap)
+            split.on_layer(layer, q_rows, take(na_rows, heads))
+            raise StopForward
     # One SDPA call over every row, "N/A" included, whose rows are then overwritten by their own branch: SDPA's
     # output is already the layer's [B, T, H, D] buffer, so the branches need no concatenation (a copy of the
     # whole layer's output). The "N/A" rows SDPA computes (they see the query) are never used.
@@ -259,12 +265,12 @@ def _query_rows(query: torch.Tensor, key: torch.Tensor, heads: list[int], lay: d
     return _rows(q_sel, k_main, heads, qidx, None, scaling, softcap, window, valid, min(split.prefix))
 
 
-def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: Split,
+def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, split: Split,
                   lay: dict[str, torch.Tensor], window: int | None, scaling: float | None, softcap: float | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The "N/A" rows over their row's prefix keys and their own, with no copy of the prefix K/V
-    (``lay["prefix"]`` ``[B]``: each row's prefix length). Returns the output ``[B, n, H, D]`` and every head's
-    attention row ``[B, H, max(prefix) + n]`` (mean over the "N/A" tokens).
+    (``lay["prefix"]`` ``[B]``: each row's prefix length). Returns the output ``[B, n, H, D]`` (None without
+    ``value``) and every head's attention row ``[B, H, max(prefix) + n]`` (mean over the "N/A" tokens).
 
     Fused kernels on a GPU (:mod:`routehead.span_kernel`); otherwise a few query rows, so plain float32
     attention, every KV group in one batched product."""
@@ -295,6 +301,8 @@ def _na_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     q = query[:, :, W:].reshape(B, n_kv, r * n, D)
     logits = _logits(q, [key[:, :, :Pm], key[:, :, W:]], scaling, softcap).view(B, H, n, Pm + n)
     probs = _softmax(logits, allowed)
+    if value is None:
+        return None, probs.mean(dim=-2)
     pv = probs.to(value.dtype).view(B, n_kv, r * n, Pm + n)
     out = torch.matmul(pv[..., :Pm], value[:, :, :Pm]) + torch.matmul(pv[..., Pm:], value[:, :, W:])
     return out.view(B, H, n, value.shape[-1]).transpose(1, 2), probs.mean(dim=-2)
