@@ -47,7 +47,7 @@ def main() -> None:
         run = []
         for qid in sorted(coll.qrels):
             r = rr.route(coll.queries[qid])
-            run.append(max(lay for lay, _ in r.heads) + 1)
+            run.append(max((lay for lay, _ in r.heads), default=-1) + 1)  # first-stage score alone: no layer
         row = {"queries": len(run), "mean_layers_run": statistics.mean(run),
                "median_layers_run": statistics.median(run),
                "mean_fraction_of_layers": statistics.mean(run) / L,

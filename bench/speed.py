@@ -41,7 +41,8 @@ Threads (``--threads auto``, the default): torch's default, lowered on CPU to th
 average leaves free (at least 1); the count and the reason are in ``config``. See :func:`auto_threads`.
 
 Times: median over ``--repeats`` after ``--warmup`` untimed calls (CUDA synchronised). Ratios:
-``full_over_bare``, ``routed_over_full``, ``routed_over_bare``, ``static16_over_bare``, ``eager_over_bare``.
+``full_over_bare``, ``full_per_head_over_bare``, ``full_torch_over_bare``, ``routed_over_full``,
+``routed_over_bare``, ``static16_over_bare``, ``eager_over_bare``.
 
 Peak memory (``peak_mem_mb``: the peak during the timed repeats *above* what was held after the warm-up,
 i.e. above the weights and any one-time allocations; ``peak_mem_over_bare`` is ``full``'s over ``bare``'s,

@@ -262,13 +262,11 @@ class HeadScorer:
             n = cal.shape[1]
             i0 = first[layer]
             acc.add_(torch.einsum("sh,bht->bst", Wd[:, i0:i0 + n], cal))
-            if per_head or keep_tokens:
-                both = torch.cat([cal, q], dim=1) if per_head else cal  # [B, 2h, Pm]: calibrated, raw
-                flat = both.transpose(0, 1).reshape(both.shape[1], -1)
-                if per_head:
-                    done[layer] = mask_outliers_and_sum(flat, spans)
-                if keep_tokens:
-                    toks[layer] = flat[:n, spans.flat]
+            if per_head:  # each head alone: calibrated rows, then raw rows, prompts laid end to end
+                done[layer] = mask_outliers_and_sum(torch.cat([cal, q], dim=1).transpose(0, 1).reshape(2 * n, -1),
+                                                    spans)
+            if keep_tokens:
+                toks[layer] = cal.transpose(0, 1).reshape(n, -1)[:, spans.flat]
 
         if self.single_pass:
             self._single_pass(prompts, by_layer, reduce)
