@@ -10,8 +10,11 @@ and with --ship copies into src/routehead/assets/ the static head set and the be
 ``router-<model>.safetensors`` (listwise, heads only: the default), ``-fs`` (listwise, may also route the
 first-stage score) and ``-bce`` (the paper's recipe: BCE on greedy pseudo labels). ``--max-layers L...`` adds
 listwise routers with a depth budget (pool from layers <= L only; every routed pass can stop there), reported
-beside the others and never shipped in their place. ICR is reported on the same queries as the routers
-(``icr_all_ndcg@10``), so the comparison is like for like.
+beside the others and never shipped in their place. ``--depth-costs D...`` trains cost-aware copies of the chosen
+listwise router (a price D, in nDCG@10, on the fraction of layers a routed pass runs); the cheapest one within
+``--fast-tolerance`` of route's out-of-fold nDCG@10 that runs at most ``--fast-layers`` of the layers ships as
+``-fast`` beside the others (a rule fixed before any test figure of it existed). ICR is reported on the same
+queries as the routers (``icr_all_ndcg@10``), so the comparison is like for like.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-layers", type=int, nargs="*", default=[],
                     help="also train listwise routers whose pool is limited to layers <= L (a depth budget)")
+    ap.add_argument("--depth-costs", type=float, nargs="*", default=[],
+                    help="also train listwise routers with this weight on the expected fraction of layers a routed "
+                         "pass runs (cost-aware routing)")
+    ap.add_argument("--fast-tolerance", type=float, default=0.01,
+                    help="route-fast may lose at most this much out-of-fold nDCG@10 to route")
+    ap.add_argument("--fast-layers", type=float, default=0.7,
+                    help="route-fast must run at most this fraction of the layers (out of fold)")
     ap.add_argument("--out", default=None, help="grid JSON (default results/router-grid-<model>.json)")
     ap.add_argument("--save-dir", default=None, help="also save every grid router here (e.g. for bench/speed.py "
                     "--router)")
@@ -95,29 +105,46 @@ def main() -> None:
                     dict(objective="bce", embed_layer=15, use_first_stage=False, pool_size=32, lr=3e-3)]
     configs += [dict(objective="listwise", embed_layer=8, use_first_stage=False, pool_size=32, lr=3e-3, max_layer=m)
                 for m in args.max_layers]
-    for c in configs:
+
+    def train(c):
         t = time.time()
-        settings = TrainSettings(objective=c["objective"], lr=c["lr"])
+        settings = TrainSettings(objective=c["objective"], lr=c["lr"], depth_cost=c.get("depth_cost", 0.0))
         router, info = fit_router(sc, scorer, embed_layer=c["embed_layer"], use_first_stage=c["use_first_stage"],
                                   max_heads=4, pool_size=c["pool_size"], folds=args.folds, settings=settings,
                                   max_layer=c.get("max_layer"))
         tr = router.config.training
         row = {**c, "dev_ndcg@10": tr["dev_ndcg@10"], "threshold": router.config.threshold,
-               **{k: tr[k] for k in ("best_epoch", "mean_label_size", "routed_oof", "fold_dev_ndcg@10") if k in tr},
+               **{k: tr[k] for k in ("best_epoch", "mean_label_size", "routed_oof", "layers_run_oof",
+                                     "fold_dev_ndcg@10") if k in tr},
                "seconds": round(time.time() - t, 1)}
         grid.append((row, router))
         if args.save_dir:
             name = "-".join([c["objective"], f"e{c['embed_layer']}", f"p{c['pool_size']}"]
                             + (["fs"] if c["use_first_stage"] else [])
-                            + ([f"L{c['max_layer']}"] if c.get("max_layer") is not None else []))
+                            + ([f"L{c['max_layer']}"] if c.get("max_layer") is not None else [])
+                            + ([f"d{c['depth_cost']:g}"] if c.get("depth_cost") else []))
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
             router.save(Path(args.save_dir) / f"{name}.safetensors")
         print(json.dumps(row), flush=True)
 
+    for c in configs:
+        train(c)
+
     def best(objective, fs):
         return max((g for g in grid if g[0]["objective"] == objective and g[0]["use_first_stage"] == fs
-                    and g[0].get("max_layer") is None), key=lambda g: g[0]["dev_ndcg@10"])
+                    and g[0].get("max_layer") is None and not g[0].get("depth_cost")),
+                   key=lambda g: g[0]["dev_ndcg@10"])
     chosen = {"route": best("listwise", False), "route+fs": best("listwise", True), "route-bce": best("bce", False)}
+    # cost-aware variants of the chosen router: the same configuration, plus a price on the layers a pass runs.
+    # route-fast (shipped beside route, never in its place): the cheapest whose out-of-fold nDCG@10 is within
+    # --fast-tolerance of route's, if it runs at most --fast-layers of the layers (the speed goal); else none.
+    for d in args.depth_costs:
+        train({k: v for k, v in chosen["route"][0].items() if k in configs[0]} | {"depth_cost": d})
+    floor = chosen["route"][0]["dev_ndcg@10"] - args.fast_tolerance
+    fast = [g for g in grid if g[0].get("depth_cost") and g[0]["dev_ndcg@10"] >= floor
+            and g[0]["layers_run_oof"] <= args.fast_layers]
+    if fast:
+        chosen["route-fast"] = min(fast, key=lambda g: (g[0]["layers_run_oof"], -g[0]["dev_ndcg@10"]))
     out = {"model": lm.name, "doc_order": args.doc_order, "train_queries": len(tr_ids), "dev_queries": len(dev_ids),
            "static": static, "icr_dev_ndcg@10": icr_dev, "icr_all_ndcg@10": icr_all, "grid": [g[0] for g in grid],
            "chosen": {k: v[0] for k, v in chosen.items()},
@@ -129,7 +156,7 @@ def main() -> None:
         print(k, json.dumps(v[0]))
     if args.ship:
         ASSETS.mkdir(parents=True, exist_ok=True)
-        suffix = {"route": "", "route+fs": "-fs", "route-bce": "-bce"}
+        suffix = {"route": "", "route+fs": "-fs", "route-bce": "-bce", "route-fast": "-fast"}
         for k, (_, router) in chosen.items():
             router.save(ASSETS / f"router-{lm.name}{suffix[k]}.safetensors")
         save_heads(ASSETS / f"heads-{lm.name}.json", [tuple(h) for h in best16["heads"]], lm.identity(),

@@ -313,3 +313,44 @@ def test_both_order_is_the_mean_of_input_and_reverse():
         out[r.indices] = r.scores
         return out
     np.testing.assert_allclose(by_doc(got["both"]), (by_doc(got["input"]) + by_doc(got["reverse"])) / 2, rtol=1e-6)
+
+
+def test_expected_layers_run_equals_enumeration():
+    """The depth cost is the exact expectation of (deepest routed layer + 1) / L over independent routings."""
+    import itertools
+
+    from routehead.train import expected_layers_run, layers_run
+
+    L, pool = 4, [(0, 1), (2, 0), (2, 1), (3, 0)]
+    logits = torch.tensor([[0.3, -1.2, 2.0, -0.5], [-3.0, 0.0, -2.0, 1.0]])
+    got = expected_layers_run(logits, torch.tensor([a for a, _ in pool]), L)
+    p = torch.sigmoid(logits).double()
+    for qi in range(2):
+        want = 0.0
+        for chosen in itertools.product([0, 1], repeat=len(pool)):
+            prob = float(np.prod([p[qi, i] if c else 1 - p[qi, i] for i, c in enumerate(chosen)]))
+            want += prob * layers_run([h for h, c in zip(pool, chosen) if c], L)
+        assert float(got[qi]) == pytest.approx(want, abs=1e-6)
+
+
+def test_depth_cost_routes_the_shallower_of_two_equal_heads():
+    rng = np.random.default_rng(0)
+    hidden, docs = 8, 6
+    queries, emb = [], []
+    for i in range(60):
+        good = np.array([5.0, 0, 0, 0, 0, 0]) + 0.1 * rng.normal(size=docs)
+        signals = np.stack([rng.normal(size=docs), good, rng.normal(size=docs), good + 0.01])
+        queries.append(_query(signals, [1, 0, 0, 0, 0, 0], f"q{i}"))
+        emb.append(rng.normal(size=hidden))
+    emb = torch.tensor(np.stack(emb), dtype=torch.float32)
+    routed = {}
+    for cost in (0.0, 1.0):
+        cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, pool=_pool(), max_heads=4,
+                           weighting="prob")
+        router, hist = train_router(cfg, np.full(4, 0.5), emb[:40], queries[:40], None, emb[40:], queries[40:],
+                                    TrainSettings(objective="listwise", epochs=300, lr=3e-2, eval_every=10,
+                                                  patience=30, depth_cost=cost))
+        assert router.config.training["dev_ndcg@10"] == pytest.approx(1.0)
+        routed[cost] = {h for e in emb[40:] for h in router.route(e[None]).heads}
+    assert (1, 1) in routed[0.0]  # without a cost the deep copy is routed too
+    assert routed[1.0] == {(0, 1)}  # with one, only the shallow head: every routed pass stops after layer 0

@@ -37,12 +37,20 @@ def test_score_detect_train_evaluate_plot(tmp_path):
         assert 1 <= len(lab["heads"]) <= 4 and all(0 <= a < 30 and 0 <= b < 9 for a, b in lab["heads"])
         assert 0.0 < lab["ndcg@10"] <= 1.0
 
+    from routehead.router import load_router
+
     router = tmp_path / "router.safetensors"
     out = run_cli("train", *DATA, "--split", "test", "--out", str(router), "--embed-layer", "4", env=env)
     assert out.returncode == 0, out.stderr
-    assert router.is_file() and "out-of-fold (5 folds) nDCG@10" in out.stdout
+    assert router.is_file() and "out-of-fold (5 folds) nDCG@10" in out.stdout and "of the layers" in out.stdout
 
-    from routehead.router import load_router
+    priced = tmp_path / "priced.safetensors"  # cost-aware routing: a price on the layers a routed pass runs
+    out = run_cli("train", *DATA, "--split", "test", "--out", str(priced), "--embed-layer", "4", "--depth-cost",
+                  "0.5", env=env)
+    assert out.returncode == 0, out.stderr
+    assert load_router(priced).config.training["depth_cost"] == 0.5
+    out = run_cli("train", *DATA, "--split", "test", "--out", str(priced), "--depth-cost", "-1", env=env)
+    assert out.returncode == 2 and "cannot be negative" in out.stderr and "Traceback" not in out.stderr
 
     for max_layer, pool in (("6", 16), ("0", 9)):  # a depth budget: nothing below it can be routed
         shallow = tmp_path / f"shallow{max_layer}.safetensors"  # layer 0 has 9 heads: the pool is capped there

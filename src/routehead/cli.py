@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     sc, scorer = _scored(args)
     settings = TrainSettings(objective=args.objective, sparsity=args.sparsity, lr=args.lr, seed=args.seed,
-                             bce_weight=args.bce_weight)
+                             bce_weight=args.bce_weight, depth_cost=args.depth_cost)
     router, _ = fit_router(sc, scorer, embed_layer=args.embed_layer, pooling=args.pooling,
                               use_first_stage=args.use_first_stage, max_heads=args.label_max_heads,
                               labels_kind=args.labels, pool_size=args.pool_size, folds=args.folds,
@@ -205,8 +205,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     router.save(args.out)
     t = router.config.training
     held_out = f"out-of-fold ({args.folds} folds)" if args.folds > 1 else "dev"
-    print(f"router -> {args.out}: {held_out} nDCG@10 {t['dev_ndcg@10']:.4f}, threshold {router.config.threshold}, "
-          f"{t['train_queries']} training queries")
+    layers = t.get("layers_run_oof", t.get("dev_layers_run"))
+    print(f"router -> {args.out}: {held_out} nDCG@10 {t['dev_ndcg@10']:.4f}, routed passes run {layers:.0%} of the "
+          f"layers, threshold {router.config.threshold}, {t['train_queries']} training queries")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy: binary greedy head sets (paper); soft: each head's own nDCG@10 as the target")
     p.add_argument("--label-max-heads", type=int, default=4)
     p.add_argument("--sparsity", type=float, default=0.0, help="weight of the mean routing probability")
+    p.add_argument("--depth-cost", type=float, default=0.0,
+                   help="weight of the expected fraction of layers a routed pass runs (cost-aware routing: "
+                        "shallower routes where the ranking loses little)")
     p.add_argument("--bce-weight", type=float, default=0.0, help="listwise: auxiliary pseudo-label BCE weight")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,8 @@ Training needs no LLM forward passes: the query embeddings and the stored per-he
 router for the default model trains on CPU in seconds. The dev split is carved from the training queries;
 early stopping and the threshold are chosen on dev nDCG@10 of the routed selection. Test queries are never seen.
 
-Objectives (both with a sparsity term, ``sparsity * mean routing probability`` over the routable pool):
+Objectives (both with a sparsity term, ``sparsity * mean routing probability`` over the routable pool, and a
+depth term, ``depth_cost * expected fraction of layers a routed pass runs``):
 - ``bce`` (the paper): binary cross-entropy against the greedy pseudo labels; the selected heads are summed.
 - ``listwise``: the document scores are those of the probability-weighted head set, aggregated as inference
   aggregates (weighted token sum, outlier mask, sum; standardised per query, plus the weighted first stage),
@@ -14,7 +15,12 @@ Objectives (both with a sparsity term, ``sparsity * mean routing probability`` o
   from the single best head on the training queries (logit +2, the rest -4), so the router is residual: it
   learns when and where a query should leave the strong static default. Optional ``bce_weight`` adds the
   pseudo-label BCE as an auxiliary term.
+
+The depth term makes the router cost-aware: a routed pass stops after its deepest routed layer, so its cost is
+that layer's depth, a per-query quantity. Unlike a depth budget (``max_layer``: no head deeper than L for any
+query), it lets a query keep a deep head when the ranking gains enough from it, and pushes the rest shallower.
 """
+
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from routehead.errors import RouteheadError
 from routehead.heads import ndcg_at_k
 from routehead.labels import Query, doc_scores
 from routehead.router import Router, RouterConfig
@@ -40,6 +47,10 @@ class TrainSettings:
     lr: float = 3e-3
     weight_decay: float = 1e-2
     sparsity: float = 0.0  # weight of the mean routing probability (over the pool) in the loss
+    # the nDCG@10 a routed pass through every layer must earn over one through none: the loss adds this weight
+    # times the expected fraction of layers run, and early stopping and the threshold maximise
+    # dev nDCG@10 - depth_cost * fraction of layers run (cost-aware routing)
+    depth_cost: float = 0.0
     bce_weight: float = 0.0  # listwise only: weight of the auxiliary pseudo-label BCE
     temperature: float = 4.0  # listwise only: softmax temperature on the aggregated (z-scored) document scores
     eval_every: int = 10
@@ -47,22 +58,42 @@ class TrainSettings:
     seed: int = 0
 
 
+def layers_run(heads: list[tuple[int, int]], num_layers: int) -> float:
+    """Fraction of the model's layers a routed pass over ``heads`` runs (it stops after the deepest)."""
+    return (max(a for a, _ in heads) + 1) / num_layers if heads else 0.0
+
+
 def routed_ndcg(router: Router, probs: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
-                ) -> tuple[float, float]:
-    """Mean nDCG@k of the routed selections (from routing probabilities ``[Q, signals]``) and the mean routed."""
-    vals, sizes = [], []
+                ) -> tuple[float, float, float]:
+    """Mean nDCG@k of the routed selections (from routing probabilities ``[Q, signals]``), the mean number of
+    signals routed, and the mean fraction of layers the routed passes run."""
+    vals, sizes, depth = [], [], []
     for p, q in zip(probs, queries):
         r = router.route_probs(p, threshold)
         vals.append(float(ndcg_at_k(doc_scores(q, r.signals, r.signal_weights), q.gains, q.ideal, k)))
         sizes.append(len(r.signals))
-    return float(np.mean(vals)), float(np.mean(sizes))
+        depth.append(layers_run(r.heads, router.config.num_layers))
+    return float(np.mean(vals)), float(np.mean(sizes)), float(np.mean(depth))
 
 
-def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query]) -> tuple[float, float, float]:
-    """(threshold, nDCG, mean routed) maximising nDCG; ties go to the higher (sparser) threshold."""
+def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query], depth_cost: float = 0.0
+                   ) -> tuple[float, float, float, float]:
+    """(threshold, nDCG, mean routed, mean layers run) maximising ``nDCG - depth_cost * layers run``; ties go to
+    the higher (sparser) threshold."""
     scored = [(routed_ndcg(router, probs, queries, t), t) for t in THRESHOLDS]
-    (ndcg, size), t = max(scored, key=lambda x: (round(x[0][0], 6), x[1]))
-    return t, ndcg, size
+    (ndcg, size, depth), t = max(scored, key=lambda x: (round(x[0][0] - depth_cost * x[0][2], 6), x[1]))
+    return t, ndcg, size, depth
+
+
+def expected_layers_run(logits: torch.Tensor, head_layers: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Expected fraction of layers a routed pass runs ``[Q]``, each head routed independently with probability
+    ``sigmoid(logit)`` (``logits [Q, heads]``, ``head_layers [heads]``).
+
+    The pass runs layer l when some routed head sits at layer >= l, so the expected count is
+    ``sum_l 1 - prod_{h: layer(h) >= l} (1 - p_h)``; ``log(1 - p) = -softplus(logit)`` keeps it stable."""
+    deep = (head_layers[None, :] >= torch.arange(num_layers)[:, None]).to(logits.dtype)  # [L, heads]
+    none_deeper = torch.exp(-torch.nn.functional.softplus(logits) @ deep.T)  # [Q, L]
+    return (1 - none_deeper).sum(-1) / num_layers
 
 
 @dataclass
@@ -142,6 +173,9 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
     s = settings or TrainSettings()
     if s.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {s.objective!r}; use one of {OBJECTIVES}")
+    if s.depth_cost < 0 or s.sparsity < 0:
+        raise RouteheadError(f"depth_cost and sparsity are prices and cannot be negative "
+                             f"(got {s.depth_cost}, {s.sparsity})")
     torch.manual_seed(s.seed)
     router = Router(config, prior=init_bias)
     opt = torch.optim.AdamW(router.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -155,15 +189,19 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
     if bce_weight > 0 and y is None:
         raise ValueError("the bce objective needs pseudo labels")
     history: list[dict] = []
-    t0, d0, n0 = best_threshold(router, router.probabilities(dev_emb), dev_queries)
-    best = (d0, copy.deepcopy(router.state_dict()), t0)
-    history.append({"epoch": 0, "dev_ndcg@10": d0, "threshold": t0, "routed": n0})
+    head_layers = torch.as_tensor([a for a, _ in config.pool_heads])
+    t0, d0, n0, l0 = best_threshold(router, router.probabilities(dev_emb), dev_queries, s.depth_cost)
+    best = (d0 - s.depth_cost * l0, copy.deepcopy(router.state_dict()), t0, d0, l0)
+    history.append({"epoch": 0, "dev_ndcg@10": d0, "threshold": t0, "routed": n0, "layers_run": l0})
     waited = 0
     for epoch in range(1, s.epochs + 1):
         router.train()
         logits = router(train_emb)
         P = torch.sigmoid(logits)
         loss = s.sparsity * P.mean()
+        if s.depth_cost > 0:
+            loss = loss + s.depth_cost * expected_layers_run(logits[:, :len(head_layers)], head_layers,
+                                                             config.num_layers).mean()
         if s.objective == "listwise":
             loss = loss + listwise_loss(P[useful], batch, s.temperature, config.use_first_stage)
         if bce_weight > 0:
@@ -174,19 +212,21 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
         opt.step()
         if epoch % s.eval_every == 0:
             router.eval()
-            t, d, n = best_threshold(router, router.probabilities(dev_emb), dev_queries)
+            t, d, n, depth = best_threshold(router, router.probabilities(dev_emb), dev_queries, s.depth_cost)
             history.append({"epoch": epoch, "loss": float(loss.detach()), "dev_ndcg@10": d, "threshold": t,
-                            "routed": n})
-            if d > best[0] + 1e-6:
-                best, waited = (d, copy.deepcopy(router.state_dict()), t), 0
+                            "routed": n, "layers_run": depth})
+            if d - s.depth_cost * depth > best[0] + 1e-6:
+                best, waited = (d - s.depth_cost * depth, copy.deepcopy(router.state_dict()), t, d, depth), 0
             else:
                 waited += 1
                 if waited >= s.patience:
                     break
     router.load_state_dict(best[1])
     router.config.threshold = best[2]
-    router.config.training = {**config.training, "dev_ndcg@10": best[0], "epochs_run": history[-1]["epoch"],
-                              "best_epoch": max(history, key=lambda h: h["dev_ndcg@10"])["epoch"], **asdict(s)}
+    best_epoch = max(history, key=lambda h: h["dev_ndcg@10"] - s.depth_cost * h["layers_run"])["epoch"]
+    router.config.training = {**config.training, "dev_ndcg@10": best[3], "dev_layers_run": best[4],
+                              "epochs_run": history[-1]["epoch"],
+                              "best_epoch": best_epoch, **asdict(s)}
     return router.eval(), history
 
 
@@ -242,9 +282,11 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
     if folds <= 1:
         return members[0], infos[0]
     merged = merge_routers(members)
-    t, nd, size = best_threshold(merged, torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids])
+    t, nd, size, depth = best_threshold(merged, torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids],
+                                        s.depth_cost)
     merged.config.threshold = t
     merged.config.training = {**members[0].config.training, "folds": folds, "oof_ndcg@10": nd, "routed_oof": size,
+                              "layers_run_oof": depth,
                               "dev_ndcg@10": nd,
                               "fold_dev_ndcg@10": [m.config.training["dev_ndcg@10"] for m in members],
                               "best_epoch": [m.config.training["best_epoch"] for m in members],
