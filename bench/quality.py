@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from routehead.api import asset, default_heads_path, default_router_path
+from routehead.api import ROUTER_VARIANTS, default_heads_path, default_router_path, router_path
 from routehead.collect import score_collection
 from routehead.data import load_collection
 from routehead.evaluate import dense_scores, make_run, query_embeddings, report
@@ -36,7 +36,8 @@ from routehead.router import load_router
 from routehead.scorer import HeadScorer
 
 JOBS = ["scifact:test", "trec-dl19-passage:test", "cranfield:test", "cisi:test", "med:test", "adi:test"]
-ORDER = ["bm25", "position", "dense", "icr", "single", "static", "route-bce", "route", "route+fs", "oracle"]
+ORDER = ["bm25", "position", "dense", "icr", "single", "static", "route-bce", "route", "route+fs", "route-fast",
+         "oracle"]
 
 
 def main() -> None:
@@ -61,8 +62,8 @@ def main() -> None:
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, layout=args.layout)
     heads, hbody = load_heads(default_heads_path(lm.name), lm.identity())
     routers = {"route": load_router(default_router_path(lm.name), lm.identity())}
-    for variant in ("fs", "bce"):
-        path = asset(f"router-{lm.name}-{variant}.safetensors")
+    for variant in ROUTER_VARIANTS:
+        path, _ = router_path(lm.name, variant)
         if path.is_file():
             routers[f"route{'+' if variant == 'fs' else '-'}{variant}"] = load_router(path, lm.identity())
     for spec in args.router:

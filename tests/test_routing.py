@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -354,3 +356,19 @@ def test_depth_cost_routes_the_shallower_of_two_equal_heads():
         routed[cost] = {h for e in emb[40:] for h in router.route(e[None]).heads}
     assert (1, 1) in routed[0.0]  # without a cost the deep copy is routed too
     assert routed[1.0] == {(0, 1)}  # with one, only the shallow head: every routed pass stops after layer 0
+
+
+def test_router_variant_names_resolve_to_shipped_assets(tmp_path, monkeypatch):
+    from routehead.api import asset, router_path
+
+    assert router_path("smollm2-135m", None) == (asset("router-smollm2-135m.safetensors"), True)
+    assert router_path("gemma3-270m", "fast") == (asset("router-gemma3-270m-fast.safetensors"), True)
+    assert router_path("gemma3-270m", "bce") == (asset("router-gemma3-270m-bce.safetensors"), True)
+    assert router_path("x", tmp_path / "r.safetensors") == (tmp_path / "r.safetensors", False)
+    with pytest.raises(RouteheadError, match="no 'fast' router shipped for model 'tiny-llama'"):
+        Reranker(model=tiny_lm("llama"), router="fast")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fast").write_bytes(b"")  # a file of that name in the working directory is what the user means
+    assert router_path("x", "fast") == (Path("fast"), False)
+    with pytest.raises(RouteheadError, match="fast is not a valid routehead router"):
+        Reranker(model=tiny_lm("llama"), router="fast")

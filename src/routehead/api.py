@@ -48,6 +48,20 @@ def default_router_path(model_name: str) -> Path:
     return asset(f"router-{model_name}.safetensors")
 
 
+ROUTER_VARIANTS = ("fast", "fs", "bce")  # routers shipped beside the default one; pass router="<variant>"
+
+
+def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]:
+    """The router file a caller means, and whether it is a shipped asset: ``None`` is the default router, a
+    variant name (``"fast"``: cost-aware, shallower passes; ``"fs"``: may route the first-stage score;
+    ``"bce"``: the paper's recipe) the one shipped under it, anything else a path."""
+    if router is None:
+        return default_router_path(model_name), True
+    if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():
+        return asset(f"router-{model_name}-{router}.safetensors"), True
+    return Path(router), False
+
+
 def default_heads_path(model_name: str) -> Path:
     return asset(f"heads-{model_name}.json")
 
@@ -72,6 +86,7 @@ class Reranker:
 
     >>> rr = Reranker()                     # ICR on the embedded SmolLM2-135M-Instruct
     >>> rr = Reranker(method="route")       # RouteHead with the router shipped for it
+    >>> rr = Reranker(router="fast")        # its cost-aware variant: shallower passes, where one is shipped
     >>> rr.rank("what is X?", ["doc a", "doc b"], top_k=1)
     [{'corpus_id': 1, 'score': ..., 'text': 'doc b'}]
     """
@@ -95,9 +110,10 @@ class Reranker:
         identity = self.lm.identity()
         trained: dict[str, Any] = {}
         if method == "route":
-            path = Path(router) if router is not None else default_router_path(self.lm.name)
-            if router is None and not path.is_file():
-                raise RouteheadError(f"no router shipped for model {self.lm.name!r}; train one (routehead train) "
+            path, shipped = router_path(self.lm.name, router)
+            if shipped and not path.is_file():
+                which = "router" if router is None else f"{router!r} router"
+                raise RouteheadError(f"no {which} shipped for model {self.lm.name!r}; train one (routehead train) "
                                      f"and pass router=PATH, or use method='static' or 'icr'")
             self.router = load_router(path, identity)
             trained = self.router.config.prompt

@@ -205,13 +205,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     router.save(args.out)
     t = router.config.training
     held_out = f"out-of-fold ({args.folds} folds)" if args.folds > 1 else "dev"
-    layers = t.get("layers_run_oof", t.get("dev_layers_run"))
+    layers = t.get("layers_run_train", t.get("dev_layers_run"))
     print(f"router -> {args.out}: {held_out} nDCG@10 {t['dev_ndcg@10']:.4f}, routed passes run {layers:.0%} of the "
           f"layers, threshold {router.config.threshold}, {t['train_queries']} training queries")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from routehead.api import default_heads_path, default_router_path
+    from routehead.api import default_heads_path, router_path
     from routehead.evaluate import dense_scores, format_table, make_run, query_embeddings, report, save_json
     from routehead.heads import load_heads
     from routehead.router import load_router
@@ -228,7 +228,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 heads = heads[:1]
             runs[name] = make_run(sc, name, heads=heads)
         elif name == "route":
-            router = load_router(args.router or default_router_path(scorer.lm.name), identity)
+            router = load_router(router_path(scorer.lm.name, args.router)[0], identity)
             emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
             sizes: list[int] = []
             runs[name] = make_run(sc, "route", router=router, embeddings=emb, routed_sizes=sizes)
@@ -259,10 +259,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
+    from routehead.api import router_path
     from routehead.plots import head_maps
 
     sc, scorer = _scored(args)
-    paths = head_maps(sc, scorer, args.out, router_path=args.router)
+    paths = head_maps(sc, scorer, args.out,
+                      router_path=None if args.router is None else router_path(scorer.lm.name, args.router)[0])
     for p in paths:
         print(p)
 
@@ -302,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", required=True, help="JSONL with 'text' (and optional 'title'), TSV, or one doc per line")
     p.add_argument("--method", default=None, choices=list(METHODS),
                    help=f"default: route with --router, static with --heads, else {DEFAULT_METHOD}")
-    p.add_argument("--router", default=None, help="router .safetensors (default: the one shipped for the model)")
+    p.add_argument("--router", default=None, help="router .safetensors, or a shipped variant: fast (cost-aware), fs, "
+                   "bce (default: the router shipped for the model)")
     p.add_argument("--heads", default=None, help="head-set JSON for --method static (default: the shipped one)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-doc-tokens", type=int, default=None)
@@ -333,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reranker", nargs="+", default=["route"],
                    choices=["bm25", "position", "dense", "icr", "static", "single", "route", "oracle"])
     p.add_argument("--heads", default=None, help="head-set JSON for static/single (default: shipped)")
-    p.add_argument("--router", default=None, help="router for route (default: shipped)")
+    p.add_argument("--router", default=None, help="router for route: a .safetensors or a shipped variant (fast, fs, "
+                   "bce; default: the shipped router)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the full report as JSON")
     p.set_defaults(func=cmd_evaluate)

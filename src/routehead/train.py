@@ -25,6 +25,7 @@ query), it lets a query keep a deep head when the ranking gains enough from it, 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,12 +77,17 @@ def routed_ndcg(router: Router, probs: torch.Tensor, queries: list[Query], thres
     return float(np.mean(vals)), float(np.mean(sizes)), float(np.mean(depth))
 
 
-def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query], depth_cost: float = 0.0
-                   ) -> tuple[float, float, float, float]:
-    """(threshold, nDCG, mean routed, mean layers run) maximising ``nDCG - depth_cost * layers run``; ties go to
-    the higher (sparser) threshold."""
-    scored = [(routed_ndcg(router, probs, queries, t), t) for t in THRESHOLDS]
-    (ndcg, size, depth), t = max(scored, key=lambda x: (round(x[0][0] - depth_cost * x[0][2], 6), x[1]))
+def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query], depth_cost: float = 0.0,
+                   cost: Callable[[float], float] | None = None) -> tuple[float, float, float, float]:
+    """(threshold, nDCG, mean routed, fraction of layers run) maximising ``nDCG - depth_cost * layers run``;
+    ties go to the higher (sparser) threshold. ``cost(t)``: the fraction of layers run at threshold ``t`` when
+    it is not these routings' own (a merged router's, whose quality is only known from its members')."""
+    rows = []
+    for t in THRESHOLDS:
+        ndcg, size, depth = routed_ndcg(router, probs, queries, t)
+        depth = depth if cost is None else cost(t)
+        rows.append((round(ndcg - depth_cost * depth, 6), t, ndcg, size, depth))
+    _, t, ndcg, size, depth = max(rows, key=lambda r: (r[0], r[1]))
     return t, ndcg, size, depth
 
 
@@ -282,11 +288,19 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
     if folds <= 1:
         return members[0], infos[0]
     merged = merge_routers(members)
+    # Quality comes from the members' out-of-fold routings; the cost is the merged router's own on the training
+    # queries (no labels needed). Merging averages the members' logits, so a deep head that one member routes
+    # can survive the merge: the members' out-of-fold depth understates what the shipped router runs.
+    train_probs = merged.probabilities(torch.cat([emb[q] for q in ids]))
+
+    def cost(t: float) -> float:
+        return float(np.mean([layers_run(merged.route_probs(p, t).heads, config.num_layers) for p in train_probs]))
+
     t, nd, size, depth = best_threshold(merged, torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids],
-                                        s.depth_cost)
+                                        s.depth_cost, cost)
     merged.config.threshold = t
     merged.config.training = {**members[0].config.training, "folds": folds, "oof_ndcg@10": nd, "routed_oof": size,
-                              "layers_run_oof": depth,
+                              "layers_run_train": depth,
                               "dev_ndcg@10": nd,
                               "fold_dev_ndcg@10": [m.config.training["dev_ndcg@10"] for m in members],
                               "best_epoch": [m.config.training["best_epoch"] for m in members],
@@ -313,9 +327,11 @@ def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], e
             y[i, labels[q.qid][0] if q.qid in labels else []] = 1.0
         else:
             raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
-    if s.objective == "listwise":  # residual start: the single best pool head on the training queries
+    if s.objective == "listwise":  # residual start: the single best pool head on the training queries, by the
+        # training objective (its mean nDCG@10 alone, less the price of the layers its pass runs)
         init = np.full(n, 1.0 / (1.0 + np.exp(4.0)))
-        init[int(np.argmax(prior[:P]))] = 1.0 / (1.0 + np.exp(-2.0))
+        depth = np.array([layers_run([h], config.num_layers) for h in config.pool_heads])
+        init[int(np.argmax(prior[:P] - s.depth_cost * depth))] = 1.0 / (1.0 + np.exp(-2.0))
     elif labels_kind == "soft":
         init = np.clip(prior, 1e-3, 1 - 1e-3)
     else:  # how often each signal is in a pseudo label (smoothed)
