@@ -109,7 +109,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from routehead import capture  # noqa: E402
-from routehead.api import default_router_path  # noqa: E402
+from routehead.api import router_path  # noqa: E402
 from routehead.model import LoadedModel, load_model, wrap_model  # noqa: E402
 from routehead.router import Router, load_router  # noqa: E402
 from routehead.scorer import HeadScorer, HeadSet, mask_outliers_and_sum  # noqa: E402
@@ -157,7 +157,7 @@ ROUTER_PATH: dict[str, str | None] = {"path": None}  # --router, set by setup() 
 
 def shipped_router(lm: LoadedModel) -> Router | None:
     """``--router`` if given, else the router shipped for this model (SmolLM2, Gemma-3-270M), or None."""
-    path = Path(ROUTER_PATH["path"]) if ROUTER_PATH["path"] else default_router_path(lm.name)
+    path, _ = router_path(lm.name, ROUTER_PATH["path"])  # a path or a shipped variant (fast, fs, bce)
     return load_router(path, lm.identity()) if path.is_file() else None
 
 
@@ -761,7 +761,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=None, help="throughput queries (default 10; --quick 3)")
     ap.add_argument("--throughput-methods", nargs="+", default=["full", "routed"],
                     choices=["full", "static16", "routed"])
-    ap.add_argument("--router", default=None, help="routed: this router file instead of the shipped one")
+    ap.add_argument("--router", default=None,
+                    help="routed: this router file, or a shipped variant (fast, fs, bce), in place of the shipped one")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--out", default=None, help="JSON path (default results/speed/<name>.json)")
     ap.add_argument("--default-malloc", action="store_true",
