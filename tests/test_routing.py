@@ -372,3 +372,16 @@ def test_router_variant_names_resolve_to_shipped_assets(tmp_path, monkeypatch):
     assert router_path("x", "fast") == (Path("fast"), False)
     with pytest.raises(RouteheadError, match="fast is not a valid routehead router"):
         Reranker(model=tiny_lm("llama"), router="fast")
+
+
+def test_residual_start_is_the_best_head_net_of_its_price():
+    from routehead.train import residual_start
+
+    cfg = RouterConfig(identity=_identity(L=4, H=2), embed_layer=0, pool=[[3, 0], [0, 1], [1, 1]],
+                       use_first_stage=True)
+    prior = np.array([0.70, 0.66, 0.60, 0.50])  # three pool heads, then the first stage
+    for cost, best in ((0.0, 0), (0.04, 0), (0.1, 1)):  # 0.70 - 0.1 (all 4 layers) < 0.66 - 0.025 (one layer)
+        init = residual_start(prior, cfg, cost)
+        assert init.shape == (4,) and np.argmax(init) == best
+        assert init[best] == pytest.approx(1 / (1 + np.exp(-2)))
+        assert np.allclose(np.delete(init, best), 1 / (1 + np.exp(4)))

@@ -309,6 +309,17 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
                     "dev_ids": [i["dev_ids"] for i in infos]}
 
 
+def residual_start(prior: np.ndarray, config: RouterConfig, depth_cost: float = 0.0) -> np.ndarray:
+    """The listwise router's starting probabilities: the single pool head best by the training objective (its
+    mean nDCG@10 alone on the training queries, less the price of the layers its pass runs) at logit +2, every
+    other signal at -4. Training then learns when a query should leave it."""
+    P = len(config.pool)
+    init = np.full(len(prior), 1.0 / (1.0 + np.exp(4.0)))
+    depth = np.array([layers_run([h], config.num_layers) for h in config.pool_heads])
+    init[int(np.argmax(prior[:P] - depth_cost * depth))] = 1.0 / (1.0 + np.exp(-2.0))
+    return init
+
+
 def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
                max_heads: int, labels_kind: str, s: TrainSettings) -> tuple[Router, dict[str, Any]]:
     """Prior, pseudo labels, starting point and training on one (train, dev) split."""
@@ -316,7 +327,6 @@ def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], e
 
     prior = prior_quality(train_q)
     n = len(prior)
-    P = len(config.pool)
     labels = label_queries(train_q, prior, max_heads=max_heads)
     y = np.zeros((len(train_q), n))
     for i, q in enumerate(train_q):
@@ -327,11 +337,8 @@ def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], e
             y[i, labels[q.qid][0] if q.qid in labels else []] = 1.0
         else:
             raise ValueError(f"unknown labels_kind {labels_kind!r}; use 'greedy' or 'soft'")
-    if s.objective == "listwise":  # residual start: the single best pool head on the training queries, by the
-        # training objective (its mean nDCG@10 alone, less the price of the layers its pass runs)
-        init = np.full(n, 1.0 / (1.0 + np.exp(4.0)))
-        depth = np.array([layers_run([h], config.num_layers) for h in config.pool_heads])
-        init[int(np.argmax(prior[:P] - s.depth_cost * depth))] = 1.0 / (1.0 + np.exp(-2.0))
+    if s.objective == "listwise":
+        init = residual_start(prior, config, s.depth_cost)
     elif labels_kind == "soft":
         init = np.clip(prior, 1e-3, 1 - 1e-3)
     else:  # how often each signal is in a pseudo label (smoothed)
