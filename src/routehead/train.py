@@ -2,7 +2,8 @@
 
 Training needs no LLM forward passes: the query embeddings and the stored per-head scores are inputs, so a
 router for the default model trains on CPU in seconds. The dev split is carved from the training queries;
-early stopping and the threshold are chosen on dev nDCG@10 of the routed selection. Test queries are never seen.
+early stopping and the threshold are chosen on dev nDCG@10 of the routed selection (less the price of the layers
+its passes run, when there is one). Test queries are never seen.
 
 Objectives (both with a sparsity term, ``sparsity * mean routing probability`` over the routable pool, and a
 depth term, ``depth_cost * expected fraction of layers a routed pass runs``):
@@ -20,7 +21,6 @@ The depth term makes the router cost-aware: a routed pass stops after its deepes
 that layer's depth, a per-query quantity. Unlike a depth budget (``max_layer``: no head deeper than L for any
 query), it lets a query keep a deep head when the ranking gains enough from it, and pushes the rest shallower.
 """
-
 
 from __future__ import annotations
 
