@@ -39,9 +39,10 @@ echo "== engine check: single pass vs separate full passes, fused kernels vs tor
 # shellcheck disable=SC2086  # BIG is a list
 timeout 180 "$PY" bench/engine_check.py --device "$DEVICE" --big $BIG 2>&1 | tee "$OUT/gpu_engine_check.txt" | tail -9
 
-echo "== sizes: bare / full (fused) / full_torch / static16 / routed / eager at $TOKENS tokens ($MODEL on $DEVICE)"
+echo "== sizes: bare / full (ICR's pass, fused) / full_per_head / full_torch / routed / eager at $TOKENS tokens ($MODEL on $DEVICE)"
 # shellcheck disable=SC2086  # TOKENS is a list
 timeout 240 "$PY" bench/speed.py --model "$MODEL" --device "$DEVICE" --tokens $TOKENS \
+  --methods bare full full_per_head full_torch routed eager \
   --repeats 3 --warmup 1 --json --out "$OUT/gpu_llama8b_sizes.json" \
   > "$OUT/gpu_llama8b_sizes.stdout" 2> "$OUT/gpu_llama8b_sizes.stderr"
 echo "sizes rc=$?"; tail -3 "$OUT/gpu_llama8b_sizes.stderr"
