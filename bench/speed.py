@@ -157,7 +157,7 @@ ROUTER_PATH: dict[str, str | None] = {"path": None}  # --router, set by setup() 
 
 def shipped_router(lm: LoadedModel) -> Router | None:
     """``--router`` if given, else the router shipped for this model (SmolLM2, Gemma-3-270M), or None."""
-    path, _ = router_path(lm.name, ROUTER_PATH["path"])  # a path or a shipped variant (fast, fs, bce)
+    path, _ = router_path(lm.name, ROUTER_PATH["path"])  # a path or a shipped variant (bce, fs, fast)
     return load_router(path, lm.identity()) if path.is_file() else None
 
 
@@ -762,7 +762,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--throughput-methods", nargs="+", default=["full", "routed"],
                     choices=["full", "static16", "routed"])
     ap.add_argument("--router", default=None,
-                    help="routed: this router file, or a shipped variant (fast, fs, bce), in place of the shipped one")
+                    help="routed: this router file, or a shipped variant (bce, fs, fast), in place of the shipped one")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--out", default=None, help="JSON path (default results/speed/<name>.json)")
     ap.add_argument("--default-malloc", action="store_true",

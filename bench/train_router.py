@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("--fast-tolerance", type=float, default=0.01,
                     help="route-fast may lose at most this much out-of-fold nDCG@10 to route")
     ap.add_argument("--fast-layers", type=float, default=0.7,
-                    help="route-fast must run at most this fraction of the layers (out of fold)")
+                    help="route-fast must run at most this fraction of the layers (its merged router, over the "
+                         "training queries)")
     ap.add_argument("--out", default=None, help="grid JSON (default results/router-grid-<model>.json)")
     ap.add_argument("--save-dir", default=None, help="also save every grid router here (e.g. for bench/speed.py "
                     "--router)")

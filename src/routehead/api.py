@@ -48,13 +48,14 @@ def default_router_path(model_name: str) -> Path:
     return asset(f"router-{model_name}.safetensors")
 
 
-ROUTER_VARIANTS = ("fast", "fs", "bce")  # routers shipped beside the default one; pass router="<variant>"
+ROUTER_VARIANTS = ("bce", "fs", "fast")  # routers that may ship beside the default one; pass router="<variant>"
 
 
 def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]:
     """The router file a caller means, and whether it is a shipped asset: ``None`` is the default router, a
-    variant name (``"fast"``: cost-aware, shallower passes; ``"fs"``: may route the first-stage score;
-    ``"bce"``: the paper's recipe) the one shipped under it, anything else a path."""
+    variant name (``"bce"``: the paper's recipe; ``"fs"``: may route the first-stage score; ``"fast"``: a priced,
+    shallower router, shipped only where one meets bench/train_router.py's rule, none today) the one shipped
+    under it, anything else a path."""
     if router is None:
         return default_router_path(model_name), True
     if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():
@@ -86,7 +87,7 @@ class Reranker:
 
     >>> rr = Reranker()                     # ICR on the embedded SmolLM2-135M-Instruct
     >>> rr = Reranker(method="route")       # RouteHead with the router shipped for it
-    >>> rr = Reranker(router="fast")        # its cost-aware variant: shallower passes, where one is shipped
+    >>> rr = Reranker(router="bce")         # the paper's router, shipped beside it: shallower passes
     >>> rr.rank("what is X?", ["doc a", "doc b"], top_k=1)
     [{'corpus_id': 1, 'score': ..., 'text': 'doc b'}]
     """

@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", required=True, help="JSONL with 'text' (and optional 'title'), TSV, or one doc per line")
     p.add_argument("--method", default=None, choices=list(METHODS),
                    help=f"default: route with --router, static with --heads, else {DEFAULT_METHOD}")
-    p.add_argument("--router", default=None, help="router .safetensors, or a shipped variant: fast (cost-aware), fs, "
-                   "bce (default: the router shipped for the model)")
+    p.add_argument("--router", default=None, help="router .safetensors, or a shipped variant: bce (the paper's), fs, "
+                   "fast (where shipped) (default: the router shipped for the model)")
     p.add_argument("--heads", default=None, help="head-set JSON for --method static (default: the shipped one)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-doc-tokens", type=int, default=None)
@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reranker", nargs="+", default=["route"],
                    choices=["bm25", "position", "dense", "icr", "static", "single", "route", "oracle"])
     p.add_argument("--heads", default=None, help="head-set JSON for static/single (default: shipped)")
-    p.add_argument("--router", default=None, help="router for route: a .safetensors or a shipped variant (fast, fs, "
-                   "bce; default: the shipped router)")
+    p.add_argument("--router", default=None, help="router for route: a .safetensors or a shipped variant (bce, fs, "
+                   "fast; default: the shipped router)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the full report as JSON")
     p.set_defaults(func=cmd_evaluate)
