@@ -32,6 +32,7 @@ from routehead.collect import score_collection
 from routehead.data import load_collection, split_dev
 from routehead.evaluate import detect_heads, head_rows
 from routehead.heads import ndcg_at_k, save_heads, set_scores, spans_of
+from routehead.metrics import paired_p_value
 from routehead.model import load_model
 from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
 from routehead.scorer import HeadScorer
@@ -97,7 +98,7 @@ def main() -> None:
     print(f"icr (all heads): dev nDCG@10 {icr_dev:.4f}, all {len(ids)} queries {icr_all:.4f}")
     best16 = next(s for s in static if s["top"] == 16)
 
-    grid = []
+    grid, oof = [], {}  # oof: grid index -> {qid: out-of-fold nDCG@10}
     configs = [dict(objective="listwise", embed_layer=8, use_first_stage=False, pool_size=32, lr=3e-3),
                dict(objective="listwise", embed_layer=8, use_first_stage=True, pool_size=32, lr=3e-3),
                dict(objective="bce", embed_layer=8, use_first_stage=False, pool_size=32, lr=3e-3)]
@@ -119,6 +120,7 @@ def main() -> None:
                **{k: tr[k] for k in ("best_epoch", "mean_label_size", "routed_oof", "layers_run_train",
                                      "fold_dev_ndcg@10") if k in tr},
                "seconds": round(time.time() - t, 1)}
+        oof[len(grid)] = info["oof_ndcg@10"]
         grid.append((row, router))
         if args.save_dir:
             name = "-".join([c["objective"], f"e{c['embed_layer']}", f"p{c['pool_size']}"]
@@ -148,9 +150,25 @@ def main() -> None:
             and g[0]["layers_run_train"] <= args.fast_layers]
     if fast:
         chosen["route-fast"] = min(fast, key=lambda g: (g[0]["layers_run_train"], -g[0]["dev_ndcg@10"]))
+    # Each chosen and priced router against route, paired over the same training queries (out of fold): is a
+    # cheaper router's loss on train more than noise?
+    ref = oof[next(i for i, g in enumerate(grid) if g is chosen["route"])]
+    paired = {}
+    for i, (row, _) in enumerate(grid):
+        name = next((k for k, v in chosen.items() if v is grid[i]), None)
+        if name == "route" or (name is None and not row.get("depth_cost")):
+            continue
+        name = name or f"route-d{row['depth_cost']:g}"
+        a, b = (np.array([d[q] for q in ids]) for d in (oof[i], ref))
+        paired[name] = {"ndcg@10": float(a.mean()), "route": float(b.mean()), "delta": float(a.mean() - b.mean()),
+                        "se": float((a - b).std(ddof=1) / np.sqrt(len(ids))),
+                        "p_student": paired_p_value(a, b, "student"), "p_fisher": paired_p_value(a, b, "fisher"),
+                        "layers_run_train": row.get("layers_run_train")}
+        print(f"{name} vs route: {paired[name]['delta']:+.4f} (se {paired[name]['se']:.4f}, "
+              f"p {paired[name]['p_student']:.3f} t-test, {paired[name]['p_fisher']:.3f} randomization)", flush=True)
     out = {"model": lm.name, "doc_order": args.doc_order, "train_queries": len(tr_ids), "dev_queries": len(dev_ids),
            "static": static, "icr_dev_ndcg@10": icr_dev, "icr_all_ndcg@10": icr_all, "grid": [g[0] for g in grid],
-           "chosen": {k: v[0] for k, v in chosen.items()},
+           "chosen": {k: v[0] for k, v in chosen.items()}, "paired_vs_route": paired,
            "note": "static: dev split (20%) of the stored train queries; routers: out-of-fold nDCG@10 of "
                    f"{args.folds}-fold cross-fitting over all stored train queries"}
     Path("results").mkdir(exist_ok=True)

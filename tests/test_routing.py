@@ -385,3 +385,19 @@ def test_residual_start_is_the_best_head_net_of_its_price():
         assert init.shape == (4,) and np.argmax(init) == best
         assert init[best] == pytest.approx(1 / (1 + np.exp(-2)))
         assert np.allclose(np.delete(init, best), 1 / (1 + np.exp(4)))
+
+
+def test_routed_values_are_each_querys_own_routing():
+    """Per-query out-of-fold values (what paired comparisons of routers use) are each query's own routed nDCG@10,
+    count and depth, worked out here by hand, and their means are what selection reports."""
+    from routehead.train import routed_ndcg, routed_values
+
+    # doc 0 relevant; signal 0 ranks it last, signals 1-3 first. Pool (0,0), (0,1), (1,0), (1,1); 2 layers.
+    q = _query([[0, 1, 2], [3, 1, 0], [2, 1, 0], [2, 1, 0]], [1, 0, 0])
+    r = Router(RouterConfig(identity=_identity(), embed_layer=0, pool=_pool(), threshold=0.5, max_heads=4))
+    probs = torch.tensor([[0.9, 0.1, 0.1, 0.1],   # (0,0) alone: doc 0 last; layer 0 only
+                          [0.1, 0.9, 0.1, 0.8]])  # (0,1) + (1,1): doc 0 first; both layers
+    vals, sizes, depth = routed_values(r, probs, [q, q], 0.5)
+    assert vals.tolist() == pytest.approx([1 / np.log2(4), 1.0])  # relevant at rank 3, then rank 1
+    assert sizes.tolist() == [1.0, 2.0] and depth.tolist() == [0.5, 1.0]
+    assert routed_ndcg(r, probs, [q, q], 0.5) == pytest.approx((vals.mean(), 1.5, 0.75))

@@ -150,7 +150,9 @@ def _randomization_p_value(a: np.ndarray, b: np.ndarray, n_permutations: int, se
     return (hits + 1) / (n_permutations + 1)
 
 
-def _paired_p_value(a: np.ndarray, b: np.ndarray, test: str, n_permutations: int, seed: int) -> float:
+def paired_p_value(a: np.ndarray, b: np.ndarray, test: str = "student", n_permutations: int = 10_000,
+                   seed: int = 0) -> float:
+    """Two-sided p-value of a paired test between two systems' per-query scores (see :func:`compare_runs`)."""
     if np.array_equal(a, b):
         return 1.0  # identical systems; the t statistic is undefined (0/0)
     if test == "student":
@@ -202,7 +204,7 @@ def compare_runs(
             if base == name:
                 continue
             barr = arrays[base]
-            p = _paired_p_value(arr, barr, test, n_permutations, seed)
+            p = paired_p_value(arr, barr, test, n_permutations, seed)
             delta = float(arr.mean() - barr.mean())
             significant = p <= max_p
             vs[base] = {

@@ -64,17 +64,26 @@ def layers_run(heads: list[tuple[int, int]], num_layers: int) -> float:
     return (max(a for a, _ in heads) + 1) / num_layers if heads else 0.0
 
 
-def routed_ndcg(router: Router, probs: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
-                ) -> tuple[float, float, float]:
-    """Mean nDCG@k of the routed selections (from routing probabilities ``[Q, signals]``), the mean number of
-    signals routed, and the mean fraction of layers the routed passes run."""
+def routed_values(router: Router, probs: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: nDCG@k of the routed selection (from routing probabilities ``[Q, signals]``), the number of
+    signals routed, and the fraction of layers the routed pass runs. Per query, so that two routers can be
+    compared with a paired test over the same queries."""
     vals, sizes, depth = [], [], []
     for p, q in zip(probs, queries):
         r = router.route_probs(p, threshold)
         vals.append(float(ndcg_at_k(doc_scores(q, r.signals, r.signal_weights), q.gains, q.ideal, k)))
         sizes.append(len(r.signals))
         depth.append(layers_run(r.heads, router.config.num_layers))
-    return float(np.mean(vals)), float(np.mean(sizes)), float(np.mean(depth))
+    return np.array(vals), np.array(sizes, dtype=float), np.array(depth)
+
+
+def routed_ndcg(router: Router, probs: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
+                ) -> tuple[float, float, float]:
+    """Mean nDCG@k of the routed selections, the mean number of signals routed, and the mean fraction of layers
+    the routed passes run (:func:`routed_values`, averaged)."""
+    vals, sizes, depth = routed_values(router, probs, queries, threshold, k)
+    return float(vals.mean()), float(sizes.mean()), float(depth.mean())
 
 
 def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query], depth_cost: float = 0.0,
@@ -305,8 +314,10 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
                               "fold_dev_ndcg@10": [m.config.training["dev_ndcg@10"] for m in members],
                               "best_epoch": [m.config.training["best_epoch"] for m in members],
                               "train_queries": len(ids)}
+    oof_vals, _, _ = routed_values(merged, torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids], t)
     return merged, {"history": [i["history"] for i in infos], "labels": [i["labels"] for i in infos],
-                    "dev_ids": [i["dev_ids"] for i in infos]}
+                    "dev_ids": [i["dev_ids"] for i in infos],
+                    "oof_ndcg@10": dict(zip(ids, oof_vals.tolist()))}  # per query, for paired comparisons
 
 
 def residual_start(prior: np.ndarray, config: RouterConfig, depth_cost: float = 0.0) -> np.ndarray:
