@@ -98,7 +98,7 @@ def main() -> None:
     print(f"icr (all heads): dev nDCG@10 {icr_dev:.4f}, all {len(ids)} queries {icr_all:.4f}")
     best16 = next(s for s in static if s["top"] == 16)
 
-    grid, oof = [], {}  # oof: grid index -> {qid: out-of-fold nDCG@10}
+    grid, oof = [], []  # oof[i]: grid row i's {qid: out-of-fold nDCG@10}
     configs = [dict(objective="listwise", embed_layer=8, use_first_stage=False, pool_size=32, lr=3e-3),
                dict(objective="listwise", embed_layer=8, use_first_stage=True, pool_size=32, lr=3e-3),
                dict(objective="bce", embed_layer=8, use_first_stage=False, pool_size=32, lr=3e-3)]
@@ -120,7 +120,7 @@ def main() -> None:
                **{k: tr[k] for k in ("best_epoch", "mean_label_size", "routed_oof", "layers_run_train",
                                      "fold_dev_ndcg@10") if k in tr},
                "seconds": round(time.time() - t, 1)}
-        oof[len(grid)] = info["oof_ndcg@10"]
+        oof.append(info["oof_ndcg@10"])
         grid.append((row, router))
         if args.save_dir:
             name = "-".join([c["objective"], f"e{c['embed_layer']}", f"p{c['pool_size']}"]
@@ -152,14 +152,16 @@ def main() -> None:
         chosen["route-fast"] = min(fast, key=lambda g: (g[0]["layers_run_train"], -g[0]["dev_ndcg@10"]))
     # Each chosen and priced router against route, paired over the same training queries (out of fold): is a
     # cheaper router's loss on train more than noise?
-    ref = oof[next(i for i, g in enumerate(grid) if g is chosen["route"])]
+    names = {id(g): k for k, g in chosen.items()}
+    i_route = next(i for i, g in enumerate(grid) if g is chosen["route"])
+    b = np.array([oof[i_route][q] for q in ids])  # route's, the reference
     paired = {}
-    for i, (row, _) in enumerate(grid):
-        name = next((k for k, v in chosen.items() if v is grid[i]), None)
-        if name == "route" or (name is None and not row.get("depth_cost")):
+    for g, row_oof in zip(grid, oof):
+        row = g[0]
+        name = names.get(id(g)) or (f"route-d{row['depth_cost']:g}" if row.get("depth_cost") else None)
+        if name in (None, "route"):
             continue
-        name = name or f"route-d{row['depth_cost']:g}"
-        a, b = (np.array([d[q] for q in ids]) for d in (oof[i], ref))
+        a = np.array([row_oof[q] for q in ids])
         paired[name] = {"ndcg@10": float(a.mean()), "route": float(b.mean()), "delta": float(a.mean() - b.mean()),
                         "se": float((a - b).std(ddof=1) / np.sqrt(len(ids))),
                         "p_student": paired_p_value(a, b, "student"), "p_fisher": paired_p_value(a, b, "fisher"),

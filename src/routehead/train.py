@@ -305,8 +305,8 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
     def cost(t: float) -> float:
         return float(np.mean([layers_run(merged.route_probs(p, t).heads, config.num_layers) for p in train_probs]))
 
-    t, nd, size, depth = best_threshold(merged, torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids],
-                                        s.depth_cost, cost)
+    oof_probs, queries = torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids]
+    t, nd, size, depth = best_threshold(merged, oof_probs, queries, s.depth_cost, cost)
     merged.config.threshold = t
     merged.config.training = {**members[0].config.training, "folds": folds, "oof_ndcg@10": nd, "routed_oof": size,
                               "layers_run_train": depth,
@@ -314,7 +314,7 @@ def fit_router(sc: Any, scorer: Any, embed_layer: int, pooling: str = "mean", us
                               "fold_dev_ndcg@10": [m.config.training["dev_ndcg@10"] for m in members],
                               "best_epoch": [m.config.training["best_epoch"] for m in members],
                               "train_queries": len(ids)}
-    oof_vals, _, _ = routed_values(merged, torch.stack([oof[q] for q in ids]), [all_q[q] for q in ids], t)
+    oof_vals, _, _ = routed_values(merged, oof_probs, queries, t)
     return merged, {"history": [i["history"] for i in infos], "labels": [i["labels"] for i in infos],
                     "dev_ids": [i["dev_ids"] for i in infos],
                     "oof_ndcg@10": dict(zip(ids, oof_vals.tolist()))}  # per query, for paired comparisons
