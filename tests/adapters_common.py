@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.tiny import tiny_lm
+from routehead.testing.tiny import tiny_lm
 
 QUERY = "which enzyme digests starch?"
 DOCS = ["Amylase digests starch into sugar.", "Paris is in France.", "Lipase digests fat.",
@@ -17,7 +17,7 @@ FIRST_STAGE = [3.0, 0.5, 2.0, 2.5, 0.1]
 
 def tiny_router(path: Path, lm=None) -> Path:
     """A router for tiny_lm("llama") that always routes the first-stage score plus a few heads."""
-    from routehead.router import Router, RouterConfig
+    from routehead.selection.router import Router, RouterConfig
 
     lm = lm or tiny_lm("llama")
     n = lm.num_layers * lm.num_heads
@@ -43,7 +43,7 @@ def tiny_reranker(tmp_dir: Path, method: str = "route"):
 def tiny_folder(path: Path) -> Path:
     """tiny_lm("llama") saved as a Hugging Face folder, for settings that must be a path (CLI, YAML)."""
     from routehead.testing import byte_tokenizer
-    from tests.tiny import tiny_model
+    from routehead.testing.tiny import tiny_model
 
     if not (path / "config.json").exists():
         tiny_model("llama").save_pretrained(path)

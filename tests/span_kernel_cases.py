@@ -14,10 +14,10 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from routehead import capture, span_kernel  # noqa: E402
-from routehead.scorer import HeadScorer  # noqa: E402
+from routehead.engine import capture, span_kernel  # noqa: E402
+from routehead.engine.scorer import HeadScorer  # noqa: E402
+from routehead.testing.tiny import eager_twin, tiny_lm  # noqa: E402
 from tests.test_engine import DOCS, QUERY, eager_rows  # noqa: E402
-from tests.tiny import eager_twin, tiny_lm  # noqa: E402
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:

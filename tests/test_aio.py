@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from routehead.api import Reranker
+from routehead.testing.tiny import tiny_lm
 from tests.service_helpers import BatchFake, fake_rank
-from tests.tiny import tiny_lm
 
 DOCS = ["the cat sat", "a dog ran", "cat and dog"]
 

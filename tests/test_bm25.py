@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from routehead.bm25 import BM25, first_stage
-from routehead.data import Collection, load_collection
 from routehead.errors import RouteheadError
 from routehead.metrics import evaluate_run, run_from_ranking
+from routehead.offline.bm25 import BM25, first_stage
+from routehead.offline.data import Collection, load_collection
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

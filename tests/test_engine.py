@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from routehead import capture
+from routehead.engine import capture
+from routehead.engine.aggregate import mask_outliers_and_sum
+from routehead.engine.prompt import plan_windows
+from routehead.engine.scorer import HeadScorer
 from routehead.errors import RouteheadError
-from routehead.prompt import plan_windows
-from routehead.scorer import HeadScorer, mask_outliers_and_sum
-from tests.tiny import eager_twin, tiny_lm
+from routehead.testing.tiny import eager_twin, tiny_lm
 
 FAMILIES = ["llama", "qwen2", "gemma3", "mistral"]
 QUERY = "which enzyme breaks down starch?"
@@ -50,7 +51,7 @@ def eager_rows(ref, prompt, suffix):
 def test_outputs_unchanged_by_capture(setup):
     family, lm, scorer, _ = setup
     ids = torch.tensor([scorer.builder.prompt(QUERY, DOCS).full_ids()])
-    from tests.tiny import tiny_model
+    from routehead.testing.tiny import tiny_model
 
     plain = tiny_model(family)  # same seed, same weights, plain SDPA
     with torch.no_grad():

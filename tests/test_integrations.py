@@ -9,8 +9,8 @@ import pytest
 
 from routehead.errors import RouteheadError
 from routehead.integrations import first_stage_scores, load_reranker, ranking_metadata, supports_instruction
+from routehead.testing.tiny import tiny_lm
 from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, tiny_reranker
-from tests.tiny import tiny_lm
 
 
 @pytest.fixture(scope="module")

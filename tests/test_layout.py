@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from routehead.engine.aggregate import HeadSet
+from routehead.engine.prompt import LAYOUTS, PromptBuilder, layout_of
+from routehead.engine.scorer import HeadScorer
 from routehead.errors import RouteheadError
-from routehead.prompt import LAYOUTS, PromptBuilder, layout_of
-from routehead.scorer import HeadScorer, HeadSet
+from routehead.testing.tiny import eager_twin, tiny_lm
 from tests.test_reference import DOCS, LATE, QUERY, SEP, STATIC, chat_parts, reference_doc_scores
-from tests.tiny import eager_twin, tiny_lm
 
 
 def v1_prompt(tok, query: str, docs: list[str]) -> tuple[list[int], list[int], list[tuple[int, int]]]:

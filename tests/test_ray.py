@@ -47,7 +47,7 @@ class TinyModel:
         self.folder, self.log = str(folder), log
 
     def __call__(self):
-        from routehead.model import load_model
+        from routehead.engine.model import load_model
 
         if self.log is not None:
             with open(self.log, "a") as fh:
@@ -82,8 +82,8 @@ class KillOneActor:
 
 def test_rerank_dataset_matches_the_reranker_and_writes_a_trec_run(ray_local, tmp_path):
     from routehead.api import Reranker
-    from routehead.data import read_run
-    from routehead.ray import rerank_dataset, write_trec_run
+    from routehead.integrations.ray import rerank_dataset, write_trec_run
+    from routehead.offline.trec import read_run
 
     folder = tiny_folder(tmp_path / "tiny-llama")
     rows = [{"query_id": f"q{i}", "query": f"{QUERY} {i}", "doc_ids": [f"d{j}" for j in range(len(DOCS))],
@@ -130,12 +130,11 @@ def _collection(folder: Path, n_queries: int) -> Path:
 
 def _stored(options: dict):
     """Entries of the store ``routehead score`` with these options fills, and each shard file's query ids."""
-    from routehead.cli import _scored
-    from routehead.collect import store_root
-    from routehead.ray import score_args
-    from routehead.store import HeadScoreStore
+    from routehead.integrations.ray import score_job
+    from routehead.offline.collect import store_root
+    from routehead.offline.store import HeadScoreStore
 
-    sc, _ = _scored(score_args(**options), compute=False)
+    sc, _ = score_job(**options).run(compute=False)
     path = HeadScoreStore(store_root(), sc.settings).path
     per_shard = [np.load(p)["qids"].tolist() for p in sorted(path.glob("shard-*.npz"))]
     return sc.entries, per_shard
@@ -161,7 +160,7 @@ def test_score_ray_equals_single_process_even_after_an_actor_dies(ray_local, tmp
     import torch
 
     from routehead.errors import RouteheadError
-    from routehead.ray import score_collection_ray
+    from routehead.integrations.ray import score_collection_ray
 
     folder = tiny_folder(tmp_path / "tiny-llama")
     data = _collection(tmp_path / "coll", 64)

@@ -17,10 +17,10 @@ FRAMEWORK = {"langchain_compressor": "langchain_core", "llamaindex_postprocessor
 
 def shipped_router_problem() -> str | None:
     """Why the router shipped for the default model cannot be loaded (e.g. made by an older routehead), or None."""
-    from routehead.api import default_router_path
+    from routehead.assets import default_router_path
+    from routehead.engine.model import DEFAULT_MODEL
     from routehead.errors import RouteheadError
-    from routehead.model import DEFAULT_MODEL
-    from routehead.router import load_router
+    from routehead.selection.router import load_router
 
     try:
         load_router(default_router_path(DEFAULT_MODEL))
@@ -36,7 +36,7 @@ def share_default_model(monkeypatch, default_lm, tmp_path) -> bool:
     snippet still runs RouteHead end to end (its ranking then means nothing). Returns whether the shipped one runs.
     """
     import routehead.api
-    from routehead.model import DEFAULT_MODEL
+    from routehead.engine.model import DEFAULT_MODEL
 
     real = routehead.api.load_model
 
@@ -46,7 +46,7 @@ def share_default_model(monkeypatch, default_lm, tmp_path) -> bool:
     monkeypatch.setattr(routehead.api, "load_model", load)
     if shipped_router_problem() is None:
         return True
-    from routehead.router import Router, RouterConfig
+    from routehead.selection.router import Router, RouterConfig
 
     pool = [[a, b] for a in range(default_lm.num_layers) for b in range(default_lm.num_heads)]
     Router(RouterConfig(identity=default_lm.identity(), embed_layer=8, pool=pool, threshold=0.0, max_heads=4)

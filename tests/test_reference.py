@@ -14,9 +14,10 @@ import copy
 import pytest
 import torch
 
-from routehead.model import wrap_model
-from routehead.scorer import HeadScorer, HeadSet, mask_outliers_and_sum
-from tests.tiny import eager_twin, tiny_lm, tiny_model
+from routehead.engine.aggregate import HeadSet, mask_outliers_and_sum
+from routehead.engine.model import wrap_model
+from routehead.engine.scorer import HeadScorer
+from routehead.testing.tiny import eager_twin, tiny_lm, tiny_model
 
 QUERY = "Which paragraph talks about cats sleeping?"
 DOCS = ["Cats sleep up to sixteen hours a day, mostly in warm places.",
@@ -132,7 +133,7 @@ def test_reference_plain_text_prompt(family):
 def _tiny_for_tokenizer(tok, family: str = "llama"):
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny import tiny_config
+    from routehead.testing.tiny import tiny_config
 
     cfg = tiny_config(family)
     cfg.vocab_size = len(tok)
@@ -148,7 +149,7 @@ def _tiny_for_tokenizer(tok, family: str = "llama"):
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_reference_with_real_tokenizers(name):
     """Real BPE merges (a separator merged into a marker token) and real chat templates."""
-    from routehead.model import load_tokenizer
+    from routehead.engine.model import load_tokenizer
 
     lm, ref = _tiny_for_tokenizer(load_tokenizer(name))
     check_against_reference(lm, ref)

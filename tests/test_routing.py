@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from routehead.api import Reranker
+from routehead.engine.aggregate import HeadSet, mask_outliers_and_sum, set_scores, spans_of
+from routehead.engine.order import prompt_order
 from routehead.errors import RouteheadError
-from routehead.heads import load_heads, ndcg_at_k, save_heads, set_scores, spans_of
-from routehead.labels import Query, doc_scores, greedy_label, prior_quality
-from routehead.metrics import evaluate_run
-from routehead.order import prompt_order
-from routehead.router import Router, RouterConfig, load_router
-from routehead.scorer import HeadSet, mask_outliers_and_sum
-from routehead.train import TrainSettings, train_router
-from tests.tiny import tiny_lm
+from routehead.metrics import evaluate_run, ndcg_at_k
+from routehead.offline.views import Query, doc_scores
+from routehead.selection.heads import load_heads, save_heads
+from routehead.selection.router import Router, RouterConfig, load_router
+from routehead.settings import FitSettings
+from routehead.testing.tiny import tiny_lm
+from routehead.training.fit import train_router
+from routehead.training.labels import greedy_label, prior_quality
 
 DOCS = ["Amylase digests starch into sugar.", "Paris is in France.", "Lipase digests fat.",
         "Starch is made of glucose.", "The sky is blue."]
@@ -158,7 +160,7 @@ def test_router_learns_query_dependent_heads():
         cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, pool=_pool(), max_heads=1,
                            weighting=weighting)
         router, hist = train_router(cfg, np.full(n, 0.25), emb[:60], queries[:60], labels[:60], emb[60:],
-                                    queries[60:], TrainSettings(objective=objective, epochs=200, lr=1e-2,
+                                    queries[60:], FitSettings(objective=objective, epochs=200, lr=1e-2,
                                                                 eval_every=10, patience=20))
         assert hist[-1]["dev_ndcg@10"] >= hist[0]["dev_ndcg@10"], objective
         assert router.config.training["dev_ndcg@10"] == pytest.approx(1.0), objective
@@ -167,7 +169,7 @@ def test_router_learns_query_dependent_heads():
 
 
 def test_listwise_loss_prefers_the_weighting_that_ranks_relevant_first():
-    from routehead.train import listwise_loss, padded
+    from routehead.training.objectives import listwise_loss, padded
 
     q = _query([[2.0, 0.0, -2.0], [-2.0, 0.0, 2.0]], [1, 0, 0])  # head 0 ranks doc 0 first, head 1 last
     b = padded([q])
@@ -185,7 +187,7 @@ def test_listwise_loss_prefers_the_weighting_that_ranks_relevant_first():
 def test_routed_training_scores_equal_inference_aggregation():
     """The differentiable training scores are the inference aggregation of the same weighted set, divided by
     one positive number per query."""
-    from routehead.train import padded, routed_scores
+    from routehead.training.objectives import padded, routed_scores
 
     rng = np.random.default_rng(1)
     q = _query(rng.normal(size=(3, 5)), [1, 0, 0, 0, 1])
@@ -268,7 +270,7 @@ def test_rank_is_crossencoder_shaped(tiny_router_reranker):
 
 
 def test_merged_router_averages_member_logits():
-    from routehead.router import merge_routers
+    from routehead.selection.router import merge_routers
 
     cfg = RouterConfig(identity=_identity(L=2, H=3, hidden=8), embed_layer=0, pool=_pool(2, 3), dim=4)
     members = []
@@ -321,7 +323,8 @@ def test_expected_layers_run_equals_enumeration():
     """The depth cost is the exact expectation of (deepest routed layer + 1) / L over independent routings."""
     import itertools
 
-    from routehead.train import expected_layers_run, layers_run
+    from routehead.training.fit import layers_run
+    from routehead.training.objectives import expected_layers_run
 
     L, pool = 4, [(0, 1), (2, 0), (2, 1), (3, 0)]
     logits = torch.tensor([[0.3, -1.2, 2.0, -0.5], [-3.0, 0.0, -2.0, 1.0]])
@@ -350,7 +353,7 @@ def test_depth_cost_routes_the_shallower_of_two_equal_heads():
         cfg = RouterConfig(identity=_identity(L=2, H=2, hidden=hidden), embed_layer=0, pool=_pool(), max_heads=4,
                            weighting="prob")
         router, hist = train_router(cfg, np.full(4, 0.5), emb[:40], queries[:40], None, emb[40:], queries[40:],
-                                    TrainSettings(objective="listwise", epochs=300, lr=3e-2, eval_every=10,
+                                    FitSettings(objective="listwise", epochs=300, lr=3e-2, eval_every=10,
                                                   patience=30, depth_cost=cost))
         assert router.config.training["dev_ndcg@10"] == pytest.approx(1.0)
         routed[cost] = {h for e in emb[40:] for h in router.route(e[None]).heads}
@@ -359,7 +362,7 @@ def test_depth_cost_routes_the_shallower_of_two_equal_heads():
 
 
 def test_router_variant_names_resolve_to_shipped_assets(tmp_path, monkeypatch):
-    from routehead.api import asset, router_path
+    from routehead.assets import asset, router_path
 
     assert router_path("smollm2-135m", None) == (asset("router-smollm2-135m.safetensors"), True)
     assert router_path("gemma3-270m", "fast") == (asset("router-gemma3-270m-fast.safetensors"), True)
@@ -375,7 +378,7 @@ def test_router_variant_names_resolve_to_shipped_assets(tmp_path, monkeypatch):
 
 
 def test_residual_start_is_the_best_head_net_of_its_price():
-    from routehead.train import residual_start
+    from routehead.training.fit import residual_start
 
     cfg = RouterConfig(identity=_identity(L=4, H=2), embed_layer=0, pool=[[3, 0], [0, 1], [1, 1]],
                        use_first_stage=True)
@@ -390,7 +393,7 @@ def test_residual_start_is_the_best_head_net_of_its_price():
 def test_routed_values_are_each_querys_own_routing():
     """Per-query out-of-fold values (what paired comparisons of routers use) are each query's own routed nDCG@10,
     count and depth, worked out here by hand, and their means are what selection reports."""
-    from routehead.train import routed_ndcg, routed_values
+    from routehead.training.fit import routed_ndcg, routed_values
 
     # doc 0 relevant; signal 0 ranks it last, signals 1-3 first. Pool (0,0), (0,1), (1,0), (1,1); 2 layers.
     q = _query([[0, 1, 2], [3, 1, 0], [2, 1, 0], [2, 1, 0]], [1, 0, 0])

@@ -1,4 +1,4 @@
-"""Tests for the routehead.server compatibility names (routehead.service underneath), with the original
+"""Tests for the routehead.service app, with the original
 ``/rerank`` body: a real uvicorn server on loopback, spoken to with httpx, plus in-process
 property-based tests of the input handling.
 
@@ -27,11 +27,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routehead import server as server_mod
 from routehead.calibration import fallback
 from routehead.errors import RouteheadError
-from routehead.server import Limits, create_app, serve
+from routehead.service import Limits, create_app, serve
 from routehead.service import run as run_mod
+from routehead.service.errors import GENERIC_500
 
 # --------------------------------------------------------------------------------------------------
 # Fake reranker
@@ -585,7 +585,7 @@ def test_malformed_ranking_is_500(ranking: FakeRanking) -> None:
     with TestClient(create_app(BadOutputReranker(ranking)), raise_server_exceptions=False) as tc:
         resp = tc.post("/rerank", json={"query": "q", "documents": ["a", "b"]})
     assert resp.status_code == 500
-    assert resp.json() == {"error": {"message": server_mod._GENERIC_500, "type": "internal_error"}}
+    assert resp.json() == {"error": {"message": GENERIC_500, "type": "internal_error"}}
 
 
 def test_return_heads_when_reranker_has_none() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from routehead.api import Reranker
-from routehead.server import create_app
-from tests.tiny import tiny_lm
+from routehead.service import create_app
+from routehead.testing.tiny import tiny_lm
 
 DOCS = ["Amylase digests starch.", "Paris is in France.", {"text": "Lipase digests fat."}]
 

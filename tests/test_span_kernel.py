@@ -1,4 +1,4 @@
-"""The fused span kernels (routehead.span_kernel) against the torch path and eager attention.
+"""The fused span kernels (routehead.engine.span_kernel) against the torch path and eager attention.
 
 They run on GPUs; here they run under Triton's CPU interpreter, in a child process (tests/span_kernel_cases.py),
 since the interpreter must be switched on before Triton compiles anything.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from routehead import capture, span_kernel
+from routehead.engine import capture, span_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 

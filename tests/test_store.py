@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from routehead.errors import RouteheadError
-from routehead.store import Entry, HeadScoreStore, settings_hash, shard_filter
+from routehead.offline.store import Entry, HeadScoreStore, settings_hash, shard_filter
 
 SETTINGS = {
     "collection": "scifact",
@@ -165,10 +165,10 @@ def test_shard_filter_partitions_stably() -> None:
 
 def test_collection_scored_in_batches_equals_one_at_a_time(tmp_path: Path) -> None:
     """``routehead score --batch-size``: several prompts per pass store the same S as one query at a time."""
-    from routehead.collect import score_collection
-    from routehead.data import load_collection
-    from routehead.scorer import HeadScorer
-    from tests.tiny import tiny_lm
+    from routehead.engine.scorer import HeadScorer
+    from routehead.offline.collect import score_collection
+    from routehead.offline.data import load_collection
+    from routehead.testing.tiny import tiny_lm
 
     coll = load_collection("examples/scifact-mini", "test")
     scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=40)
@@ -185,13 +185,13 @@ def test_stored_tokens_aggregate_as_inference(tmp_path: Path) -> None:
     """Offline aggregation from the stored (float16) token scores equals the in-pass aggregation of the same
     head sets (ICR, a static set, one head) on the same prompts, with identical rankings; the per-document
     prompt positions follow the document order."""
-    from routehead.collect import score_collection
-    from routehead.data import load_collection
-    from routehead.evaluate import head_rows, icr_scores
-    from routehead.heads import set_scores, spans_of
-    from routehead.order import prompt_order
-    from routehead.scorer import HeadScorer, HeadSet
-    from tests.tiny import tiny_lm
+    from routehead.engine.aggregate import HeadSet, set_scores, spans_of
+    from routehead.engine.order import prompt_order
+    from routehead.engine.scorer import HeadScorer
+    from routehead.offline.collect import score_collection
+    from routehead.offline.data import load_collection
+    from routehead.offline.views import head_rows, icr_scores
+    from routehead.testing.tiny import tiny_lm
 
     coll = load_collection("examples/scifact-mini", "test")
     scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=40)

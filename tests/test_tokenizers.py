@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from routehead.prompt import PromptBuilder
+from routehead.engine.prompt import PromptBuilder
 
 QUERY = "Does vitamin D lower the risk of fractures?"
 DOCS = [
@@ -54,7 +54,7 @@ def test_smollm2_tokenizer_spans(default_lm):
 
 @pytest.mark.slow
 def test_gemma3_tokenizer_spans():
-    from routehead.model import load_tokenizer
+    from routehead.engine.model import load_tokenizer
 
     tok = load_tokenizer("gemma3-270m")
     check_spans(tok)
@@ -63,7 +63,7 @@ def test_gemma3_tokenizer_spans():
 
 
 def test_truncation_is_per_document_in_tokens():
-    from tests.tiny import byte_tokenizer
+    from routehead.testing.tiny import byte_tokenizer
 
     b = PromptBuilder(byte_tokenizer(), max_doc_tokens=10)
     texts, lengths, cut = b.prepare_documents(["short", "a much longer document than ten bytes"])

@@ -37,7 +37,7 @@ def test_score_detect_train_evaluate_plot(tmp_path):
         assert 1 <= len(lab["heads"]) <= 4 and all(0 <= a < 30 and 0 <= b < 9 for a, b in lab["heads"])
         assert 0.0 < lab["ndcg@10"] <= 1.0
 
-    from routehead.router import load_router
+    from routehead.selection.router import load_router
 
     router = tmp_path / "router.safetensors"
     out = run_cli("train", *DATA, "--split", "test", "--out", str(router), "--embed-layer", "4", env=env)

@@ -1,7 +1,7 @@
 """The Python API: ``Reranker(...).rank(query, documents)``, shaped like sentence-transformers' CrossEncoder.
 
-Methods (all head selections over the same kind of forward pass, aggregated as the references do; the
-default pairing of method and order is in :mod:`routehead.methods`):
+Methods (all head selections over the same kind of forward pass, aggregated as the references do; they are
+registered in :mod:`routehead.selection.registry`, the defaults in :mod:`routehead.settings`):
 - ``route``: RouteHead; a router picks this query's heads, only their rows are computed and the
   forward pass stops after the deepest routed layer. Without ``router=``, the router shipped in the package
   for the model.
@@ -10,7 +10,7 @@ default pairing of method and order is in :mod:`routehead.methods`):
 - ``icr`` (default): all heads (ICR).
 
 Documents are given in first-stage order (best first); ``doc_order`` says where each goes in the prompt
-(:mod:`routehead.order`; default ``reverse``, the published runs' order: best last, next to the query).
+(:mod:`routehead.engine.order`; default ``reverse``, the published runs' order: best last, next to the query).
 A score is the method's attention score: the calibrated attention mass (query minus "N/A") the query span
 pays to the document's kept tokens, summed over the selected heads; it has the same units for every query
 of a method and model. With first-stage scores and a router that routes them, both are standardised over the
@@ -19,7 +19,6 @@ list and added.
 
 from __future__ import annotations
 
-import importlib.resources
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,43 +27,17 @@ from typing import Any
 
 import numpy as np
 
+from routehead.engine.aggregate import Head, combine, zscore
+from routehead.engine.evidence import document_evidence
+from routehead.engine.model import DEFAULT_MODEL, LoadedModel, load_model
+from routehead.engine.order import passes, prompt_order
+from routehead.engine.prompt import layout_of
+from routehead.engine.scorer import HeadScorer, HeadScores
 from routehead.errors import RouteheadError
-from routehead.heads import Head, load_heads, zscore
-from routehead.labels import combine
-from routehead.methods import DEFAULT_ORDER, METHODS, resolve_method
-from routehead.model import DEFAULT_MODEL, LoadedModel, load_model
-from routehead.order import passes, prompt_order
-from routehead.prompt import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, layout_of
-from routehead.router import Router, Routing, load_router
-from routehead.scorer import HeadScorer, HeadScores, HeadSet
-
-
-def asset(name: str) -> Path:
-    """A file shipped inside the package (default router, default static heads)."""
-    return Path(str(importlib.resources.files("routehead").joinpath("assets", name)))
-
-
-def default_router_path(model_name: str) -> Path:
-    return asset(f"router-{model_name}.safetensors")
-
-
-ROUTER_VARIANTS = ("bce", "fs", "fast")  # routers that may ship beside the default one; pass router="<variant>"
-
-
-def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]:
-    """The router file a caller means, and whether it is a shipped asset: ``None`` is the default router, a
-    variant name (``"bce"``: the paper's recipe; ``"fs"``: may route the first-stage score; ``"fast"``: a priced,
-    shallower router, shipped only where one meets bench/train_router.py's rule, none today) the one shipped
-    under it, anything else a path."""
-    if router is None:
-        return default_router_path(model_name), True
-    if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():
-        return asset(f"router-{model_name}-{router}.safetensors"), True
-    return Path(router), False
-
-
-def default_heads_path(model_name: str) -> Path:
-    return asset(f"heads-{model_name}.json")
+from routehead.selection import METHODS, load_method
+from routehead.selection.base import Method, Selection
+from routehead.selection.router import Router, Routing
+from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, DEFAULT_ORDER, SCORING
 
 
 @dataclass
@@ -96,71 +69,54 @@ class Reranker:
                  router: str | Path | None = None, heads: str | Path | Sequence[Head] | None = None,
                  max_doc_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
-                 trust_remote_code: bool = False, doc_order: str = DEFAULT_ORDER, retrieval_type: str = "IE",
-                 instruction: str | None = None, layout: str | None = None) -> None:
-        method = resolve_method(method, router, heads)
-        if method not in METHODS:
-            raise RouteheadError(f"unknown method {method!r}; use one of {METHODS}")
+                 trust_remote_code: bool = False, doc_order: str = DEFAULT_ORDER,
+                 retrieval_type: str = SCORING.retrieval_type, instruction: str | None = None,
+                 layout: str | None = None) -> None:
         passes(doc_order)  # validates
         self.lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.method = method
+        self.selector: Method = load_method(method, self.lm.identity(), router=router, heads=heads)
+        self.method = self.selector.name
         self.doc_order = doc_order
-        self.router: Router | None = None
-        self.heads: list[Head] | None = None
-        identity = self.lm.identity()
-        trained: dict[str, Any] = {}
-        if method == "route":
-            path, shipped = router_path(self.lm.name, router)
-            if shipped and not path.is_file():
-                which = "router" if router is None else f"{router!r} router"
-                raise RouteheadError(f"no {which} shipped for model {self.lm.name!r}; train one (routehead train) "
-                                     f"and pass router=PATH, or use method='static' or 'icr'")
-            self.router = load_router(path, identity)
-            trained = self.router.config.prompt
-        elif method == "static":
-            if heads is None or isinstance(heads, (str, Path)):
-                path = Path(heads) if heads is not None else default_heads_path(self.lm.name)
-                if heads is None and not path.is_file():
-                    raise RouteheadError(f"no head set shipped for model {self.lm.name!r}; detect one "
-                                         f"(routehead detect) and pass heads=PATH")
-                self.heads, body = load_heads(path, identity)
-                trained = body.get("prompt", {})
-            else:
-                self.heads = sorted((int(a), int(b)) for a, b in heads)
+        trained = self.selector.prompt
         if max_doc_tokens is None:
             max_doc_tokens = trained.get("max_doc_tokens", DEFAULT_MAX_DOC_TOKENS)
         trained_layout = layout_of(trained.get("prompt")) if trained else None
         if layout is None:
             layout = trained_layout or DEFAULT_LAYOUT
         elif trained_layout is not None and layout != trained_layout:
-            warnings.warn(f"the {method} heads were chosen under the {trained_layout!r} prompt layout, not {layout!r}; "
-                          "their scores are not what was measured", stacklevel=2)
+            warnings.warn(f"the {self.method} heads were chosen under the {trained_layout!r} prompt layout, not "
+                          f"{layout!r}; their scores are not what was measured", stacklevel=2)
         self.scorer = HeadScorer(self.lm, max_doc_tokens=max_doc_tokens, max_prompt_tokens=max_prompt_tokens,
                                  retrieval_type=retrieval_type, instruction=instruction, layout=layout)
 
+    @property
+    def router(self) -> Router | None:
+        """The router of a routing method (None otherwise)."""
+        return getattr(self.selector, "router", None)
+
+    @property
+    def heads(self) -> list[Head] | None:
+        """The head set of a static method (None otherwise)."""
+        return getattr(self.selector, "heads", None)
+
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": self.lm.name, "method": self.method, "doc_order": self.doc_order,
-                               **{k: v for k, v in self.lm.identity().items() if k != "model"},
-                               "prompt": self.scorer.builder.settings()}
-        if self.heads is not None:
-            out["heads"] = [list(h) for h in self.heads]
-        if self.router is not None:
-            out["router"] = {"embed_layer": self.router.config.embed_layer, "threshold": self.router.config.threshold,
-                             "max_heads": self.router.config.max_heads, "pool": len(self.router.config.pool)}
-        return out
+        return {"model": self.lm.name, "method": self.method, "doc_order": self.doc_order,
+                **{k: v for k, v in self.lm.identity().items() if k != "model"},
+                "prompt": self.scorer.builder.settings(), **self.selector.info()}
 
     def route(self, query: str) -> Routing:
         """The router's decision for ``query``: heads, their weights, and the first-stage score's weight."""
-        assert self.router is not None
-        cfg = self.router.config
-        return self.router.route(self.scorer.query_embedding(query, cfg.embed_layer, cfg.pooling))
+        if self.router is None:
+            raise RouteheadError(f"method {self.method!r} routes nothing")
+        return self.router.route(self._embedding(query))
 
-    def _selection(self, query: str) -> tuple[HeadSet, float]:
-        if self.method == "route":
-            r = self.route(query)
-            return HeadSet.of(r.heads, r.weights), r.first_stage_weight
-        return HeadSet.of(self.heads), 0.0
+    def _embedding(self, query: str) -> Any:
+        spec = self.selector.embedding
+        return None if spec is None else self.scorer.query_embedding(query, *spec)
+
+    def _selection(self, query: str) -> Selection:
+        return self.selector.select(self._embedding(query))
 
     def rerank(self, query: str, documents: Sequence[str], first_stage_scores: Sequence[float] | None = None,
                routed_heads: bool = False, evidence: int = 0) -> Ranking:
@@ -176,10 +132,10 @@ class Reranker:
             if fs is not None and len(fs) != len(docs):
                 raise RouteheadError("first_stage_scores must have one score per document")
         selections = [self._selection(q) for q, _, _ in norm]
-        computed = None if any(hs.heads is None for hs, _ in selections) else sorted(
-            {h for hs, _ in selections for h in hs.heads})
-        sets = list(dict.fromkeys(hs for hs, _ in selections))
-        which = [sets.index(hs) for hs, _ in selections]
+        computed = None if any(sel.heads.heads is None for sel in selections) else sorted(
+            {h for sel in selections for h in sel.heads.heads})
+        sets = list(dict.fromkeys(sel.heads for sel in selections))
+        which = [sets.index(sel.heads) for sel in selections]
         jobs, where = [], []
         for i, (q, docs, _) in enumerate(norm):
             for order in passes(self.doc_order):
@@ -193,7 +149,7 @@ class Reranker:
             per_item.setdefault(i, []).append((perm, S))
         out = []
         for i, (_, docs, fs) in enumerate(norm):
-            hs, fs_weight = selections[i]
+            hs, fs_weight = selections[i].heads, selections[i].first_stage_weight
             scores = np.zeros(len(docs))
             for perm, S in per_item[i]:
                 scores[perm] += S.sets[which[i]].double().numpy() / len(per_item[i])
@@ -207,9 +163,12 @@ class Reranker:
                 ev_docs = document_evidence(self.lm.tokenizer, S, which[i], evidence)
                 at = {doc: j for j, doc in enumerate(perm)}
                 ev = [ev_docs[at[int(d)]] for d in order]
+            pairs = None if hs.heads is None else list(zip(hs.heads, hs.weights or (None,) * len(hs.heads)))
+            if hs.weights is not None:  # routed heads are reported by (layer, head)
+                pairs.sort()
             out.append(Ranking(indices=[int(j) for j in order], scores=[float(scores[j]) for j in order],
-                               heads=list(hs.heads) if hs.heads is not None else None, first_stage=use_fs,
-                               weights=list(hs.weights) if hs.weights is not None else None, evidence=ev))
+                               heads=None if pairs is None else [h for h, _ in pairs], first_stage=use_fs,
+                               weights=None if hs.weights is None else [w for _, w in pairs], evidence=ev))
         return out
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = True
@@ -236,44 +195,6 @@ class Reranker:
         from routehead.aio import arank
 
         return await arank(self, query, documents, **kwargs)
-
-
-def document_evidence(tokenizer: Any, S: HeadScores, set_index: int, k: int) -> list[list[dict[str, Any]]]:
-    """Per document (prompt order): the ``k`` words that carried most of its score, each with its share.
-
-    A word's score is the sum of its tokens' kept (above the outlier threshold) calibrated scores under the
-    selected heads, the same numbers the document's score sums; share = word score / the positive score of all
-    the document's words (the ``[i]`` marker is not a word of the document and is left out).
-    """
-    import torch
-
-    from routehead.heads import spans_of
-
-    assert S.set_tokens is not None
-    rows = S.set_tokens.rows[set_index]
-    spans = spans_of(S.set_tokens.counts)
-    out = []
-    for d, ids in enumerate(S.token_ids):
-        s, e = int(spans.idx[d, 0]), int(spans.idx[d, 0]) + len(ids)
-        x = rows[s:e]
-        if len(ids) > 1:
-            keep = x > x.mean() - 2 * x.std()
-        else:
-            keep = torch.zeros(len(ids), dtype=torch.bool)
-        kept = (x * keep).double()
-        words: list[list[Any]] = []
-        for tid, val in zip(ids, kept.tolist()):
-            piece = tokenizer.decode([tid])
-            if not words or piece[:1].isspace() or not piece.strip() or not words[-1][0].strip():
-                words.append([piece, val])
-            else:
-                words[-1][0] += piece
-                words[-1][1] += val
-        words = [w for w in words if w[0].strip() and not w[0].strip().startswith("[")]
-        total = sum(w[1] for w in words if w[1] > 0) or 1.0  # the positive mass the words carry
-        top = sorted(words, key=lambda w: -w[1])[:k]
-        out.append([{"text": w[0].strip(), "share": round(w[1] / total, 4)} for w in top])
-    return out
 
 
 __all__ = ["DEFAULT_MODEL", "METHODS", "Ranking", "Reranker"]

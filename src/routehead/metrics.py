@@ -9,7 +9,7 @@ Conventions (chosen to match ``trec_eval`` and the published numbers):
   (``ndcg`` = trec_eval's ``ndcg_cut``: gain = grade). Use ``ndcg_burges@k`` for 2^grade - 1.
 * Judged documents that the system never retrieved still count in recall and in the ideal DCG.
 * Metrics depend only on the order of the documents. Equal scores are ordered by doc id (ascending),
-  the same rule :func:`routehead.data.write_run` uses, so results do not depend on dict order.
+  the same rule :func:`routehead.offline.trec.write_run` uses, so results do not depend on dict order.
 
 ``ranx`` compiles its kernels with numba on first use (a few seconds, cached on disk afterwards).
 """
@@ -27,7 +27,10 @@ __all__ = [
     "DEFAULT_METRICS",
     "compare_runs",
     "evaluate_run",
+    "ndcg_at_k",
+    "paired_p_value",
     "per_query",
+    "rank_order",
     "run_from_ranking",
 ]
 
@@ -35,6 +38,28 @@ DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
+
+
+def rank_order(scores: np.ndarray) -> np.ndarray:
+    """Indices best first along the last axis; ties keep input (first-stage) order, NaN ranks last."""
+    s = np.where(np.isnan(scores), -np.inf, scores)
+    return np.argsort(-s, axis=-1, kind="stable")
+
+
+def ndcg_at_k(scores: np.ndarray, gains: np.ndarray, ideal: Sequence[float], k: int = 10) -> np.ndarray:
+    """nDCG@k of one or many score vectors ``[..., docs]`` over the same candidates (trec_eval: linear gain).
+
+    ``gains[d]`` is the judged grade of candidate d (0 if unjudged); ``ideal`` lists the grades of *all* judged
+    relevant documents of the query, including those the first stage missed, as ranx and trec_eval do.
+    Vectorised because label search and head detection score thousands of selections per query.
+    """
+    order = rank_order(scores)[..., :k]
+    g = np.asarray(gains, dtype=np.float64)[order]
+    disc = 1.0 / np.log2(np.arange(2, order.shape[-1] + 2))
+    dcg = (g * disc).sum(-1)
+    best = np.sort(np.asarray([x for x in ideal if x > 0], dtype=np.float64))[::-1][:k]
+    idcg = float((best * (1.0 / np.log2(np.arange(2, len(best) + 2)))).sum())
+    return dcg / idcg if idcg > 0 else np.zeros_like(dcg)
 
 
 def run_from_ranking(ranking: dict[str, Sequence[str] | Sequence[tuple[str, float]]]) -> Run:

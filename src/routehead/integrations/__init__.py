@@ -24,7 +24,7 @@ from routehead.errors import RouteheadError
 
 if TYPE_CHECKING:
     from routehead.api import Ranking, Reranker
-    from routehead.model import LoadedModel
+    from routehead.engine.model import LoadedModel
 
 __all__ = ["ModelSpec", "first_stage_scores", "load_reranker", "ranking_metadata", "require", "reranker_for",
            "supports_instruction"]

@@ -1,0 +1,36 @@
+"""Files shipped inside the package (static head sets, routers, score calibrations), found by model name.
+
+Torch-free, so the CLI, the service's settings and the data tools can name an asset without loading a model.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+ROUTER_VARIANTS = ("bce", "fs", "fast")  # routers that may ship beside the default one; pass router="<variant>"
+
+
+def asset(name: str) -> Path:
+    """A file shipped inside the package."""
+    return Path(str(importlib.resources.files("routehead").joinpath("assets", name)))
+
+
+def default_router_path(model_name: str) -> Path:
+    return asset(f"router-{model_name}.safetensors")
+
+
+def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]:
+    """The router file a caller means, and whether it is a shipped asset: ``None`` is the default router, a
+    variant name (``"bce"``: the paper's recipe; ``"fs"``: may route the first-stage score; ``"fast"``: a priced,
+    shallower router, shipped only where one meets bench/train_router.py's rule, none today) the one shipped
+    under it, anything else a path."""
+    if router is None:
+        return default_router_path(model_name), True
+    if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():
+        return asset(f"router-{model_name}-{router}.safetensors"), True
+    return Path(router), False
+
+
+def default_heads_path(model_name: str) -> Path:
+    return asset(f"heads-{model_name}.json")

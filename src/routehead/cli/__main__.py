@@ -1,0 +1,7 @@
+"""``python -m routehead.cli``."""
+
+import sys
+
+from routehead.cli import main
+
+sys.exit(main())

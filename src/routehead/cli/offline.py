@@ -1,0 +1,107 @@
+"""``routehead score | detect | label | train``: offline passes over a collection, and what is learnt from them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Any
+
+from routehead.cli.options import add_field, data_args, job_from
+from routehead.settings import FitSettings
+
+
+def score(args: argparse.Namespace) -> None:
+    job = job_from(args)
+    if args.ray is not None:  # the same store, filled by Ray actors (routehead.integrations.ray)
+        from routehead.integrations.ray import score_command
+
+        return score_command(job, args.ray, args.address)
+    import signal
+
+    # a stopped run keeps its finished queries: SIGTERM (and SIGINT, which background jobs may ignore) unwind
+    # through the store, which flushes what is buffered
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    sc, _ = job.run()
+    print(f"{len(sc.entries)} queries stored for {sc.collection.name}/{sc.collection.split}")
+
+
+def detect(args: argparse.Namespace) -> None:
+    from routehead.selection.heads import save_heads
+    from routehead.training.detect import detect_heads
+
+    sc, scorer = job_from(args).run()
+    heads, q = detect_heads(sc, args.top)
+    save_heads(args.out, heads, scorer.lm.identity(), prompt=scorer.builder.settings(),
+               doc_order=sc.settings["doc_order"],
+               detected_on=f"{sc.collection.name}/{sc.collection.split}", n_queries=len(sc.entries),
+               quality=[round(float(q[a, b]), 4) for a, b in heads])
+    print(f"top {args.top} heads by nDCG@10 alone on {len(sc.entries)} queries -> {args.out}")
+    for a, b in heads:
+        print(f"  layer {a:2d} head {b:2d}  nDCG@10 {q[a, b]:.4f}")
+
+
+def label(args: argparse.Namespace) -> None:
+    from routehead.offline.views import queries_for
+    from routehead.training.detect import detect_heads
+    from routehead.training.labels import label_queries, prior_quality, save_labels
+
+    sc, scorer = job_from(args).run()
+    pool, _ = detect_heads(sc, args.pool_size)
+    qs = queries_for(sc, pool, args.use_first_stage)
+    prior = prior_quality(qs)
+    labels = label_queries(qs, prior, max_heads=args.label_max_heads)
+    save_labels(args.out, labels, pool,
+                {**sc.settings, "identity": scorer.lm.identity(), "pool_size": args.pool_size, "search": "greedy",
+                 "tie_break": "prior (mean nDCG@10 alone over these queries)", "max_heads": args.label_max_heads,
+                 "use_first_stage": args.use_first_stage, "queries": len(qs)})
+    sizes = [len(c) for c, _ in labels.values()]
+    print(f"{len(labels)} of {len(qs)} queries labelled (the rest have no relevant candidate in reach), "
+          f"{sum(sizes) / max(len(sizes), 1):.2f} heads a label, mean label nDCG@10 "
+          f"{sum(v for _, v in labels.values()) / max(len(labels), 1):.4f} -> {args.out}")
+
+
+def train(args: argparse.Namespace) -> None:
+    from routehead.training.fit import fit_router
+
+    sc, scorer = job_from(args).run()
+    settings = FitSettings(**{f.name: getattr(args, f.name) for f in fields(FitSettings)})
+    router, _ = fit_router(sc, scorer, settings)
+    router.save(args.out)
+    t = router.config.training
+    held_out = f"out-of-fold ({settings.folds} folds)" if settings.folds > 1 else "dev"
+    layers = t.get("layers_run_train", t.get("dev_layers_run"))
+    print(f"router -> {args.out}: {held_out} nDCG@10 {t['dev_ndcg@10']:.4f}, routed passes run {layers:.0%} of the "
+          f"layers, threshold {router.config.threshold}, {t['train_queries']} training queries")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("score", help="compute and store S[layer, head, doc] for a collection (resumable)")
+    data_args(p, "test")
+    p.add_argument("--shard", type=lambda s: tuple(int(x) for x in s.split("/")), default=(0, 1),
+                   help="i/n: score only every n-th query starting at i (split work across processes)")
+    p.add_argument("--ray", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="score with N Ray actors, one model each (bare: one per GPU, else 1); needs routehead[ray]")
+    p.add_argument("--address", default=None, help="Ray cluster address for --ray (default: start a local Ray)")
+    p.set_defaults(func=score)
+
+    p = sub.add_parser("detect", help="QRHead-style static heads: the top heads by nDCG@10 on a detection split")
+    data_args(p, "train")
+    p.add_argument("--top", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=detect)
+
+    p = sub.add_parser("label", help="pseudo labels by greedy head-set search on a judged split (JSON)")
+    data_args(p, "train")
+    p.add_argument("--out", required=True, help="labels .json")
+    for name in ("pool_size", "use_first_stage", "label_max_heads"):
+        add_field(p, FitSettings, name)
+    p.set_defaults(func=label)
+
+    p = sub.add_parser("train", help="pseudo labels + router training on a train split (dev carved from it)")
+    data_args(p, "train")
+    p.add_argument("--out", required=True, help="router .safetensors")
+    for f in fields(FitSettings):
+        add_field(p, FitSettings, f.name)
+    p.set_defaults(func=train)

@@ -1,0 +1,62 @@
+"""Options shared by the commands, derived from the settings dataclasses (:mod:`routehead.settings`), so each
+default is written once and the help always says it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from typing import Any
+
+from routehead.offline.job import ScoreJob
+from routehead.settings import ORDERS, ScoringSettings
+
+_TYPES = (("bool", None), ("int", int), ("float", float))
+
+
+def add_field(p: argparse.ArgumentParser, cls: type, name: str, **overrides: Any) -> None:
+    """``--name`` for field ``name`` of settings dataclass ``cls``: its type, default, choices and help."""
+    f = next(f for f in fields(cls) if f.name == name)
+    default = overrides.pop("default", f.default if f.default is not MISSING else None)
+    kind = next((t for key, t in _TYPES if key in str(f.type)), str)
+    kw: dict[str, Any] = {"default": default, "help": f"{f.metadata.get('help', '')} (default {default})"}
+    if "bool" in str(f.type):
+        kw["action"] = "store_true"
+    else:
+        kw["type"] = kind
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+    kw.update(overrides)
+    p.add_argument("--" + name.replace("_", "-"), **kw)
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="hub id, local folder, .gguf file, or an embedded name "
+                   "(smollm2-135m [default], gemma3-270m)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def data_args(p: argparse.ArgumentParser, split: str) -> None:
+    """A collection split scored into the store (:class:`ScoreJob`)."""
+    p.add_argument("--data", required=True, help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("--split", default=split)
+    p.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick runs)")
+    for name in ("top_k", "max_doc_tokens", "retrieval_type", "layout", "batch_size"):
+        add_field(p, ScoringSettings, name)
+    # a store holds one single-pass order ("both" is two stores)
+    add_field(p, ScoringSettings, "doc_order", choices=[o for o in ORDERS if o != "both"])
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stored-only", action="store_true", help="use only the queries already in the store "
+                   "(no forward passes; the rest are left out)")
+    model_args(p)
+
+
+def job_from(args: argparse.Namespace) -> ScoreJob:
+    """The :class:`ScoreJob` a command's options describe."""
+    scoring = ScoringSettings(**{f.name: getattr(args, f.name) for f in fields(ScoringSettings)
+                                 if hasattr(args, f.name)})
+    return ScoreJob(data=args.data, split=args.split, model=args.model, device=args.device, dtype=args.dtype,
+                    trust_remote_code=args.trust_remote_code, max_queries=args.max_queries, scoring=scoring,
+                    shard=tuple(getattr(args, "shard", (0, 1))), stored_only=args.stored_only,
+                    progress=not args.no_progress)

@@ -1,0 +1,341 @@
+"""Document scores from one forward pass over the prompt: any head set, aggregated as the references do.
+
+Flow: one forward pass over ``prefix + query suffix + "N/A" suffix`` (prefix = instruction + documents), in
+which the "N/A" suffix sees only the prefix and itself, at the positions right after the prefix
+(:class:`capture.Split`): both suffixes come out of one pass with no KV cache, so time and memory are those
+of one plain pass over the prompt. For each computed head, the attention the query span pays to each prefix
+token is averaged over the span's rows; a token's calibrated score is ``attn(query) - attn("N/A")``.
+
+Aggregation (ICR's ``masked_NA_calibration``, QRHead's ``score_docs``): for a head set, the calibrated token
+scores are summed over its heads first; then, per document, tokens not above ``mean - 2 std`` (unbiased std,
+over the document's tokens) are masked out and the rest summed. A one-token or constant document scores 0.
+:class:`HeadSet` selections are aggregated this way inside the pass, from the token rows of their heads.
+Per head (a set of one head, QRHead's detection score) the same rule gives ``S[layer, head, doc]``; and the
+per-token rows themselves can be kept (``keep_tokens``) so that offline work aggregates exactly as inference.
+
+Long lists: when the prompt would exceed the model's context (or ``max_prompt_tokens``), the documents are
+split into near-equal contiguous windows scored separately. A calibrated score is a share of attention mass
+spread over the window's documents, so each window's scores are multiplied by ``len(window) / n_docs``:
+a positive per-window factor, so order within a window is kept, and equal documents in windows of different
+size get comparable scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from routehead.engine import capture
+from routehead.engine.aggregate import Head, HeadSet, SpanIndex, mask_outliers_and_sum
+from routehead.engine.model import LoadedModel
+from routehead.engine.prompt import Prompt, PromptBuilder, plan_windows
+from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, SCORING
+
+
+@dataclass
+class TokenScores:
+    """Calibrated token scores of the computed heads over each document's span, spans laid end to end."""
+
+    rows: torch.Tensor  # [computed heads, sum of span lengths], float32, CPU
+    counts: list[int]  # span length of each document, in input order
+    heads: list[Head]  # the row order
+
+
+@dataclass
+class HeadScores:
+    """Scores of every document under every computed head; NaN where a head was not computed."""
+
+    calibrated: torch.Tensor  # [layers, heads, docs], float32, CPU: each head alone, masked (QRHead detection)
+    raw: torch.Tensor  # the same from the query's attention alone (no "N/A" calibration)
+    computed: torch.Tensor  # [layers, heads] bool: heads with per-head scores (none with ``per_head=False``)
+    sets: torch.Tensor | None = None  # [len(sets), docs]: each requested HeadSet, summed then masked
+    tokens: TokenScores | None = None  # with keep_tokens: every computed head's token scores
+    set_tokens: TokenScores | None = None  # with keep_tokens: each set's summed token scores (before the mask)
+    token_ids: list[list[int]] = field(default_factory=list)  # with keep_tokens: each document span's token ids
+    windows: list[list[int]] = field(default_factory=list)
+    prompt_tokens: int = 0  # tokens run for the longest window (prefix + query suffix)
+    truncated: list[bool] = field(default_factory=list)
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.calibrated.shape[-1])
+
+
+def normalize_heads(heads: Iterable[Head] | None, num_layers: int, num_heads: int) -> list[Head]:
+    """Validated, sorted, de-duplicated ``(layer, head)`` pairs; None means all heads."""
+    if heads is None:
+        return [(lay, h) for lay in range(num_layers) for h in range(num_heads)]
+    out = sorted({(int(lay), int(h)) for lay, h in heads})
+    if not out:
+        raise ValueError("empty head selection")
+    for lay, h in out:
+        if not (0 <= lay < num_layers and 0 <= h < num_heads):
+            raise ValueError(f"head ({lay}, {h}) is outside this model's {num_layers} layers x {num_heads} heads")
+    return out
+
+
+def _by_layer(heads: list[Head]) -> dict[int, list[int]]:
+    """``{layer: [head, ...]}`` for heads sorted by (layer, head), the order rows are returned in."""
+    if list(heads) != sorted(heads):
+        raise ValueError("heads must be sorted by (layer, head)")
+    by_layer: dict[int, list[int]] = {}
+    for lay, h in heads:
+        by_layer.setdefault(lay, []).append(h)
+    return by_layer
+
+
+def set_weights(sets: Sequence[HeadSet], sel: list[Head]) -> torch.Tensor:
+    """``[len(sets), len(sel)]``: each set's weight on each computed head (0 where not in the set)."""
+    pos = {h: i for i, h in enumerate(sel)}
+    W = np.zeros((len(sets), len(sel)), dtype=np.float32)  # numpy: one tensor op per head costs ~1k on an 8B
+    for k, hs in enumerate(sets):
+        heads = sel if hs.heads is None else list(hs.heads)
+        ws = hs.weights or (1.0,) * len(heads)
+        for h, w in zip(heads, ws):
+            if h not in pos:
+                raise ValueError(f"head {h} of a head set is not among the computed heads")
+            W[k, pos[h]] += w
+    return torch.from_numpy(W)
+
+
+class HeadScorer:
+    """Scores documents for a query with every (or some) attention heads of a frozen causal LM."""
+
+    def __init__(self, lm: LoadedModel, max_doc_tokens: int | None = DEFAULT_MAX_DOC_TOKENS,
+                 max_prompt_tokens: int | None = None, use_chat_template: bool = True,
+                 retrieval_type: str = SCORING.retrieval_type, instruction: str | None = None,
+                 layout: str = DEFAULT_LAYOUT) -> None:
+        self.lm = lm
+        self.builder = PromptBuilder(lm.tokenizer, max_doc_tokens=max_doc_tokens, use_chat_template=use_chat_template,
+                                     retrieval_type=retrieval_type, instruction=instruction, layout=layout)
+        self.budget = min(lm.max_context, max_prompt_tokens or lm.max_context)
+        capture.install(lm.model)
+        self.base = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
+        self.layers = capture.decoder_layers(lm.model)
+        self.single_pass = capture.split_supported(lm.model.config)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes scores, for stores and checkpoints."""
+        return {**self.lm.identity(), "dtype": str(self.lm.dtype).replace("torch.", ""), "budget": self.budget,
+                **self.builder.settings()}
+
+    # -- forward passes ---------------------------------------------------------------------------------------
+    def _forward(self, ids: list[list[int]], last_layer: int, recorder: capture.Recorder | None = None,
+                 keep_output: bool = False, split: capture.Split | None = None,
+                 positions: list[list[int]] | None = None) -> torch.Tensor | None:
+        input_ids = torch.tensor(ids, device=self.lm.device)
+        kw = {} if positions is None else {"position_ids": torch.tensor(positions, device=self.lm.device)}
+        with capture.recording(recorder), capture.splitting(split), \
+                capture.exit_after(self.layers, last_layer, keep_output) as box:
+            self.base(input_ids=input_ids, use_cache=False, **kw)
+        return box.get("hidden")
+
+    def _single_pass(self, prompts: Sequence[Prompt], by_layer: dict[int, list[int]],
+                     on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+        """One pass over prefix + query suffix + "N/A" suffix of every prompt, one batch row each (see
+        :class:`capture.Split`); ``on_layer(layer, q_rows, na_rows)`` gets ``[B, heads, width]`` and
+        ``[B, heads, max prefix + n]``."""
+        na = prompts[0].na_ids
+        if any(p.na_ids != na for p in prompts):
+            raise ValueError("prompts of one batch must share the calibration suffix")
+        split = capture.Split(tuple(p.prefix_len for p in prompts),
+                              tuple(p.prefix_len + len(p.query_ids) for p in prompts), by_layer, on_layer)
+        W = split.width
+        ids = [p.prefix_ids + p.query_ids + [0] * (W - m) + na for p, m in zip(prompts, split.main)]
+        positions = [list(range(W)) + list(range(p.prefix_len, p.prefix_len + len(na))) for p in prompts]
+        self._forward(ids, max(by_layer), split=split, positions=positions)
+
+    @torch.inference_mode()
+    def query_rows(self, prompt: Prompt, heads: list[Head], single_pass: bool | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention rows ``[len(heads), prefix_len]`` of the query span and of its "N/A" twin, mean over rows.
+
+        ``single_pass`` (default where the model's masks allow it) runs both suffixes in one pass; otherwise each
+        suffix runs with the whole prefix again (the reference the single pass is tested against).
+        """
+        by_layer = _by_layer(heads)
+        P = prompt.prefix_len
+        rows: dict[int, tuple[torch.Tensor, ...]] = {}
+        if self.single_pass if single_pass is None else single_pass:
+            self._single_pass([prompt], by_layer,
+                              lambda lay, q, na: rows.__setitem__(lay, (q[0, :, :P], na[0, :, :P])))
+        else:
+            recs = []
+            for suffix in (prompt.query_ids, prompt.na_ids):
+                recs.append(capture.Recorder(by_layer, (P, P + len(suffix))))
+                self._forward([prompt.prefix_ids + suffix], max(by_layer), recs[-1])
+            rows = {lay: tuple(r.rows[lay][0, :, :P] for r in recs) for lay in by_layer}
+        return tuple(torch.cat([rows[lay][i] for lay in sorted(by_layer)]).float().cpu() for i in (0, 1))
+
+    @torch.inference_mode()
+    def _score_prompts(self, prompts: Sequence[Prompt], heads: list[Head], W_sets: torch.Tensor,
+                       keep_tokens: bool, per_head: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Per prompt: ``sets`` ``[sets, docs]`` (summed over each set's heads, then masked); with ``per_head``,
+        ``cal``/``raw`` ``[heads, docs]`` (each head masked alone); with ``keep_tokens``, ``tokens``
+        ``[heads, span tokens]``.
+
+        Each layer's rows are reduced as soon as the layer has run: the pass keeps the sets' token sums
+        ``[sets, prefix]`` and (only with ``keep_tokens``) the document tokens' rows, never rows of all layers.
+        Without ``per_head`` a layer costs a subtraction and one weighted sum over its heads, nothing per head:
+        re-ranking needs only the sets, and on a GPU every small op a layer adds is host time.
+        """
+        if not self.single_pass and len(prompts) > 1:
+            return [o for p in prompts for o in self._score_prompts([p], heads, W_sets, keep_tokens, per_head)]
+        Pm = max(p.prefix_len for p in prompts)
+        spans = SpanIndex.build([(b * Pm + s, b * Pm + e) for b, p in enumerate(prompts) for s, e in p.doc_spans],
+                                self.lm.device)  # every prompt's documents, rows laid end to end
+        by_layer = _by_layer(heads)
+        first = {}
+        for i, (lay, _) in enumerate(heads):
+            first.setdefault(lay, i)
+        Wd = W_sets.to(self.lm.device)
+        acc = torch.zeros(len(prompts), W_sets.shape[0], Pm, device=self.lm.device)
+        done: dict[int, torch.Tensor] = {}
+        toks: dict[int, torch.Tensor] = {}
+
+        def reduce(layer: int, q_rows: torch.Tensor, na_rows: torch.Tensor) -> None:
+            q = q_rows[:, :, :Pm].float()
+            cal = q - na_rows[:, :, :Pm].float()  # [B, h, Pm]
+            n = cal.shape[1]
+            i0 = first[layer]
+            acc.add_(torch.einsum("sh,bht->bst", Wd[:, i0:i0 + n], cal))
+            if per_head:  # each head alone: calibrated rows, then raw rows, prompts laid end to end
+                done[layer] = mask_outliers_and_sum(torch.cat([cal, q], dim=1).transpose(0, 1).reshape(2 * n, -1),
+                                                    spans)
+            if keep_tokens:
+                toks[layer] = cal.transpose(0, 1).reshape(n, -1)[:, spans.flat]
+
+        if self.single_pass:
+            self._single_pass(prompts, by_layer, reduce)
+        else:  # two full passes (one prompt at a time, see above)
+            q, na = (x.to(self.lm.device) for x in self.query_rows(prompts[0], heads, single_pass=False))
+            for lay, hs in by_layer.items():
+                i0 = first[lay]
+                reduce(lay, q[None, i0:i0 + len(hs)], na[None, i0:i0 + len(hs)])
+        order = sorted(by_layer)
+        nh = {lay: len(by_layer[lay]) for lay in order}
+        sets = mask_outliers_and_sum(acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm), spans)
+        counts = [len(p.doc_spans) for p in prompts]
+        out: list[dict[str, torch.Tensor]] = [{"sets": t} for t in sets.float().cpu().split(counts, dim=1)]
+        if per_head:
+            cal = torch.cat([done[lay][:nh[lay]] for lay in order])
+            raw = torch.cat([done[lay][nh[lay]:] for lay in order])
+            for o, c, r in zip(out, cal.float().cpu().split(counts, dim=1), raw.float().cpu().split(counts, dim=1)):
+                o["cal"], o["raw"] = c, r
+        if keep_tokens:
+            lens = [sum(e - s for s, e in p.doc_spans) for p in prompts]
+            set_toks = acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm)[:, spans.flat]
+            for o, t, st in zip(out, torch.cat([toks[lay] for lay in order]).float().cpu().split(lens, dim=1),
+                                set_toks.float().cpu().split(lens, dim=1)):
+                o["tokens"], o["set_tokens"] = t, st
+        return out
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None,
+              sets: Sequence[HeadSet] = (), keep_tokens: bool = False, per_head: bool = True) -> HeadScores:
+        """Scores of ``documents`` (in prompt order) for ``query``; only ``heads`` are computed (None: all).
+
+        ``sets``: head sets aggregated as the references do (``HeadScores.sets``); their heads must be computed.
+        ``per_head=False`` skips each head's own masked score (``calibrated``/``raw`` stay NaN): re-ranking with
+        ``sets`` does not need them, head detection does.
+        """
+        return self.score_many([(query, documents)], heads, sets=sets, keep_tokens=keep_tokens, per_head=per_head)[0]
+
+    def score_many(self, items: Sequence[tuple[str, Sequence[str]]], heads: Iterable[Head] | None = None,
+                   batch_size: int = 1, sets: Sequence[HeadSet] = (), keep_tokens: bool = False,
+                   per_head: bool = True) -> list[HeadScores]:
+        """:meth:`score` for many ``(query, documents)`` pairs, ``batch_size`` prompts per forward pass.
+
+        Batching pays where one prompt leaves a GPU idle (small models, short lists): a pass costs a fixed
+        number of kernel launches, however many rows it carries. Prompts are grouped by length (least padding);
+        results are the same as one at a time, in input order.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        L, H = self.lm.num_layers, self.lm.num_heads
+        sel = normalize_heads(heads, L, H)
+        W_sets = set_weights(sets, sel)
+        li = torch.tensor([lay for lay, _ in sel])
+        hi = torch.tensor([h for _, h in sel])
+        results: list[HeadScores] = []
+        jobs: list[tuple[int, list[int], Prompt]] = []  # (item, window, prompt)
+        for i, (query, documents) in enumerate(items):
+            q = self.builder.prepare_query(query)
+            texts, lengths, truncated = self.builder.prepare_documents(documents)
+            fixed = self.builder.fixed_tokens(0, q)
+            per_doc = self.builder.fixed_tokens(len(texts), q) - fixed
+            windows = plan_windows(lengths, -(-per_doc // len(texts)), fixed, self.budget)
+            n = len(texts)
+            computed = torch.zeros(L, H, dtype=torch.bool)
+            computed[li, hi] = per_head
+            results.append(HeadScores(calibrated=torch.full((L, H, n), float("nan")),
+                                      raw=torch.full((L, H, n), float("nan")), computed=computed,
+                                      sets=torch.zeros(len(sets), n), windows=windows, truncated=truncated))
+            for win in windows:
+                jobs.append((i, win, self.builder.build(q, [texts[j] for j in win], [truncated[j] for j in win])))
+        jobs.sort(key=lambda job: (tuple(job[2].na_ids), job[2].length))
+        parts: dict[int, dict[int, torch.Tensor]] = {}
+        k = 0
+        while k < len(jobs):
+            batch = [jobs[k]]
+            while len(batch) < batch_size and k + len(batch) < len(jobs) \
+                    and jobs[k + len(batch)][2].na_ids == batch[0][2].na_ids:
+                batch.append(jobs[k + len(batch)])
+            k += len(batch)
+            for (i, win, prompt), out in zip(batch, self._score_prompts([p for _, _, p in batch], sel, W_sets,
+                                                                        keep_tokens, per_head)):
+                S = results[i]
+                S.prompt_tokens = max(S.prompt_tokens, prompt.length)
+                factor = len(win) / S.num_docs
+                for j, doc in enumerate(win):
+                    S.sets[:, doc] = out["sets"][:, j] * factor
+                    if per_head:
+                        S.calibrated[li, hi, doc] = out["cal"][:, j] * factor
+                        S.raw[li, hi, doc] = out["raw"][:, j] * factor
+                if keep_tokens:
+                    bounds = [0]
+                    for s, e in prompt.doc_spans:
+                        bounds.append(bounds[-1] + e - s)
+                    for j, doc in enumerate(win):
+                        a, b = bounds[j], bounds[j + 1]
+                        s0, e0 = prompt.doc_spans[j]
+                        parts.setdefault(i, {})[doc] = (out["tokens"][:, a:b] * factor,
+                                                        out["set_tokens"][:, a:b] * factor, prompt.prefix_ids[s0:e0])
+        if keep_tokens:
+            for i, S in enumerate(results):
+                docs = [parts[i][d] for d in range(S.num_docs)]
+                counts = [len(d[2]) for d in docs]
+                S.tokens = TokenScores(rows=torch.cat([d[0] for d in docs], dim=1), counts=counts, heads=list(sel))
+                S.set_tokens = TokenScores(rows=torch.cat([d[1] for d in docs], dim=1), counts=counts, heads=[])
+                S.token_ids = [list(d[2]) for d in docs]
+        return results
+
+    @torch.inference_mode()
+    def query_embedding(self, query: str, layer: int, pooling: str = "mean") -> torch.Tensor:
+        """Hidden state of ``query`` alone at the output of decoder ``layer``: a short pass, before re-ranking.
+
+        The chat template's head is kept in front so the model sees its usual start (BOS, system turn), but only
+        the query tokens are pooled (``mean`` or ``last``).
+        """
+        q_ids = self.builder.encode_query(query)
+        ids = list(self.builder.head_ids) + q_ids
+        hidden = self._forward([ids], layer, keep_output=True)
+        assert hidden is not None
+        h = hidden[0, len(ids) - len(q_ids):].float()
+        if pooling == "mean":
+            return h.mean(0).cpu()
+        if pooling == "last":
+            return h[-1].cpu()
+        raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'last'")
+
+    @torch.inference_mode()
+    def bare_forward(self, query: str, documents: Sequence[str]) -> int:
+        """One plain pass over the whole prompt, all layers, no capture: the speed floor. Returns its length."""
+        prompt = self.builder.prompt(query, documents)
+        ids = prompt.prefix_ids + prompt.query_ids
+        self.base(input_ids=torch.tensor([ids], device=self.lm.device), use_cache=False)
+        return len(ids)

@@ -1,0 +1,134 @@
+"""Views over stored forward passes: what training, detection and evaluation read from the store.
+
+A stored query holds every head's calibrated token scores over its candidates (float16 rows with a scale),
+their all-heads sum, each head's own document scores and each document's prompt position. These functions
+turn one stored query into the inputs of the aggregation (:mod:`routehead.engine.aggregate`), so that every
+offline score is computed exactly as the live pass computes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from routehead.engine.aggregate import Head, SpanIndex, combine, set_scores, spans_of, zscore
+from routehead.errors import RouteheadError
+from routehead.offline.collect import ScoredCollection, store_root
+from routehead.offline.store import Tokens
+from routehead.selection.base import Selection
+
+
+@dataclass
+class Query:
+    """One query over its candidates: token scores of the pool's heads, their single-head scores, judgments."""
+
+    qid: str
+    rows: torch.Tensor  # [pool heads, T] calibrated token scores, documents' spans laid end to end
+    spans: SpanIndex
+    single: np.ndarray  # [pool heads, docs]: each head alone (== doc_scores of that head)
+    gains: np.ndarray  # [docs] judged grade of each candidate (0 if unjudged)
+    ideal: list[float]  # grades of all judged relevant documents of the query
+    first_stage: np.ndarray | None = None  # [docs], z-scored: the extra signal (index len(pool)) when used
+
+    @property
+    def num_signals(self) -> int:
+        return len(self.rows) + int(self.first_stage is not None)
+
+
+def doc_scores(q: Query, chosen: list[int], weights: np.ndarray | None = None) -> np.ndarray:
+    """Document scores of a selection of signals (pool indices; ``len(pool)`` is the first stage)."""
+    P = len(q.rows)
+    w = np.ones(len(chosen)) if weights is None else np.asarray(weights, dtype=np.float64)
+    heads = [(c, x) for c, x in zip(chosen, w) if c < P]
+    fs_w = sum(x for c, x in zip(chosen, w) if c == P)
+    attn = None
+    if heads:
+        attn = set_scores(q.rows[[c for c, _ in heads]], q.spans, [x for _, x in heads])
+    return combine(attn, q.first_stage if fs_w else None, fs_w)
+
+
+def gains(sc: ScoredCollection, qid: str, doc_ids: Sequence[str]) -> tuple[np.ndarray, list[float]]:
+    judged = sc.collection.qrels.get(qid, {})
+    return np.array([max(judged.get(d, 0), 0) for d in doc_ids], dtype=np.float64), list(judged.values())
+
+
+def first_stage_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
+    top = sc.entries[qid].doc_ids
+    fs = dict(sc.first_stage[qid])
+    return np.array([fs[d] for d in top], dtype=np.float64)
+
+
+def tokens_of(sc: ScoredCollection, qid: str) -> Tokens:
+    t = sc.entries[qid].tokens
+    if t is None:
+        raise RouteheadError(f"the store {sc.settings.get('collection')}/{sc.settings.get('split')} has no token "
+                             f"scores (made by an older routehead); score the collection again")
+    return t
+
+
+def head_rows(sc: ScoredCollection, qid: str, heads: Sequence[Head]) -> torch.Tensor:
+    """float32 token rows ``[len(heads), T]`` of ``heads`` for one stored query."""
+    t = tokens_of(sc, qid)
+    index = {(int(a), int(b)): i for i, (a, b) in enumerate(t.heads.tolist())}
+    missing = [h for h in heads if tuple(h) not in index]
+    if missing:
+        raise RouteheadError(f"heads {missing[:3]} have no stored token scores")
+    return torch.from_numpy(t.decoded([index[tuple(h)] for h in heads]))
+
+
+def queries_for(sc: ScoredCollection, pool: Sequence[Head], use_first_stage: bool = False,
+                qids: Sequence[str] | None = None) -> list[Query]:
+    """Label-search / training view of stored queries: the pool's token rows, single-head scores, judgments."""
+    out = []
+    for qid in qids if qids is not None else sorted(sc.entries):
+        e = sc.entries[qid]
+        g, ideal = gains(sc, qid, e.doc_ids)
+        fs = zscore(first_stage_scores(sc, qid)[None])[0] if use_first_stage else None
+        single = np.stack([e.calibrated[lay, h] for lay, h in pool]).astype(np.float64)
+        out.append(Query(qid, head_rows(sc, qid, pool), spans_of(tokens_of(sc, qid).counts), single, g, ideal,
+                         fs))
+    return out
+
+
+def icr_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
+    t = tokens_of(sc, qid)
+    return set_scores(torch.from_numpy(t.total)[None], spans_of(t.counts))
+
+
+def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str = "mean",
+                     qids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Router inputs for the stored queries, cached next to the store (a short pass per query)."""
+    from safetensors.torch import load_file, save_file
+
+    name = f"emb-{scorer.lm.name}-L{layer}-{pooling}.safetensors".replace("/", "_")
+    path = store_root() / sc.collection.name / sc.collection.split / name
+    cached = load_file(str(path)) if path.is_file() else {}
+    want = list(qids) if qids is not None else sorted(sc.entries)
+    missing = [q for q in want if q not in cached]
+    if missing:
+        for q in missing:
+            cached[q] = scorer.query_embedding(sc.collection.queries[q], layer, pooling)[None]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in cached.items()}, str(path))
+    return {q: cached[q] for q in want}
+
+
+
+
+def selection_scores(sc: ScoredCollection, qid: str, sel: Selection) -> np.ndarray:
+    """Document scores of a method's selection for one stored query, aggregated as the live pass aggregates
+    it: every head (the stored all-heads sum) or the selected heads' token rows, weighted, masked, summed; then
+    the z-scored first stage added with its weight."""
+    if sel.heads.heads is None:
+        attn = icr_scores(sc, qid)
+    elif sel.heads.heads:
+        attn = set_scores(head_rows(sc, qid, sel.heads.heads), spans_of(tokens_of(sc, qid).counts),
+                          sel.heads.weights)
+    else:
+        attn = None
+    fs = zscore(first_stage_scores(sc, qid)[None])[0] if sel.first_stage_weight else None
+    return combine(attn, fs, sel.first_stage_weight)

@@ -1,0 +1,57 @@
+"""A fixed head set (QRHead, Zhang et al., 2025; princeton-pli/QRHead): the heads detected on training queries,
+summed; and ``single``, its best head alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from routehead.assets import default_heads_path
+from routehead.engine.aggregate import Head, HeadSet
+from routehead.errors import RouteheadError
+from routehead.selection.base import Asset, Method, Selection
+from routehead.selection.heads import load_heads
+
+
+class Static(Method):
+    """A detected head set (QRHead), summed."""
+
+    def __init__(self, heads: Sequence[Head], prompt: dict[str, Any] | None = None) -> None:
+        super().__init__(prompt)
+        if not heads:
+            raise RouteheadError(f"method {self.name!r} needs at least one head")
+        self.heads = [(int(a), int(b)) for a, b in heads]
+
+    @classmethod
+    def load(cls, identity: dict[str, Any], asset: Asset = None) -> Static:
+        """``asset``: a head-set JSON, a list of (layer, head), or None for the set shipped for the model."""
+        if asset is None or isinstance(asset, (str, Path)):
+            path = Path(asset) if asset is not None else default_heads_path(identity["model"])
+            if asset is None and not path.is_file():
+                raise RouteheadError(f"no head set shipped for model {identity['model']!r}; detect one "
+                                     f"(routehead detect) and pass heads=PATH")
+            heads, body = load_heads(path, identity)
+            return cls(cls.chosen(heads), body.get("prompt", {}))
+        return cls(cls.chosen(sorted((int(a), int(b)) for a, b in asset)))
+
+    @staticmethod
+    def chosen(heads: list[Head]) -> list[Head]:
+        return heads
+
+    def select(self, embedding: torch.Tensor | None = None) -> Selection:
+        return Selection(HeadSet.of(self.heads))
+
+    def info(self) -> dict[str, Any]:
+        return {"heads": [list(h) for h in self.heads]}
+
+
+class Single(Static):
+    """The best head of a detected set alone (a head file lists its heads best first)."""
+
+
+    @staticmethod
+    def chosen(heads: list[Head]) -> list[Head]:
+        return heads[:1]
