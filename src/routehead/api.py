@@ -171,6 +171,36 @@ class Reranker:
                                weights=None if hs.weights is None else [w for _, w in pairs], evidence=ev))
         return out
 
+    def prompt_tokens(self, query: str, documents: Sequence[str]) -> int:
+        """Prompt tokens :meth:`rerank` runs through the model for ``query`` and ``documents``, without a forward
+        pass: every window's prompt (template, instruction, documents cut to ``max_doc_tokens``, query) over every
+        ``doc_order`` pass, counted as the scorer plans its windows: an upper bound, over by the few tokens the
+        numbering and merges at segment boundaries save (about 2 a document a pass). Raises :class:`RouteheadError`
+        where :meth:`rerank` would refuse the input. Safe beside a running :meth:`rerank`: it counts with its own
+        copy of the tokenizer (encoding flips a setting of the tokenizer object), one call at a time."""
+        import copy
+        import threading
+
+        from routehead.engine.prompt import plan_windows
+
+        counting = self.__dict__.get("_counting")
+        if counting is None:
+            builder = copy.copy(self.scorer.builder)
+            builder.tok = copy.deepcopy(builder.tok)
+            counting = self.__dict__.setdefault("_counting", (threading.Lock(), builder))
+        lock, builder = counting
+        with lock:
+            q = builder.prepare_query(query)
+            lengths = builder.prepare_documents(documents)[1]
+            fixed = builder.fixed_tokens(0, q)
+            per_doc = -(-(builder.fixed_tokens(len(lengths), q) - fixed) // len(lengths))
+        total = 0
+        for order in passes(self.doc_order):
+            perm = prompt_order(len(lengths), order, query)
+            for window in plan_windows([lengths[j] for j in perm], per_doc, fixed, self.scorer.budget):
+                total += fixed + sum(lengths[perm[j]] + per_doc for j in window)
+        return total
+
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = True
              ) -> list[dict[str, Any]]:
         """CrossEncoder.rank-style output: ``[{"corpus_id", "score", "text"?}, ...]`` best first."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from routehead.evaluation.baselines import BASELINES
 from routehead.metrics import compare_runs, evaluate_run, rank_order, run_from_ranking
 from routehead.offline.collect import ScoredCollection
 from routehead.offline.views import query_embeddings, selection_scores
@@ -60,14 +61,12 @@ def evaluate(sc: ScoredCollection, names: Sequence[str], scorer: Any = None, rou
     """Runs of ``names`` (baselines and registered methods) and extra facts (mean routed heads). A method
     loads ``router``/``heads`` or the assets shipped for the model; ``oracle`` searches the routed pool when a
     router was evaluated before it, else the 64 best heads alone."""
-    from routehead.evaluation.baselines import BASELINES
-
     runs: dict[str, Run] = {}
     extra: dict[str, Any] = {}
     pool = None
     for name in names:
         if name in BASELINES:
-            runs[name] = BASELINES[name](sc, pool)
+            runs[name] = run_of(sc, BASELINES[name](sc, pool))
             continue
         method = load_method(name, sc_identity(sc, scorer), router=router, heads=heads)
         chosen: dict[str, Selection] = {}
@@ -92,8 +91,6 @@ def sc_identity(sc: ScoredCollection, scorer: Any = None) -> dict[str, Any]:
 
 def rerankers() -> tuple[str, ...]:
     """Every name :func:`evaluate` takes: the baselines, then the registered methods."""
-    from routehead.evaluation.baselines import BASELINES
-
     return tuple(BASELINES) + tuple(METHODS)
 
 

@@ -9,7 +9,8 @@ themselves.
 - Admission: at most ``max_concurrent_requests`` requests are queued or running; one more raises
   :class:`QueueFull` at once (the app answers 429 with Retry-After), so memory and latency stay bounded.
 - Batch forming: the oldest queued request is always taken (a request over the budget runs alone, never
-  starves); later ones join while ``requests x longest prompt`` (the padded cost of one pass) stays within
+  starves); later ones join while ``requests x longest prompt`` (the padded cost of one pass, in the tokens
+  the reranker counted with ``prompt_tokens``) stays within
   ``max_batch_tokens`` and the batch has fewer than ``max_batch_requests``.  Only requests asking for the same
   evidence size share a call.
 - Failure isolation: if a batched call raises, its requests are retried one at a time, so only the request
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import logging
 import threading
 import time
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from routehead.aio import model_lock
+from routehead.service.config import ServiceSettings
+from routehead.service.protocol import RerankerLike
 
 logger = logging.getLogger("routehead.service")
 
@@ -77,46 +79,26 @@ class _Job:
     cancelled: bool = False
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 class _Replica:
-    """One model copy and what its methods accept (read once: ``inspect`` is not free)."""
+    """One model copy (a :class:`~routehead.service.protocol.RerankerLike`) and its name."""
 
-    def __init__(self, reranker: Any, name: str) -> None:
+    def __init__(self, reranker: RerankerLike, name: str) -> None:
         self.reranker = reranker
         self.name = name
-        self.many = getattr(reranker, "rerank_many", None)
-        self.many_evidence = self.many is not None and _accepts(self.many, "evidence")
-        self.one_evidence = _accepts(reranker.rerank, "evidence")
-        self.one_heads = _accepts(reranker.rerank, "routed_heads")
 
     def rerank_one(self, work: Work) -> Any:
-        kwargs: dict[str, Any] = {}
-        if work.first_stage_scores is not None:
-            kwargs["first_stage_scores"] = work.first_stage_scores
-        if self.one_heads:
-            kwargs["routed_heads"] = True
-        if work.evidence and self.one_evidence:
-            kwargs["evidence"] = work.evidence
         with model_lock(self.reranker):  # also excludes Reranker.arerank callers sharing this model
-            return self.reranker.rerank(work.query, work.documents, **kwargs)
+            return self.reranker.rerank(work.query, work.documents, first_stage_scores=work.first_stage_scores,
+                                        routed_heads=True, evidence=work.evidence)
 
     def rerank_batch(self, works: Sequence[Work]) -> list[Any]:
-        """One ``rerank_many`` call where the reranker has it (and it can give the evidence asked for)."""
-        evidence = works[0].evidence
-        if self.many is None or len(works) == 1 or (evidence and not self.many_evidence):
-            return [self.rerank_one(w) for w in works]
+        """One ``rerank_many`` call for several requests (one alone goes through ``rerank``)."""
+        if len(works) == 1:
+            return [self.rerank_one(works[0])]
         items = [(w.query, w.documents) if w.first_stage_scores is None
                  else (w.query, w.documents, w.first_stage_scores) for w in works]
-        kwargs = {"evidence": evidence} if evidence else {}
         with model_lock(self.reranker):
-            out = list(self.many(items, batch_size=len(items), **kwargs))
+            out = list(self.reranker.rerank_many(items, batch_size=len(items), evidence=works[0].evidence))
         if len(out) != len(works):
             raise RuntimeError(f"rerank_many returned {len(out)} rankings for {len(works)} requests")
         return out
@@ -125,16 +107,18 @@ class _Replica:
 class Batcher:
     """The queue and its workers (see the module docstring).  Submit from the event loop's thread only."""
 
-    def __init__(self, replicas: Sequence[Any], *, max_batch_tokens: int = 16384, max_batch_requests: int = 32,
-                 max_concurrent_requests: int = 512, batching: bool = True, metrics: Any = None,
-                 names: Sequence[str] | None = None) -> None:
+    def __init__(self, replicas: Sequence[RerankerLike], settings: ServiceSettings | None = None, *,
+                 metrics: Any = None, names: Sequence[str] | None = None) -> None:
+        """``settings``: ``max_batch_tokens``, ``max_batch_requests``, ``max_concurrent_requests`` and
+        ``batching`` (off: one request per call) are read; the defaults are :class:`ServiceSettings`'."""
         if not replicas:
             raise ValueError("at least one reranker replica is needed")
+        settings = settings or ServiceSettings()
         names = list(names) if names is not None else [f"replica-{i}" for i in range(len(replicas))]
         self.replicas = [_Replica(r, n) for r, n in zip(replicas, names)]
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_requests = max_batch_requests if batching else 1
-        self.max_concurrent_requests = max_concurrent_requests
+        self.max_batch_tokens = settings.max_batch_tokens
+        self.max_batch_requests = settings.max_batch_requests if settings.batching else 1
+        self.max_concurrent_requests = settings.max_concurrent_requests
         self.metrics = metrics
         self.admitted = 0  # queued + running, counted on the event loop's thread
         self._queue: collections.deque[_Job] = collections.deque()

@@ -1,0 +1,67 @@
+"""What the service needs from a reranker: :class:`RerankerLike`, a ``typing.Protocol``.
+
+:class:`routehead.Reranker` satisfies it, and so must anything else served (the tests' fakes do): the service
+calls these methods and nothing else, so it never inspects signatures or guesses what a reranker can do.
+
+- ``rerank(query, documents, first_stage_scores=None, routed_heads=False, evidence=0)``: one request.
+- ``rerank_many(items, batch_size=8, evidence=0)``: several requests in one call (``items`` are
+  ``(query, documents)`` or ``(query, documents, first_stage_scores)``), the rankings in input order; a
+  reranker with no batched path may loop over ``rerank``.
+- ``info()``: what is served (``model``, ``method``, ...): ``/health``, the response's ``model`` and the
+  calibration lookup read it once, at start-up.
+- ``prompt_tokens(query, documents)``: the prompt tokens ``rerank(query, documents)`` runs through the model,
+  counted by the reranker itself (its tokenizer, prompt template and per-document cap): admission
+  (``Limits.max_request_tokens``), the batch budget (``ServiceSettings.max_batch_tokens``) and the response's
+  ``billed_units``/``usage`` are in these tokens.  It may raise :class:`routehead.errors.RouteheadError` for
+  input the reranker would refuse (answered 422).
+
+A ranking (:class:`RankingLike`) has ``indices`` (best first) and ``scores``; ``heads``, ``weights`` and
+``evidence`` may be None (a reranker that routes no heads or gives no evidence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+
+class RankingLike(Protocol):
+    """One query's ranking, as :class:`routehead.api.Ranking` (read-only here, so any sequence types fit)."""
+
+    @property
+    def indices(self) -> Sequence[int]: ...
+
+    @property
+    def scores(self) -> Sequence[float]: ...
+
+    @property
+    def heads(self) -> Sequence[tuple[int, int]] | None: ...
+
+    @property
+    def weights(self) -> Sequence[float] | None: ...
+
+    @property
+    def evidence(self) -> Sequence[Sequence[Mapping[str, Any]]] | None: ...
+
+
+@runtime_checkable
+class RerankerLike(Protocol):
+    """What the service (and the adapters of :mod:`routehead.integrations`) call on a reranker."""
+
+    def rerank(self, query: str, documents: Sequence[str], first_stage_scores: Sequence[float] | None = None,
+               routed_heads: bool = False, evidence: int = 0) -> RankingLike: ...
+
+    def rerank_many(self, items: Sequence[Any], batch_size: int = 8, evidence: int = 0
+                    ) -> Sequence[RankingLike]: ...
+
+    def info(self) -> Mapping[str, Any]: ...
+
+    def prompt_tokens(self, query: str, documents: Sequence[str]) -> int: ...
+
+
+def is_reranker(obj: object) -> bool:
+    """Whether ``obj`` is a reranker instance (a class has the methods too, but unbound: it is a factory)."""
+    return isinstance(obj, RerankerLike) and not isinstance(obj, type)
+
+
+__all__ = ["RankingLike", "RerankerLike", "is_reranker"]

@@ -1,0 +1,108 @@
+"""The method registry: every registered method scores the same from the stored passes as in the live pass."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routehead.errors import RouteheadError
+from routehead.selection import METHODS, load_method, method_spec, resolve_method
+
+
+def _router(lm, path: Path, use_first_stage: bool) -> Path:
+    """A random router for the tiny model over a small pool (probability-weighted, so weights matter)."""
+    import torch
+
+    from routehead.selection.router import Router, RouterConfig
+
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=[[0, 1], [2, 3], [3, 0], [1, 2]], dim=8,
+                       threshold=0.3, max_heads=3, use_first_stage=use_first_stage, weighting="prob")
+    torch.manual_seed(3)
+    r = Router(cfg, prior=np.array([0.6, 0.4, 0.5, 0.35] + [0.7] * use_first_stage))
+    with torch.no_grad():
+        r.head_emb.normal_(0, 1.0)  # queries differ in their routed sets
+    r.save(path)
+    return path
+
+
+def _f16_bound(tokens, sel) -> np.ndarray:
+    """How far a document's stored score can be from the live one: the store keeps each head's token row as
+    float16 of (row / its largest magnitude), so a token's error is at most ``scale * 2**-11`` per head (times
+    the head's weight); the all-heads sum (ICR) is kept in float32."""
+    counts = np.asarray(tokens.counts, dtype=np.float64)
+    if sel.heads.heads is None:
+        return 1e-6 * counts
+    index = {tuple(h): i for i, h in enumerate(tokens.heads.tolist())}
+    weights = sel.heads.weights or (1.0,) * len(sel.heads.heads)
+    per_token = sum(abs(w) * float(tokens.scale[index[h]]) for h, w in zip(sel.heads.heads, weights)) * 2.0 ** -11
+    return per_token * counts + 1e-7
+
+
+@pytest.mark.parametrize("order", ["reverse", "input"])
+def test_every_method_scores_alike_stored_and_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str
+                                                   ) -> None:
+    """For every registered method (and the routers' first-stage variant): the documents' scores aggregated from
+    the stored (float16) token scores equal the live Reranker's on the same prompts within the store's precision,
+    and rank alike wherever that precision can tell them apart. (Not "shuffle": the live pass seeds it with the
+    query's text, the store with its id.)"""
+    from routehead.api import Reranker
+    from routehead.engine.scorer import HeadScorer
+    from routehead.evaluation.runs import method_run
+    from routehead.offline.collect import score_collection
+    from routehead.offline.data import load_collection
+    from routehead.offline.views import first_stage_scores, query_embeddings, selection_scores
+    from routehead.testing.tiny import tiny_lm
+
+    monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path / "store"))
+    lm = tiny_lm("llama")
+    coll = load_collection("examples/scifact-mini", "test")
+    scorer = HeadScorer(lm, max_doc_tokens=40)
+    sc = score_collection(coll, scorer, scorer.settings(), top_k=5, max_queries=3, progress=False, doc_order=order)
+    assets = {"heads": [(0, 1), (2, 3), (3, 0)],
+              "router": _router(lm, tmp_path / "router.safetensors", use_first_stage=False)}
+    fs_router = _router(lm, tmp_path / "router-fs.safetensors", use_first_stage=True)
+    cases = [(name, assets.get(spec.needs)) for name, spec in METHODS.items()] + [("route", fs_router)]
+    assert {name for name, _ in cases} == set(METHODS)
+    for name, asset in cases:
+        kw = {spec: asset for spec in ("router", "heads") if METHODS[name].needs == spec}
+        method = load_method(name, lm.identity(), **kw)
+        rr = Reranker(lm, method=name, max_doc_tokens=40, doc_order=order, **kw)
+        emb = query_embeddings(sc, scorer, *method.embedding) if method.embedding else {}
+        for qid, e in sc.entries.items():
+            sel = method.select(emb.get(qid))
+            stored = selection_scores(sc, qid, sel)
+            r = rr.rerank(coll.queries[qid], [coll.prompt_text(d) for d in e.doc_ids],
+                          first_stage_scores=first_stage_scores(sc, qid).tolist())
+            live = np.empty(len(e.doc_ids))
+            live[r.indices] = r.scores
+            bound = _f16_bound(e.tokens, sel) if not r.first_stage else np.full(len(live), 5e-3)
+            assert np.all(np.abs(stored - live) <= bound), (name, qid, stored, live, bound)
+            # rankings agree wherever the live scores are further apart than the stored precision allows
+            for i in range(len(live)):
+                for j in range(len(live)):
+                    if live[i] - live[j] > bound[i] + bound[j]:
+                        assert stored[i] > stored[j], (name, qid, i, j)
+        assert method_run(sc, method, scorer)  # the evaluation run reads the same selections
+
+
+def test_registry_names_resolve_and_refuse() -> None:
+    assert resolve_method(None) == "icr" and resolve_method(None, router="x") == "route"
+    assert resolve_method(None, heads=[(0, 0)]) == "static" and resolve_method("single") == "single"
+    assert {s.needs for s in METHODS.values()} == {"nothing", "heads", "router"}
+    with pytest.raises(RouteheadError, match="unknown method 'nope'"):
+        method_spec("nope")
+    with pytest.raises(RouteheadError, match="at least one head"):
+        load_method("static", {"model": "m"}, heads=[])
+
+
+def test_registry_and_cli_load_no_torch() -> None:
+    """The registry and the CLI are torch-free, so ``routehead --help`` is quick."""
+    import subprocess
+
+    code = ("import sys, routehead.cli, routehead.selection, routehead.settings, routehead.assets; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
