@@ -27,14 +27,16 @@ demo: setup
 	$(BIN)/routehead rerank --query "What lowers the risk of heart disease?" --docs examples/docs.jsonl --method route
 	$(BIN)/routehead evaluate --data examples/scifact-mini --split test --reranker bm25 icr single static route
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python bench/speed.py --quick
 
+# ruff (with its complexity rule), then the import contracts of pyproject.toml (the stages' layering)
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,6 +1,6 @@
 import ray
 
-from routehead.ray import rerank_dataset, write_trec_run
+from routehead.integrations.ray import rerank_dataset, write_trec_run
 
 rows = [{"query_id": "q1", "query": "What lowers the risk of heart disease?", "doc_ids": ["d1", "d2", "d3"],
          "docs": ["Jupiter is a gas giant.", "Statins lower LDL cholesterol and heart-attack risk.",
