@@ -124,7 +124,8 @@ class Reranker:
         that route them; ``evidence`` > 0 adds each document's top words by their share of its score."""
         return self.rerank_many([(query, documents, first_stage_scores)], evidence=evidence)[0]
 
-    def rerank_many(self, items: Sequence[Item], batch_size: int = 8, evidence: int = 0) -> list[Ranking]:
+    def rerank_many(self, items: Sequence[Item], batch_size: int = SCORING.rerank_batch_size, evidence: int = 0
+                    ) -> list[Ranking]:
         """:meth:`rerank` for many ``(query, documents[, first_stage_scores])``, ``batch_size`` prompts per forward
         pass; the same rankings as one at a time."""
         norm = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]

@@ -34,7 +34,9 @@ class ScoringSettings:
     retrieval_type: str = _opt("IE", "ICR's late instruction", ("IE", "QA"))
     layout: str = _opt("reference", "prompt layout: reference (the ICR/QRHead code's) or v1 (segments tokenized "
                        "alone, query-only span)", LAYOUTS)
-    batch_size: int = _opt(1, "prompts per forward pass (same scores; more queries/s on a GPU with a small model)")
+    batch_size: int = _opt(1, "prompts per forward pass when scoring a collection (same scores; more queries/s on a "
+                           "GPU with a small model)")
+    rerank_batch_size: int = _opt(8, "prompts per forward pass in Reranker.rerank_many (same rankings)")
     depth: int = _opt(100, "first-stage depth kept in runs (the re-ranked top-k, then the rest unchanged)")
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import hashlib
 import random
 
-from routehead.settings import ORDERS
+from routehead.settings import DEFAULT_ORDER, ORDERS
 
 
-def prompt_order(n: int, order: str = "reverse", key: str = "") -> list[int]:
+def prompt_order(n: int, order: str = DEFAULT_ORDER, key: str = "") -> list[int]:
     """Indices of the candidates (first-stage order) in prompt order."""
     if order == "input":
         return list(range(n))

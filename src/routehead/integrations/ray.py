@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routehead.errors import RouteheadError
+from routehead.settings import SCORING
 
 if TYPE_CHECKING:
     from routehead.api import Ranking
@@ -49,7 +50,7 @@ def _ray(address: str | None = None) -> Any:
     return ray
 
 
-def rerank_many(rr: Any, items: Sequence[tuple], batch_size: int = 8) -> list[Ranking]:
+def rerank_many(rr: Any, items: Sequence[tuple], batch_size: int = SCORING.rerank_batch_size) -> list[Ranking]:
     """``Reranker.rerank_many`` where the installed Reranker has it (prompts share forward passes), else one
     ``rerank`` call per item; the results are the same either way."""
     many = getattr(rr, "rerank_many", None)
@@ -101,7 +102,8 @@ class _RerankBatch:
 
 
 def rerank_dataset(ds: Any, model: str | Callable[[], Any] | None = None, method: str | None = None, *,
-                   concurrency: int = 1, num_gpus: float = 0, num_cpus: float | None = None, batch_size: int = 8,
+                   concurrency: int = 1, num_gpus: float = 0, num_cpus: float | None = None,
+                   batch_size: int = SCORING.rerank_batch_size,
                    router: str | Path | None = None, heads: Any = None, max_doc_tokens: int | None = None,
                    instruction: str | None = None, device: str | None = None, dtype: str | None = None) -> Any:
     """Re-rank every row of a Ray Dataset with ``concurrency`` actors, each holding one model.

@@ -33,6 +33,7 @@ from torch import nn
 from routehead.engine.aggregate import Head
 from routehead.errors import RouteheadError
 from routehead.selection.heads import check_identity
+from routehead.settings import FIT
 
 FORMAT = "routehead-router-v2"
 
@@ -44,10 +45,10 @@ class RouterConfig:
     identity: dict[str, Any]  # LoadedModel.identity() of the LLM it routes
     embed_layer: int  # decoder layer whose output embeds the query
     pool: list[list[int]]  # the routable heads, [layer, head]; signal i < len(pool) is pool[i]
-    pooling: str = "mean"
-    dim: int = 64
+    pooling: str = FIT.pooling
+    dim: int = FIT.dim
     threshold: float = 0.5
-    max_heads: int = 8
+    max_heads: int = FIT.route_max
     use_first_stage: bool = False  # the first-stage score is one more routable signal (index len(pool))
     weighting: str = "none"  # "none": selected signals summed; "prob": weighted by routed probability
     prompt: dict[str, Any] = field(default_factory=dict)  # prompt settings the router was trained with
