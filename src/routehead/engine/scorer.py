@@ -51,6 +51,7 @@ class HeadScores:
 
     calibrated: torch.Tensor  # [layers, heads, docs], float32, CPU: each head alone, masked (QRHead detection)
     raw: torch.Tensor  # the same from the query's attention alone (no "N/A" calibration)
+    raw_sum: torch.Tensor  # [layers, heads, docs]: the query's attention mass on the document, unmasked (CoRe)
     computed: torch.Tensor  # [layers, heads] bool: heads with per-head scores (none with ``per_head=False``)
     sets: torch.Tensor | None = None  # [len(sets), docs]: each requested HeadSet, summed then masked
     tokens: TokenScores | None = None  # with keep_tokens: every computed head's token scores
@@ -204,8 +205,9 @@ class HeadScorer:
             i0 = first[layer]
             acc.add_(torch.einsum("sh,bht->bst", Wd[:, i0:i0 + n], cal))
             if per_head:  # each head alone: calibrated rows, then raw rows, prompts laid end to end
-                done[layer] = mask_outliers_and_sum(torch.cat([cal, q], dim=1).transpose(0, 1).reshape(2 * n, -1),
-                                                    spans)
+                both = torch.cat([cal, q], dim=1).transpose(0, 1).reshape(2 * n, -1)
+                raw = both[n:, spans.idx]
+                done[layer] = torch.cat([mask_outliers_and_sum(both, spans), (raw * spans.valid).sum(-1)])
             if keep_tokens:
                 toks[layer] = cal.transpose(0, 1).reshape(n, -1)[:, spans.flat]
 
@@ -221,11 +223,11 @@ class HeadScorer:
         sets = mask_outliers_and_sum(acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm), spans)
         counts = [len(p.doc_spans) for p in prompts]
         out: list[dict[str, torch.Tensor]] = [{"sets": t} for t in sets.float().cpu().split(counts, dim=1)]
-        if per_head:
-            cal = torch.cat([done[lay][:nh[lay]] for lay in order])
-            raw = torch.cat([done[lay][nh[lay]:] for lay in order])
-            for o, c, r in zip(out, cal.float().cpu().split(counts, dim=1), raw.float().cpu().split(counts, dim=1)):
-                o["cal"], o["raw"] = c, r
+        if per_head:  # per layer: each head's calibrated, raw (both masked) and raw unmasked sums
+            for k, name in enumerate(("cal", "raw", "raw_sum")):
+                rows = torch.cat([done[lay][k * nh[lay]:(k + 1) * nh[lay]] for lay in order])
+                for o, r in zip(out, rows.float().cpu().split(counts, dim=1)):
+                    o[name] = r
         if keep_tokens:
             lens = [sum(e - s for s, e in p.doc_spans) for p in prompts]
             set_toks = acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm)[:, spans.flat]
@@ -273,7 +275,8 @@ class HeadScorer:
             computed = torch.zeros(L, H, dtype=torch.bool)
             computed[li, hi] = per_head
             results.append(HeadScores(calibrated=torch.full((L, H, n), float("nan")),
-                                      raw=torch.full((L, H, n), float("nan")), computed=computed,
+                                      raw=torch.full((L, H, n), float("nan")),
+                                      raw_sum=torch.full((L, H, n), float("nan")), computed=computed,
                                       sets=torch.zeros(len(sets), n), windows=windows, truncated=truncated))
             for win in windows:
                 jobs.append((i, win, self.builder.build(q, [texts[j] for j in win], [truncated[j] for j in win])))
@@ -296,6 +299,7 @@ class HeadScorer:
                     if per_head:
                         S.calibrated[li, hi, doc] = out["cal"][:, j] * factor
                         S.raw[li, hi, doc] = out["raw"][:, j] * factor
+                        S.raw_sum[li, hi, doc] = out["raw_sum"][:, j] * factor
                 if keep_tokens:
                     bounds = [0]
                     for s, e in prompt.doc_spans:

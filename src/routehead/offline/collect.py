@@ -42,7 +42,7 @@ def store_settings(scorer_settings: dict[str, Any], collection: Collection, top_
                    doc_order: str = SCORING.doc_order) -> dict[str, Any]:
     return {**scorer_settings, "collection": collection.name, "split": collection.split, "top_k": top_k,
             "first_stage": "candidates.tsv" if collection.candidates is not None else "bm25s-lucene-stem-en",
-            "doc_order": doc_order, "tokens": "all-heads-f16"}
+            "doc_order": doc_order, "tokens": "all-heads-f16", "raw_sum": True}
 
 
 def entry_tokens(S: HeadScores, perm: list[int]) -> Tokens:
@@ -103,7 +103,7 @@ def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_s
                 for qid, ids, perm, S in zip(chunk, doc_ids, perms, results):
                     back = np.argsort(perm)  # candidate d sits at prompt position back[d]
                     store.add(qid, ids, S.calibrated.numpy()[:, :, back], S.raw.numpy()[:, :, back],
-                              entry_tokens(S, perm))
+                              entry_tokens(S, perm), raw_sum=S.raw_sum.numpy()[:, :, back])
                 bar.update(len(chunk))
     keep = set(qids)
     entries = {q: e for q, e in store.load().items() if q in keep}

@@ -8,11 +8,12 @@ they are computed once, stored, and reused. Layout::
         shard-00000.npz      entries flushed together (np.savez_compressed, no pickle)
         shard-00001.npz      ...
 
-Each entry holds the per-head document scores (each head masked alone: QRHead's detection score) and,
-optionally, the per-token calibrated scores of the stored heads over every document's span
-(:class:`Tokens`): what offline work (ICR, static sets, label search, router training, the oracle) needs to
-aggregate exactly as inference does, summing heads before the outlier mask. Token rows are float16 with a
-float32 scale per row (a row divided by its largest magnitude), the all-heads token sum float32.
+Each entry holds the per-head document scores (each head masked alone: QRHead's detection score; and, where
+stored, each head's unmasked, uncalibrated attention mass: CoRe's) and, optionally, the per-token calibrated
+scores of the stored heads over every document's span (:class:`Tokens`): what offline work (ICR, static sets,
+label search, router training, the oracle) needs to aggregate exactly as inference does, summing heads before
+the outlier mask. Token rows are float16 with a float32 scale per row (a row divided by its largest magnitude),
+the all-heads token sum float32.
 
 ``hash12`` is the first 12 hex digits of the SHA-256 of the canonical JSON of the settings, so any
 change in model, prompt, top-k, ... gets a fresh directory. Shards are written to a temporary file and
@@ -80,12 +81,15 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Entry:
-    """Stored scores of one query: ``calibrated`` and ``raw`` are float32 ``[layer, head, doc]``."""
+    """Stored scores of one query: ``calibrated`` and ``raw`` (each head masked alone) are float32
+    ``[layer, head, doc]``; ``raw_sum`` the same shape, each head's attention mass on the document's tokens,
+    neither calibrated nor masked (CoRe's detection score)."""
 
     doc_ids: list[str]
     calibrated: np.ndarray
     raw: np.ndarray
     tokens: Tokens | None = None
+    raw_sum: np.ndarray | None = None
 
 
 def _canonical(settings: dict) -> str:
@@ -150,12 +154,8 @@ class HeadScoreStore:
         self.settings: dict = json.loads(canonical)
         self.auto_flush_every = auto_flush_every
         self.hash = settings_hash(settings)
-        self.path = (
-            Path(root)
-            / _path_part(settings["collection"], "collection")
-            / _path_part(settings["split"], "split")
-            / f"{_slug(settings.get('model', 'model'))}-{self.hash}"
-        )
+        self.path = (Path(root) / _path_part(settings["collection"], "collection")
+                     / _path_part(settings["split"], "split") / f"{_slug(settings.get('model', 'model'))}-{self.hash}")
         self._buffer: dict[str, Entry] = {}
         self._shard_qids: dict[str, list[str]] = {}  # shard file name -> qids (shards are immutable)
         self._shape: tuple[int, int] | None = None  # (layers, heads) shared by all entries
@@ -168,11 +168,7 @@ class HeadScoreStore:
             self.path.mkdir(parents=True, exist_ok=True)
             if self._shard_files():
                 raise RouteheadError(f"{self.path}: shards present but meta.json is missing; refusing to guess")
-            meta = {
-                "settings": self.settings,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "layout": LAYOUT,
-            }
+            meta = {"settings": self.settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "layout": LAYOUT}
             data = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
             if self._atomic_write(meta_file, data, exclusive=True):
                 return
@@ -237,17 +233,11 @@ class HeadScoreStore:
                 data = {k: z[k] for k in keys}
                 if arrays and all(k in z.files for k in _TOKEN_KEYS):
                     data.update({k: z[k] for k in _TOKEN_KEYS})
+                if arrays and "raw_sum" in z.files:
+                    data["raw_sum"] = z["raw_sum"]
         except RouteheadError:
             raise
-        except (
-            OSError,
-            ValueError,
-            EOFError,
-            KeyError,
-            zipfile.BadZipFile,
-            zipfile.LargeZipFile,
-            zlib.error,
-        ) as exc:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error) as exc:
             raise RouteheadError(f"{path}: corrupt or unreadable store shard ({exc})") from None
         qids, counts, shape = data["qids"], data["counts"], data["shape"]
         if qids.ndim != 1 or counts.shape != qids.shape or shape.shape != (2,) or qids.dtype.kind != "U":
@@ -255,7 +245,7 @@ class HeadScoreStore:
         if arrays:
             total = int(counts.sum())
             want = (int(shape[0]), int(shape[1]), total)
-            for k in ("calibrated", "raw"):
+            for k in ("calibrated", "raw", "raw_sum")[:3 if "raw_sum" in data else 2]:
                 if data[k].shape != want or data[k].dtype != np.float32:
                     raise RouteheadError(f"{path}: corrupt store shard ({k} has shape {data[k].shape}, want {want})")
             if data["doc_ids"].shape != (total,) or data["doc_ids"].dtype.kind != "U":
@@ -311,7 +301,8 @@ class HeadScoreStore:
                     a, b = int(tb[lo]), int(tb[hi])
                     tokens = Tokens(data["tok_heads"], data["tok_rows"][:, a:b], data["tok_scale"][i],
                                     data["tok_counts"][lo:hi], data["tok_total"][a:b], data["positions"][lo:hi])
-                out[qid] = Entry(doc_ids[lo:hi], data["calibrated"][:, :, lo:hi], data["raw"][:, :, lo:hi], tokens)
+                out[qid] = Entry(doc_ids[lo:hi], data["calibrated"][:, :, lo:hi], data["raw"][:, :, lo:hi], tokens,
+                                 data["raw_sum"][:, :, lo:hi] if "raw_sum" in data else None)
         out.update(self._buffer)
         return out
 
@@ -320,8 +311,9 @@ class HeadScoreStore:
 
     # ---------------------------------------------------------------- writing
     def add(self, qid: str, doc_ids: list[str], calibrated: np.ndarray, raw: np.ndarray,
-            tokens: Tokens | None = None) -> None:
-        """Buffer one query's scores (arrays ``[layer, head, doc]``, stored as float32; ``tokens`` optional)."""
+            tokens: Tokens | None = None, raw_sum: np.ndarray | None = None) -> None:
+        """Buffer one query's scores (arrays ``[layer, head, doc]``, stored as float32; ``tokens`` and
+        ``raw_sum`` optional)."""
         if not isinstance(qid, str) or not qid:
             raise RouteheadError(f"query id must be a non-empty string, got {qid!r}")
         if qid in self._buffer or qid in self.done():
@@ -330,22 +322,22 @@ class HeadScoreStore:
         if len(set(doc_ids)) != len(doc_ids):
             raise RouteheadError(f"query {qid!r}: duplicate document ids")
         arrays = []
-        for name, arr in (("calibrated", calibrated), ("raw", raw)):
+        for name, arr in (("calibrated", calibrated), ("raw", raw), ("raw_sum", raw_sum)):
+            if arr is None:
+                continue
             a = np.asarray(arr)
             if a.ndim != 3 or a.shape[2] != len(doc_ids):
                 raise RouteheadError(
                     f"query {qid!r}: {name} must have shape [layer, head, {len(doc_ids)}], got {list(a.shape)}"
                 )
             arrays.append(np.array(a, dtype=np.float32, copy=True))
-        if arrays[0].shape != arrays[1].shape:
-            raise RouteheadError(
-                f"query {qid!r}: calibrated {list(arrays[0].shape)} and raw {list(arrays[1].shape)} differ"
-            )
+        if any(a.shape != arrays[0].shape for a in arrays):
+            raise RouteheadError(f"query {qid!r}: the per-head arrays' shapes {[list(a.shape) for a in arrays]} differ")
         self._check_shape(arrays[0].shape[:2], f"query {qid!r}")
         if tokens is not None and (len(tokens.counts) != len(doc_ids) or len(tokens.positions) != len(doc_ids)
                                    or tokens.rows.shape[1] != int(tokens.counts.sum())):
             raise RouteheadError(f"query {qid!r}: token scores do not match its {len(doc_ids)} documents")
-        self._buffer[qid] = Entry(doc_ids, arrays[0], arrays[1], tokens)
+        self._buffer[qid] = Entry(doc_ids, arrays[0], arrays[1], tokens, arrays[2] if len(arrays) > 2 else None)
         if len(self._buffer) >= self.auto_flush_every:
             self.flush()
 
@@ -365,6 +357,11 @@ class HeadScoreStore:
             "raw": np.concatenate([e.raw for _, e in entries], axis=2),
             "shape": np.array([layers, heads], dtype=np.int64),
         }
+        with_sums = [e.raw_sum is not None for _, e in entries]
+        if any(with_sums):
+            if not all(with_sums):
+                raise RouteheadError("entries with and without raw sums cannot share a store")
+            payload["raw_sum"] = np.concatenate([e.raw_sum for _, e in entries], axis=2)
         with_tokens = [e.tokens is not None for _, e in entries]
         if any(with_tokens):
             if not all(with_tokens):
