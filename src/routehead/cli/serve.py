@@ -1,18 +1,45 @@
-"""``routehead serve``: the HTTP service (:mod:`routehead.service`)."""
+"""``routehead serve``: the HTTP service (:mod:`routehead.service`).
+
+Every service default is read from :class:`~routehead.service.config.Limits` and
+:class:`~routehead.service.config.ServiceSettings` (their one home); the options only name them.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from typing import Any
 
-from routehead.cli.options import model_args
+from routehead.cli.options import add_field, model_args
 from routehead.cli.rerank import method_args
+from routehead.service.config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServiceSettings, batching_for
+
+LIMITS = ("max_documents", "max_document_chars", "max_request_tokens")
+SETTINGS = ("max_batch_tokens", "max_batch_requests", "max_concurrent_requests", "max_connections")
+# options named by their unit-less flag (--request-timeout, not --request-timeout-s): (flag, field)
+SECONDS = (("request_timeout", "request_timeout_s"), ("graceful_shutdown", "graceful_shutdown_s"))
+
+
+def _seconds(p: argparse.ArgumentParser, flag: str, name: str) -> None:
+    """``--flag`` for the ``ServiceSettings`` field ``name`` (seconds), as :func:`add_field` builds options."""
+    f = next(f for f in fields(ServiceSettings) if f.name == name)
+    p.add_argument("--" + flag.replace("_", "-"), type=float, default=f.default,
+                   help=f"{f.metadata['help']} (default {f.default})")
+
+
+def resolve_devices(devices: list[str | None]) -> list[str]:
+    """Each device, ``None`` (the default device) as ``cuda`` where torch sees a GPU, else ``cpu``."""
+    if all(d is not None for d in devices):
+        return [d for d in devices if d is not None]
+    import torch
+
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    return [d or default for d in devices]
 
 
 def serve(args: argparse.Namespace) -> None:
     from routehead.api import Reranker
-    from routehead.service import Limits, ServiceSettings, serve
-    from routehead.service.config import batching_for
+    from routehead.service.run import serve
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else [args.device]
 
@@ -23,38 +50,34 @@ def serve(args: argparse.Namespace) -> None:
                          doc_order=args.doc_order, layout=args.layout)
                 for device in devices]
 
-    settings = ServiceSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
-                               max_concurrent_requests=args.max_concurrent_requests,
-                               request_timeout_s=args.request_timeout, graceful_shutdown_s=args.graceful_shutdown,
-                               max_connections=args.max_connections,
-                               batching=batching_for(args.batching if not args.no_batching else "off", devices))
+    mode = args.batching if not args.no_batching else "off"
+    batching = batching_for(mode, resolve_devices(devices) if mode == "auto" else [])
+    settings = ServiceSettings(**{name: getattr(args, name) for name in SETTINGS},
+                               **{name: getattr(args, flag) for flag, name in SECONDS}, batching=batching)
     serve(factory, host=args.host, port=args.port, settings=settings, json_logs=args.json_logs,
           replica_names=[d or "default" for d in devices],
-          limits=Limits(max_documents=args.max_documents, max_document_chars=args.max_document_chars,
-                        max_request_tokens=args.max_request_tokens))
+          limits=Limits(**{name: getattr(args, name) for name in LIMITS}))
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="HTTP re-rank service (Cohere /v1|v2/rerank, TEI /rerank, /health, /ready, "
                        "/metrics)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     method_args(p)
-    p.add_argument("--max-documents", type=int, default=1000)
-    p.add_argument("--max-document-chars", type=int, default=20000)
-    p.add_argument("--max-request-tokens", type=int, default=65536, help="estimated prompt tokens a request may "
-                   "cost (422 past it)")
+    for name in LIMITS:
+        add_field(p, Limits, name)
     p.add_argument("--devices", default=None, help="comma-separated devices, one model replica each behind one "
                    "queue: cuda:0,cuda:1 or cpu (default: --device)")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded prompt tokens per model call")
-    p.add_argument("--max-batch-requests", type=int, default=32, help="requests per model call")
+    for name in SETTINGS[:2]:
+        add_field(p, ServiceSettings, name)
     p.add_argument("--batching", default="auto", choices=["auto", "on", "off"], help="share model calls between "
                    "queued requests: auto (default) = on for GPUs, off on CPU, where it measured slower")
     p.add_argument("--no-batching", action="store_true", help="the same as --batching off")
-    p.add_argument("--max-concurrent-requests", type=int, default=512, help="queued + running; 429 past it")
-    p.add_argument("--max-connections", type=int, default=1024, help="open connections; 503 past it")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request gets 504")
-    p.add_argument("--graceful-shutdown", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
+    for name in SETTINGS[2:]:
+        add_field(p, ServiceSettings, name)
+    for flag, name in SECONDS:
+        _seconds(p, flag, name)
     p.add_argument("--json-logs", action="store_true", help="log JSON lines (one per request, with timings)")
     model_args(p)
     p.set_defaults(func=serve)

@@ -8,12 +8,16 @@ them; a missing framework raises an ImportError that names the extra to install
 What all adapters share lives here: how a re-ranker is built from adapter settings (:func:`load_reranker`), how
 the retriever's scores become ``first_stage_scores`` (:func:`first_stage_scores`), and how a ranking is
 described in a document's metadata (:func:`ranking_metadata`).
+
+What an adapter calls on the re-ranker is a subset of :class:`routehead.service.protocol.RerankerLike` (the
+contract the HTTP service states): ``rerank(query, documents, first_stage_scores=...)``, whose ranking has
+``indices``, ``scores``, ``heads``, ``weights`` and ``first_stage``.  Nothing is probed: a built re-ranker is
+a :class:`routehead.Reranker`, which takes every setting an adapter passes.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,10 +55,9 @@ def require(module: str, extra: str) -> ModuleType:
 
 
 def supports_instruction() -> bool:
-    """Whether the installed :class:`routehead.Reranker` takes ``instruction=`` (the prompt's task instruction)."""
-    from routehead.api import Reranker
-
-    return "instruction" in inspect.signature(Reranker.__init__).parameters
+    """Whether :class:`routehead.Reranker` takes ``instruction=`` (the prompt's task instruction): always, since
+    the instruction became a Reranker setting; kept for callers that checked."""
+    return True
 
 
 def load_reranker(model: ModelSpec = None, method: str | None = None, router: str | Path | None = None,
@@ -65,8 +68,7 @@ def load_reranker(model: ModelSpec = None, method: str | None = None, router: st
 
     ``model`` may already be a Reranker (used as is, so several adapters can share one model in memory) or a
     zero-argument factory. ``layout`` names the prompt layout (None: the one the heads or router were chosen
-    under, else the reference). ``instruction`` is passed on only where the installed Reranker accepts it; asking for
-    one from a Reranker that has no such setting is an error rather than a silently different prompt.
+    under, else the reference). ``instruction`` is passed on only when given.
     """
     from routehead.api import Reranker
 
@@ -79,9 +81,6 @@ def load_reranker(model: ModelSpec = None, method: str | None = None, router: st
                                      f"pass it to Reranker(..., {name}=...) instead")
         return model  # type: ignore[return-value]
     if instruction is not None:
-        if not supports_instruction():
-            raise RouteheadError("this version of routehead's Reranker has no instruction setting; "
-                                 "leave instruction unset (the prompt's built-in instruction is used)")
         kwargs["instruction"] = instruction
     return Reranker(model=model, method=method, router=router, heads=heads, max_doc_tokens=max_doc_tokens,
                     device=device, dtype=dtype, layout=layout, **kwargs)

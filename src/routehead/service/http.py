@@ -18,6 +18,8 @@ import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from routehead.service.config import ServiceSettings
+
 
 class BodyGuard:
     """Reject bodies over ``max_bytes`` (413) or slower than ``timeout_s`` (408) before the app reads them."""
@@ -95,7 +97,7 @@ class HeaderTimeoutH11Protocol(H11Protocol):
     request's headers are complete.  An idle kept-alive connection is uvicorn's own keep-alive timeout's job.
     """
 
-    header_timeout_s: float = 10.0
+    header_timeout_s: float = ServiceSettings.header_timeout_s  # header_timeout_protocol() sets the served one
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

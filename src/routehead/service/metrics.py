@@ -34,7 +34,7 @@ class Metrics:
         self.ready = Gauge("routehead_ready", "1 when the model is loaded and warmed up", registry=r)
         self.batch_size = Histogram("routehead_batch_size", "Requests per model call", buckets=_BATCH_BUCKETS,
                                     registry=r)
-        self.batch_tokens = Histogram("routehead_batch_tokens", "Estimated prompt tokens per model call",
+        self.batch_tokens = Histogram("routehead_batch_tokens", "Prompt tokens per model call (the reranker's count)",
                                       buckets=_TOKEN_BUCKETS, registry=r)
         self.batch_retries = Counter("routehead_batch_retries", "Batches retried one request at a time after "
                                      "an error", registry=r)

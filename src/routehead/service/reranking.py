@@ -144,41 +144,58 @@ def _cohere_body(state: ServiceState, req: RerankRequest, scored: Scored, texts:
     return body
 
 
-async def _answer(state: ServiceState, request: Request, started: float, request_id: str,
-                  tei_allowed: bool) -> Response:
-    _check_ready(state)
-    req = await parse_body(request, state.limits, tei_allowed)
-    tei = isinstance(req, TEIRequest)
-    texts = list(req.texts) if isinstance(req, TEIRequest) else req.texts()
-    check_lengths(req.query, texts, state.limits)
-    texts, tokens = await _fit(state, req, texts)
-    warnings = [] if isinstance(req, TEIRequest) else [
-        f"{name} is accepted and ignored" + ("; use return_evidence" if name == "relevant_spans" else "")
-        for name in IGNORED_FIELDS if getattr(req, name) is not None]
+def _ignored(req: RerankRequest | TEIRequest) -> list[str]:
+    """Warnings for the Cohere fields that are accepted and ignored."""
+    if isinstance(req, TEIRequest):
+        return []
+    return [f"{name} is accepted and ignored" + ("; use return_evidence" if name == "relevant_spans" else "")
+            for name in IGNORED_FIELDS if getattr(req, name) is not None]
+
+
+def _work(req: RerankRequest | TEIRequest, texts: list[str], tokens: int) -> Work:
     fs = None if isinstance(req, TEIRequest) else req.first_stage_scores
-    got = await _run(state, request, Work(query=req.query, documents=texts, evidence=req.return_evidence,
-                                          tokens=tokens, first_stage_scores=None if fs is None else
-                                          [float(x) for x in fs]))
-    scored = _scored(state, got, len(texts), req.return_evidence)
-    if req.return_evidence and scored.evidence is None:
-        warnings.append("this reranker gives no evidence; evidence lists are empty")
+    return Work(query=req.query, documents=texts, evidence=req.return_evidence, tokens=tokens,
+                first_stage_scores=None if fs is None else [float(x) for x in fs])
+
+
+def _observe(state: ServiceState, got: Outcome, work: Work, request_id: str, started: float,
+             shape: str) -> tuple[dict[str, str], float]:
+    """Metrics and the log line of an answered request; its timing headers and total seconds."""
     metrics = state.metrics
-    metrics.documents.inc(len(texts))
+    metrics.documents.inc(len(work.documents))
     metrics.queue_time.observe(got.queue_s)
     metrics.inference_time.observe(got.inference_s)
     total = time.perf_counter() - started
     headers = {"x-queue-time": _ms(got.queue_s), "x-inference-time": _ms(got.inference_s),
                "x-total-time": _ms(total), "x-request-id": request_id,
                "x-calibrated": "true" if state.calibration.calibrated else "false"}
-    logger.info("rerank", extra={"request_id": request_id, "documents": len(texts), "tokens": tokens,
+    logger.info("rerank", extra={"request_id": request_id, "documents": len(work.documents), "tokens": work.tokens,
                                  "batch_size": got.batch_size, "queue_ms": round(got.queue_s * 1000, 3),
                                  "inference_ms": round(got.inference_s * 1000, 3),
-                                 "total_ms": round(total * 1000, 3), "shape": "tei" if tei else "cohere"})
+                                 "total_ms": round(total * 1000, 3), "shape": shape})
+    return headers, total
+
+
+async def _answer(state: ServiceState, request: Request, started: float, request_id: str,
+                  tei_allowed: bool) -> Response:
+    _check_ready(state)
+    req = await parse_body(request, state.limits, tei_allowed)
+    texts = list(req.texts) if isinstance(req, TEIRequest) else req.texts()
+    check_lengths(req.query, texts, state.limits)
+    texts, tokens = await _fit(state, req, texts)
+    warnings = _ignored(req)
+    work = _work(req, texts, tokens)
+    got = await _run(state, request, work)
+    scored = _scored(state, got, len(texts), req.return_evidence)
+    if req.return_evidence and scored.evidence is None:
+        warnings.append("this reranker gives no evidence; evidence lists are empty")
     if isinstance(req, TEIRequest):
+        headers, _ = _observe(state, got, work, request_id, started, "tei")
         items = tei_results(scored, texts, req.raw_scores, req.return_text, bool(req.return_evidence))
         for item in items:
             TEIResult.model_validate(item)
         return JSONResponse(items, headers=headers)
+    headers, total = _observe(state, got, work, request_id, started, "cohere")
     return JSONResponse(_cohere_body(state, req, scored, texts, got, tokens, request_id, total, warnings),
                         headers=headers)
 

@@ -13,12 +13,15 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from routehead.calibration import Calibration
-from routehead.service.config import Limits, ServiceSettings
+from routehead.service.config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServiceSettings
 from routehead.service.http import header_timeout_protocol
+
+if TYPE_CHECKING:
+    from routehead.service.state import Source
 
 logger = logging.getLogger("routehead.server")
 
@@ -83,11 +86,12 @@ def _run_server(server: Any) -> None:
     server.run()
 
 
-def serve(reranker_factory_or_reranker: Any | Callable[[], Any], host: str = "127.0.0.1", port: int = 8000,
+def serve(reranker_factory_or_reranker: Source, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           limits: Limits | None = None, *, settings: ServiceSettings | None = None, log_level: str = "info",
           json_logs: bool = False, calibration: Calibration | None = None,
           replica_names: Sequence[str] | None = None) -> None:
-    """Serve a reranker (or replicas, or a factory of them) with uvicorn until SIGTERM/SIGINT.
+    """Serve a reranker (a :class:`~routehead.service.protocol.RerankerLike`), replicas, or a factory of them with
+    uvicorn until SIGTERM/SIGINT.
 
     A factory is called after the socket opens: ``/health`` answers at once and ``/ready`` turns 200 once
     the model is loaded and warmed up.  Binds to 127.0.0.1 by default: the service has no authentication,

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from routehead.service.batching import Batcher, QueueFull, ShuttingDown, Work
-from tests.service_helpers import BOOM, BatchFake, fake_rank
+from routehead.service.config import ServiceSettings
+from tests.service.conftest import BOOM, BatchFake, fake_rank
 
 
 def work(query: str, docs: list[str] | None = None, tokens: int = 100, evidence: int = 0) -> Work:
@@ -29,7 +30,7 @@ async def _hold_then_submit(batcher: Batcher, fake: BatchFake, works: list[Work]
 
 def test_queued_requests_share_one_call_and_match_alone() -> None:
     fake = BatchFake()
-    batcher = Batcher([fake], max_batch_tokens=10_000, max_batch_requests=8)
+    batcher = Batcher([fake], ServiceSettings(max_batch_tokens=10_000, max_batch_requests=8))
     batcher.start()
     works = [work(q) for q in ("cat", "dog", "cat dog", "bird", "a")]
     out = asyncio.run(_hold_then_submit(batcher, fake, works))
@@ -43,12 +44,12 @@ def test_queued_requests_share_one_call_and_match_alone() -> None:
 def test_token_budget_and_request_cap_split_batches() -> None:
     fake = BatchFake()
     # padded cost = requests x longest: 3 x 300 = 900 fits 1000, a 4th would not
-    batcher = Batcher([fake], max_batch_tokens=1000, max_batch_requests=8)
+    batcher = Batcher([fake], ServiceSettings(max_batch_tokens=1000, max_batch_requests=8))
     batcher.start()
     asyncio.run(_hold_then_submit(batcher, fake, [work(str(i), tokens=300) for i in range(7)]))
     assert fake.calls == [1, 3, 3, 1]
     fake.calls.clear()
-    capped = Batcher([BatchFake()], max_batch_tokens=10**6, max_batch_requests=2)
+    capped = Batcher([BatchFake()], ServiceSettings(max_batch_tokens=10**6, max_batch_requests=2))
     capped.start()
     f2 = capped.replicas[0].reranker
     asyncio.run(_hold_then_submit(capped, f2, [work(str(i)) for i in range(5)]))
@@ -59,12 +60,12 @@ def test_token_budget_and_request_cap_split_batches() -> None:
 
 def test_oversized_request_runs_alone_and_batching_off_is_one_by_one() -> None:
     fake = BatchFake()
-    batcher = Batcher([fake], max_batch_tokens=100, max_batch_requests=8)
+    batcher = Batcher([fake], ServiceSettings(max_batch_tokens=100, max_batch_requests=8))
     batcher.start()
     asyncio.run(_hold_then_submit(batcher, fake, [work("big", tokens=5000), work("small", tokens=10)]))
     assert fake.calls == [1, 1, 1]
     off_fake = BatchFake()
-    off = Batcher([off_fake], batching=False)
+    off = Batcher([off_fake], ServiceSettings(batching=False))
     off.start()
     asyncio.run(_hold_then_submit(off, off_fake, [work(str(i)) for i in range(3)]))
     assert off_fake.calls == [1, 1, 1, 1]
@@ -74,7 +75,7 @@ def test_oversized_request_runs_alone_and_batching_off_is_one_by_one() -> None:
 
 def test_a_model_error_fails_only_its_request() -> None:
     fake = BatchFake()
-    batcher = Batcher([fake], max_batch_tokens=10_000)
+    batcher = Batcher([fake], ServiceSettings(max_batch_tokens=10_000))
     batcher.start()
     works = [work("cat"), work("dog", ["x", f"{BOOM} dog"]), work("cat dog")]
     out = asyncio.run(_hold_then_submit(batcher, fake, works))
@@ -96,19 +97,23 @@ def test_evidence_requests_are_not_mixed_with_others() -> None:
     assert out[2].ranking.evidence is not None and out[1].ranking.evidence is None
 
 
-def test_reranker_without_rerank_many_is_called_one_at_a_time() -> None:
-    fake = BatchFake(batched=False)
+def test_a_lone_request_goes_through_rerank_with_every_argument() -> None:
+    fake = BatchFake()
+    seen: list[dict] = []
+    rerank = fake.rerank
+    fake.rerank = lambda q, d, **kw: seen.append(kw) or rerank(q, d, **kw)  # type: ignore[method-assign]
     batcher = Batcher([fake])
     batcher.start()
-    out = asyncio.run(_hold_then_submit(batcher, fake, [work("cat"), work("dog")]))
+    out = asyncio.run(batcher.submit(Work(query="dog", documents=["a dog"], first_stage_scores=[1.0], evidence=2)))
     batcher.close()
-    assert fake.calls == [1, 1, 1]
-    assert out[2].ranking == fake_rank("dog", work("dog").documents)
+    assert fake.calls == [1]
+    assert seen == [{"first_stage_scores": [1.0], "routed_heads": True, "evidence": 2}]
+    assert out.ranking == fake_rank("dog", ["a dog"], evidence=2)
 
 
 def test_queue_bound_timeout_and_cancellation() -> None:
     fake = BatchFake()
-    batcher = Batcher([fake], max_concurrent_requests=3)
+    batcher = Batcher([fake], ServiceSettings(max_concurrent_requests=3))
     batcher.start()
 
     async def scenario() -> None:
@@ -138,7 +143,7 @@ def test_queue_bound_timeout_and_cancellation() -> None:
 
 def test_replicas_share_the_queue_and_close_fails_queued_work() -> None:
     fakes = [BatchFake(delay=0.2), BatchFake(delay=0.2)]
-    batcher = Batcher(fakes, max_batch_requests=1)
+    batcher = Batcher(fakes, ServiceSettings(max_batch_requests=1))
     batcher.start()
 
     async def scenario() -> list:

@@ -26,14 +26,9 @@ from routehead.api import Reranker
 from routehead.calibration import fallback
 from routehead.service import ServiceSettings, create_app
 from routehead.testing.tiny import tiny_lm
-from tests.service_helpers import FAKE_MODEL, BatchFake, fake_rank, live_server
+from tests.service.conftest import FAKE_MODEL, BatchFake, fake_rank, live_server
 
 DOCS = ["the cat sat on the mat", "dogs chase cats in the park", "a cat and a dog are friends", "nothing here"]
-
-
-@pytest.fixture(scope="module")
-def fake() -> BatchFake:
-    return BatchFake()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sigterm_drains_in_flight_work_and_exits() -> None:
@@ -21,7 +21,7 @@ def test_sigterm_drains_in_flight_work_and_exits() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
-    proc = subprocess.Popen([sys.executable, "tests/service_fake_server.py", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "tests/service/fake_server.py", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -1,8 +1,8 @@
 """The app in-process (TestClient): every shape against recorded request/response pairs, the extras,
 readiness, backpressure answers, metrics, docs, and the error shape.
 
-Recorded pairs live in tests/data/service/*.json; volatile fields (ids, timings) are blanked before comparing.
-Re-record with ``ROUTEHEAD_RECORD=1 pytest tests/test_service_api.py`` after an intended change.
+Recorded pairs live in tests/service/data/*.json; volatile fields (ids, timings) are blanked before comparing.
+Re-record with ``ROUTEHEAD_RECORD=1 pytest tests/service/test_api.py`` after an intended change.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from routehead.service import Limits, ServiceSettings, create_app
-from routehead.service.app import WARMUP
-from tests.service_helpers import BOOM, FAKE_MODEL, SLOW, BatchFake
+from routehead.errors import RouteheadError
+from routehead.service import Limits, RerankerLike, ServiceSettings, create_app
+from routehead.service.state import WARMUP
+from tests.service.conftest import BOOM, FAKE_MODEL, SLOW, BatchFake, FakeRanking
 
-DATA = Path(__file__).parent / "data" / "service"
+DATA = Path(__file__).parent / "data"
 DOCS = ["the cat sat on the mat", "dogs chase cats in the park", "a cat and a dog are friends", "nothing here"]
 VOLATILE = {"id", "duration_ms", "queue_ms", "inference_ms", "created"}
 
@@ -50,11 +51,6 @@ RECORDED = {
     "rank-fields": ("/v1/rerank", {"query": "cat", "rank_fields": ["title", "body"], "return_documents": True,
                                    "documents": [{"title": "dogs", "body": "a dog"}, {"title": "cat", "n": 1}]}),
 }
-
-
-@pytest.fixture(scope="module")
-def fake() -> BatchFake:
-    return BatchFake()
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +231,13 @@ def test_queue_full_is_429_and_deadline_is_504() -> None:
 
 def test_evidence_without_support_gives_empty_lists_and_a_warning() -> None:
     class NoEvidence(BatchFake):
-        def rerank(self, query, documents, first_stage_scores=None, routed_heads=False):  # type: ignore[override]
+        def rerank(self, query, documents, first_stage_scores=None, routed_heads=False, evidence=0) -> FakeRanking:
             return super().rerank(query, documents)
 
-    fake = NoEvidence(batched=False)
+        def rerank_many(self, items, batch_size=8, evidence=0) -> list[FakeRanking]:
+            return super().rerank_many(items, batch_size)
+
+    fake = NoEvidence()
     with TestClient(create_app(fake)) as client:
         body = client.post("/v1/rerank", json={"query": "cat", "documents": DOCS, "return_evidence": 3}).json()
     assert all(r["evidence"] == [] for r in body["results"])
@@ -247,3 +246,38 @@ def test_evidence_without_support_gives_empty_lists_and_a_warning() -> None:
 
 def test_warmup_is_a_tiny_request() -> None:
     assert len(WARMUP.documents) == 1 and WARMUP.tokens < 100
+
+
+def test_a_reranker_is_what_the_protocol_says() -> None:
+    class OnlyRerank:  # the duck type of old: no rerank_many, no prompt_tokens
+        def info(self) -> dict:
+            return {"model": "duck"}
+
+        def rerank(self, query, documents, **kwargs):
+            raise AssertionError("never called")
+
+    assert isinstance(BatchFake(), RerankerLike)
+    assert not isinstance(OnlyRerank(), RerankerLike)
+    with pytest.raises(TypeError, match="RerankerLike"):
+        create_app(OnlyRerank())
+
+
+def test_prompt_tokens_are_the_rerankers_count() -> None:
+    class Counted(BatchFake):
+        def prompt_tokens(self, query, documents) -> int:
+            if "refuse" in query:
+                raise RouteheadError("the reranker refuses this query")
+            return 1000 * len(documents)
+
+    with TestClient(create_app(Counted(), Limits(max_request_tokens=2500))) as client:
+        ok = client.post("/v1/rerank", json={"query": "cat", "documents": DOCS[:2]}).json()
+        assert ok["meta"]["billed_units"]["input_tokens"] == ok["usage"]["total_tokens"] == 2000
+        over = client.post("/v1/rerank", json={"query": "cat", "documents": DOCS[:3]})
+        assert over.status_code == 422 and over.json()["error"]["type"] == "limit_exceeded"
+        assert "3000 prompt tokens" in over.json()["error"]["message"]
+        refused = client.post("/v1/rerank", json={"query": "refuse", "documents": DOCS[:1]})
+        assert refused.status_code == 422 and refused.json()["error"] == {
+            "message": "the reranker refuses this query", "type": "invalid_input"}
+        text = client.get("/metrics").text
+    assert "routehead_batch_tokens_sum 2000.0" in text  # the batch budget is counted in the same tokens
+    assert 'routehead_request_failures_total{reason="invalid_input"} 1.0' in text
