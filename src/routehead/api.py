@@ -177,24 +177,15 @@ class Reranker:
         pass: every window's prompt (template, instruction, documents cut to ``max_doc_tokens``, query) over every
         ``doc_order`` pass, counted as the scorer plans its windows: an upper bound, over by the few tokens the
         numbering and merges at segment boundaries save (about 2 a document a pass). Raises :class:`RouteheadError`
-        where :meth:`rerank` would refuse the input. Safe beside a running :meth:`rerank`: it counts with its own
-        copy of the tokenizer (encoding flips a setting of the tokenizer object), one call at a time."""
-        import copy
-        import threading
-
+        where :meth:`rerank` would refuse the input. Safe beside a running :meth:`rerank` (every encode holds the
+        tokenizer's lock, :func:`routehead.engine.prompt.tokenizer_lock`)."""
         from routehead.engine.prompt import plan_windows
 
-        counting = self.__dict__.get("_counting")
-        if counting is None:
-            builder = copy.copy(self.scorer.builder)
-            builder.tok = copy.deepcopy(builder.tok)
-            counting = self.__dict__.setdefault("_counting", (threading.Lock(), builder))
-        lock, builder = counting
-        with lock:
-            q = builder.prepare_query(query)
-            lengths = builder.prepare_documents(documents)[1]
-            fixed = builder.fixed_tokens(0, q)
-            per_doc = -(-(builder.fixed_tokens(len(lengths), q) - fixed) // len(lengths))
+        builder = self.scorer.builder
+        q = builder.prepare_query(query)
+        lengths = builder.prepare_documents(documents)[1]
+        fixed = builder.fixed_tokens(0, q)
+        per_doc = -(-(builder.fixed_tokens(len(lengths), q) - fixed) // len(lengths))
         total = 0
         for order in passes(self.doc_order):
             perm = prompt_order(len(lengths), order, query)

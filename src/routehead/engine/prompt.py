@@ -35,6 +35,8 @@ The methods' names (icr, static, route) mean the reference layout; v1 is an opti
 from __future__ import annotations
 
 import bisect
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +55,19 @@ QUERY_LABEL = "Query:"
 NA_QUERY = "N/A"
 _SENTINEL = "\u2063ROUTEHEAD_USER_CONTENT\u2063"
 
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """The one lock every encode of ``tokenizer`` takes (see :meth:`PromptBuilder._encode`)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _LOCKS[tokenizer] = threading.Lock()
+        return lock
 
 @dataclass
 class Prompt:
@@ -128,8 +143,12 @@ class PromptBuilder:
 
     # -- tokenization ---------------------------------------------------------------------------------------
     def _encode(self, text: str, special: bool, offsets: bool = False) -> Any:
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=offsets,
-                       split_special_tokens=not special)
+        # a fast tokenizer keeps ``split_special_tokens`` as state of the shared object, set by every call: the
+        # setting and the encoding must not interleave with another thread's (a service counts tokens while a
+        # pass builds its prompt), so every encode of one tokenizer holds its lock
+        with tokenizer_lock(self.tok):
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=offsets,
+                           split_special_tokens=not special)
         return enc if offsets else list(enc["input_ids"])
 
     def _template(self, use_chat_template: bool) -> tuple[str, str]:
@@ -141,7 +160,8 @@ class PromptBuilder:
                 head, tail = text.split(_SENTINEL)
                 return head, tail
         bos = getattr(self.tok, "bos_token", None)
-        probe = list(self.tok("a", add_special_tokens=True)["input_ids"])
+        with tokenizer_lock(self.tok):
+            probe = list(self.tok("a", add_special_tokens=True)["input_ids"])
         adds_bos = bos is not None and probe and probe[0] == self.tok.bos_token_id
         return (bos if adds_bos else ""), ""
 
