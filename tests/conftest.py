@@ -1,5 +1,8 @@
+"""Fixtures shared across the stage folders; each folder's conftest.py holds the ones only its tests use."""
+
 import os
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,3 +15,20 @@ def default_lm():
     from routehead.engine.model import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="module")
+def tiny_router_reranker(tmp_path_factory):
+    """A Reranker with method "route" on tiny_lm("llama"): an untrained router over every head (no first stage),
+    threshold 0, at most 3 heads. Used by the routed-inference (selection) and Reranker (api) tests."""
+    from routehead.api import Reranker
+    from routehead.selection.router import Router, RouterConfig
+    from routehead.testing.tiny import tiny_lm
+    from tests.toys import toy_pool
+
+    lm = tiny_lm("llama")
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=toy_pool(lm.num_layers, lm.num_heads),
+                       threshold=0.0, max_heads=3, prompt={"max_doc_tokens": None})
+    path = tmp_path_factory.mktemp("r") / "router.safetensors"
+    Router(cfg, prior=np.linspace(0.1, 0.9, lm.num_layers * lm.num_heads)).save(path)
+    return Reranker(model=lm, method="route", router=path)

@@ -1,4 +1,4 @@
-"""Cases for tests/test_span_kernel.py, run in a child process under Triton's CPU interpreter.
+"""Cases for tests/engine/test_span_kernel.py, run in a child process under Triton's CPU interpreter.
 
 ``TRITON_INTERPRET=1`` must be set before Triton compiles anything, so these run in their own process and print
 one JSON object: for each case, the largest difference between the fused kernels and the reference it is held to.
@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from routehead.engine import capture, span_kernel  # noqa: E402
 from routehead.engine.scorer import HeadScorer  # noqa: E402
 from routehead.testing.tiny import eager_twin, tiny_lm  # noqa: E402
-from tests.test_engine import DOCS, QUERY, eager_rows  # noqa: E402
+from tests.engine.test_engine import DOCS, QUERY, eager_rows  # noqa: E402
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:

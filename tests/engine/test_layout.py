@@ -15,7 +15,7 @@ from routehead.engine.prompt import LAYOUTS, PromptBuilder, layout_of
 from routehead.engine.scorer import HeadScorer
 from routehead.errors import RouteheadError
 from routehead.testing.tiny import eager_twin, tiny_lm
-from tests.test_reference import DOCS, LATE, QUERY, SEP, STATIC, chat_parts, reference_doc_scores
+from tests.engine.test_reference import DOCS, LATE, QUERY, SEP, STATIC, chat_parts, reference_doc_scores
 
 
 def v1_prompt(tok, query: str, docs: list[str]) -> tuple[list[int], list[int], list[tuple[int, int]]]:

@@ -1,6 +1,6 @@
 """The fused span kernels (routehead.engine.span_kernel) against the torch path and eager attention.
 
-They run on GPUs; here they run under Triton's CPU interpreter, in a child process (tests/span_kernel_cases.py),
+They run on GPUs; here they run under Triton's CPU interpreter, in a child process (tests/engine/span_kernel_cases.py),
 since the interpreter must be switched on before Triton compiles anything.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from routehead.engine import capture, span_kernel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def cases() -> dict[str, float]:
     if span_kernel.triton is None:
         pytest.skip("Triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    done = subprocess.run([sys.executable, "-m", "tests.span_kernel_cases"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "tests.engine.span_kernel_cases"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

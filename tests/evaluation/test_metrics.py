@@ -1,13 +1,14 @@
-"""Metrics against hand-computed values, and paired significance tests."""
+"""Metrics against hand-computed values and ranx, and paired significance tests."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from routehead.errors import RouteheadError
-from routehead.metrics import compare_runs, evaluate_run, per_query, run_from_ranking
+from routehead.metrics import compare_runs, evaluate_run, ndcg_at_k, per_query, run_from_ranking
 
 # q1: graded judgements; d9 is relevant but never retrieved, d3 is judged non-relevant (grade 0).
 # q2: the system retrieved nothing -> must count as 0, not be dropped.
@@ -126,3 +127,27 @@ def test_identical_runs_are_not_significant_and_fisher_is_deterministic() -> Non
         compare_runs(qrels2, {"a": a}, ["zzz"])
     with pytest.raises(RouteheadError, match="significance test"):
         compare_runs(qrels2, {"a": a}, ["a"], test="wilcoxon")
+
+
+def test_ndcg_hand_computed():
+    # ranking by score: d2 (grade 0), d0 (grade 1), d1 (grade 2); two more relevant docs exist (grades 1, 1)
+    scores = np.array([0.5, 0.1, 0.9])
+    gains = np.array([1.0, 2.0, 0.0])
+    dcg = 0 / np.log2(2) + 1 / np.log2(3) + 2 / np.log2(4)
+    idcg = 2 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4) + 1 / np.log2(5)
+    assert ndcg_at_k(scores, gains, [1, 2, 1, 1]) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k(scores, gains, [0, 0]) == 0.0
+
+
+def test_ndcg_matches_ranx():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.normal(size=12)
+        gains = rng.integers(0, 3, size=12).astype(float)
+        extra = {f"x{i}": int(g) for i, g in enumerate(rng.integers(1, 3, size=2))}  # judged, not retrieved
+        qrels = {"q": {**{f"d{i}": int(g) for i, g in enumerate(gains) if g > 0}, **extra}}
+        if not any(v > 0 for v in qrels["q"].values()):
+            continue
+        run = {"q": {f"d{i}": float(s) for i, s in enumerate(scores)}}
+        expected = evaluate_run(qrels, run, ["ndcg@10"])["ndcg@10"]
+        assert ndcg_at_k(scores, gains, list(qrels["q"].values())) == pytest.approx(expected, abs=1e-9)

@@ -14,12 +14,7 @@ pytest.importorskip("haystack")
 from haystack import Document, Pipeline  # noqa: E402
 
 from routehead.integrations.haystack import RouteheadRanker  # noqa: E402
-from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, expected, tiny_folder, tiny_reranker  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def rr(tmp_path_factory):
-    return tiny_reranker(tmp_path_factory.mktemp("hs"))
+from tests.integrations.adapters_common import DOCS, FIRST_STAGE, QUERY, expected, tiny_folder  # noqa: E402
 
 
 def _docs(scores=FIRST_STAGE):

@@ -10,12 +10,7 @@ import pytest
 from routehead.errors import RouteheadError
 from routehead.integrations import first_stage_scores, load_reranker, ranking_metadata, supports_instruction
 from routehead.testing.tiny import tiny_lm
-from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, tiny_reranker
-
-
-@pytest.fixture(scope="module")
-def rr(tmp_path_factory):
-    return tiny_reranker(tmp_path_factory.mktemp("rr"))
+from tests.integrations.adapters_common import DOCS, FIRST_STAGE, QUERY
 
 
 def test_first_stage_scores_only_when_every_document_has_a_finite_one():

@@ -9,12 +9,7 @@ pytest.importorskip("langchain_core")
 from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
 
 from routehead.integrations.langchain import RouteheadCompressor  # noqa: E402
-from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, expected, tiny_reranker  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def rr(tmp_path_factory):
-    return tiny_reranker(tmp_path_factory.mktemp("lc"))
+from tests.integrations.adapters_common import DOCS, FIRST_STAGE, QUERY, expected  # noqa: E402
 
 
 def _docs(scores=FIRST_STAGE):

@@ -13,12 +13,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: 
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode  # noqa: E402
 
 from routehead.integrations.llamaindex import RouteheadRerank  # noqa: E402
-from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, expected, tiny_reranker  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def rr(tmp_path_factory):
-    return tiny_reranker(tmp_path_factory.mktemp("li"))
+from tests.integrations.adapters_common import DOCS, FIRST_STAGE, QUERY, expected  # noqa: E402
 
 
 def _nodes(scores=FIRST_STAGE):

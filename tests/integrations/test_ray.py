@@ -16,9 +16,9 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from routehead.cli import main  # noqa: E402
-from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, tiny_folder  # noqa: E402
+from tests.integrations.adapters_common import DOCS, FIRST_STAGE, QUERY, tiny_folder  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_score_ray_equals_single_process_even_after_an_actor_dies(ray_local, tmp
 def test_readme_ray_snippet_runs_on_the_default_model(ray_local, tmp_path, monkeypatch, capsys):
     import runpy
 
-    from tests.test_readme_integrations import shipped_router_problem
+    from tests.integrations.test_readme_integrations import shipped_router_problem
 
     if shipped_router_problem():  # the actors load the shipped router themselves; nothing to stand in for it
         pytest.skip(f"the router shipped for the default model cannot be loaded: {shipped_router_problem()}")

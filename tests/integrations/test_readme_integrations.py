@@ -1,5 +1,5 @@
 """README's integration snippets: each is an examples/integrations file, shown verbatim in README and run here
-end to end on the default model (the Ray snippet runs in tests/test_ray.py, beside its local Ray)."""
+end to end on the default model (the Ray snippet runs in tests/integrations/test_ray.py, beside its local Ray)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNIPPETS = sorted((ROOT / "examples" / "integrations").glob("*.py"))
 FRAMEWORK = {"langchain_compressor": "langchain_core", "llamaindex_postprocessor": "llama_index.core",
              "haystack_ranker": "haystack", "rerankers_ranker": "rerankers", "ray_rerank": "ray.data"}

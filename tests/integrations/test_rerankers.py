@@ -12,12 +12,7 @@ from rerankers.models.ranker import BaseRanker  # noqa: E402
 from rerankers.results import RankedResults  # noqa: E402
 
 from routehead.integrations.rerankers import RouteheadRanker  # noqa: E402
-from tests.adapters_common import DOCS, FIRST_STAGE, QUERY, expected, tiny_reranker  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def rr(tmp_path_factory):
-    return tiny_reranker(tmp_path_factory.mktemp("rk"))
+from tests.integrations.adapters_common import DOCS, FIRST_STAGE, QUERY, expected  # noqa: E402
 
 
 def test_rank_gives_ranked_results_like_the_reranker(rr):
@@ -46,7 +41,7 @@ def test_documents_with_metadata_scores_and_without(rr):
 
 
 def test_through_the_rerankers_factory(tmp_path):
-    from tests.adapters_common import tiny_folder
+    from tests.integrations.adapters_common import tiny_folder
 
     folder = tiny_folder(tmp_path / "tiny-llama")
     ranker = RerankersFactory(str(folder), model_type="routehead", method="icr", verbose=0)

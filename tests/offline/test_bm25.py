@@ -12,7 +12,7 @@ from routehead.metrics import evaluate_run, run_from_ranking
 from routehead.offline.bm25 import BM25, first_stage
 from routehead.offline.data import Collection, load_collection
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 CORPUS = {
     "d1": {"title": "Running shoes", "text": "A review of shoes for runners and joggers."},

@@ -17,7 +17,7 @@ from routehead.offline.data import (
 )
 from routehead.offline.trec import read_run, write_run
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def make_collection(
