@@ -6,7 +6,7 @@ import asyncio
 
 from routehead.api import Reranker
 from routehead.testing.tiny import tiny_lm
-from tests.service_helpers import BatchFake, fake_rank
+from tests.service.conftest import BatchFake, fake_rank
 
 DOCS = ["the cat sat", "a dog ran", "cat and dog"]
 
