@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.test_cli import run_cli
+from tests.cli.test_cli import run_cli
 
 pytestmark = pytest.mark.slow
 DATA = ["--data", "examples/scifact-mini", "--top-k", "5", "--max-queries", "8", "--no-progress"]

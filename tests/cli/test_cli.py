@@ -13,7 +13,7 @@ import pytest
 from routehead.cli import main, read_documents
 from routehead.errors import RouteheadError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_cli import run_cli
+from tests.cli.test_cli import run_cli
 
 
 def test_evaluate_bm25_loads_no_model(tmp_path) -> None:
