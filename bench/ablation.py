@@ -17,7 +17,7 @@ With ``--passes N``, items 2 and 5, which change the forward pass itself, are ru
   the chat template's closing tokens not run), as routehead did before;
 - item 5, text and tokenization: documents as ``title. text`` and the prompt tokenized segment by segment
   (instruction, separator, marker, document), ids concatenated, as routehead did before.
-With ``--v1 N``, the shipped ``layout="v1"`` option (items 2 and 5 undone together, :mod:`routehead.prompt`) is
+With ``--v1 N``, the shipped ``layout="v1"`` option (items 2 and 5 undone together, :mod:`routehead.engine.prompt`) is
 scored on the first N dev queries into its own store (resumable) and compared with the reference store on the same
 queries: ICR, and the static 16 heads detected on the reference train part.
 Writes results/ablation-<model>.json.
@@ -34,14 +34,16 @@ import numpy as np
 import torch
 from scipy.stats import ttest_rel
 
-from routehead.collect import score_collection
-from routehead.data import doc_text, load_collection, split_dev
-from routehead.evaluate import _gains, detect_heads, head_rows
-from routehead.heads import ndcg_at_k, spans_of
-from routehead.model import load_model
-from routehead.order import prompt_order
-from routehead.prompt import Prompt
-from routehead.scorer import HeadScorer, HeadSet, SpanIndex, normalize_heads, set_weights
+from routehead.engine.aggregate import HeadSet, SpanIndex, mask_outliers_and_sum, spans_of
+from routehead.engine.model import load_model
+from routehead.engine.order import prompt_order
+from routehead.engine.prompt import Prompt
+from routehead.engine.scorer import HeadScorer, normalize_heads, set_weights
+from routehead.metrics import ndcg_at_k
+from routehead.offline.collect import score_collection
+from routehead.offline.data import doc_text, load_collection, split_dev
+from routehead.offline.views import gains, head_rows
+from routehead.training.detect import detect_heads
 
 
 def masked_sum(x: torch.Tensor, si: SpanIndex, unbiased: bool = True, strict: bool = True) -> np.ndarray:
@@ -79,8 +81,8 @@ def evaluate(sc, qids, heads, variant: str, per_query: bool = False) -> float | 
             s = masked_sum(rows, without_marker(t.counts, t.positions))[0]
         else:
             raise ValueError(variant)
-        gains, ideal = _gains(sc, q, e.doc_ids)
-        vals.append(float(ndcg_at_k(np.asarray(s, dtype=np.float64), gains, ideal)))
+        g, ideal = gains(sc, q, e.doc_ids)
+        vals.append(float(ndcg_at_k(np.asarray(s, dtype=np.float64), g, ideal)))
     return np.asarray(vals) if per_query else float(np.mean(vals))
 
 
@@ -101,8 +103,15 @@ def segment_prompt(scorer: HeadScorer, ref: Prompt, docs: list[str]) -> Prompt:
     """Item 5 undone: each segment tokenized alone and the ids concatenated (documents as ``title. text``); the
     reference suffix (late instruction .. chat tail) is kept so only text and tokenization change."""
     b = scorer.builder
-    prefix, spans = b.segment_body([b._cut(d, b.max_doc_tokens)[0] for d in docs])
+    prefix, spans = b.segment_body(b.prepare_documents(docs)[0])
     return Prompt(prefix, spans, ref.query_ids, ref.na_ids, ref.truncated)
+
+
+def set_scores_of(scorer: HeadScorer, prompt: Prompt, heads: list, W: torch.Tensor) -> np.ndarray:
+    """``[sets, docs]``: each set (a row of ``W`` over ``heads``) summed over its heads' calibrated rows (query
+    minus "N/A"), masked, summed, as the pass aggregates a set."""
+    q, na = scorer.query_rows(prompt, heads)
+    return mask_outliers_and_sum(W.float() @ (q - na), prompt.doc_spans).numpy()
 
 
 def pass_items(scorer: HeadScorer, coll, sc, qids, static) -> dict:
@@ -119,12 +128,12 @@ def pass_items(scorer: HeadScorer, coll, sc, qids, static) -> dict:
         query = scorer.builder.prepare_query(coll.queries[q])
         texts, _, cut = scorer.builder.prepare_documents(new_docs)
         ref = scorer.builder.build(query, texts, cut)
-        gains, ideal = _gains(sc, q, ids)
+        g, ideal = gains(sc, q, ids)
         back = np.argsort(perm)  # candidate d sits at prompt position back[d]
         for item, prompt in (("item2-query-only-span", query_only_span(ref)),
                              ("item5-segment-tokenization", segment_prompt(scorer, ref, old_docs))):
-            sets = scorer._score_prompts([prompt], sel, W, keep_tokens=False)[0]["sets"].numpy()[:, back]
-            vals[item].append([float(ndcg_at_k(sets[i].astype(np.float64), gains, ideal)) for i in range(2)])
+            sets = set_scores_of(scorer, prompt, sel, W)[:, back]
+            vals[item].append([float(ndcg_at_k(sets[i].astype(np.float64), g, ideal)) for i in range(2)])
         print(q, {k: v[-1] for k, v in vals.items()}, flush=True)
     return {k: {"n": len(v), "icr": float(np.mean([x[0] for x in v])), "static16": float(np.mean([x[1] for x in v]))}
             for k, v in vals.items()}

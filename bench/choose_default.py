@@ -19,30 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from routehead.collect import score_collection
-from routehead.data import load_collection
-from routehead.evaluate import (
-    _run,
-    detect_heads,
-    head_rows,
-    icr_scores,
-    make_run,
-    queries_for,
-    query_embeddings,
-    report,
-)
-from routehead.heads import set_scores, spans_of
-from routehead.labels import doc_scores
-from routehead.model import load_model
-from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
-from routehead.scorer import HeadScorer
-from routehead.train import TrainSettings, fit_router
+from routehead.engine.model import load_model
+from routehead.engine.scorer import HeadScorer
+from routehead.evaluation.runs import evaluate, report, run_of
+from routehead.evaluation.scores import method_scores
+from routehead.offline.collect import score_collection
+from routehead.offline.data import load_collection
+from routehead.selection import load_method
+from routehead.selection.heads import save_heads
+from routehead.settings import DEFAULT_MAX_DOC_TOKENS, FitSettings
+from routehead.training.detect import detect_heads
+from routehead.training.fit import fit_router
 
 ORDERS = ("reverse", "input", "shuffle")
 
@@ -81,36 +74,31 @@ def main() -> None:
     static, _ = detect_heads(fit, 16, train)
     routers = {}
     for name, objective in (("route", "listwise"), ("route-bce", "bce")):
-        routers[name], _ = fit_router(fit, scorer, embed_layer=8, use_first_stage=False, max_heads=4, pool_size=32,
-                                      folds=args.folds, settings=TrainSettings(objective=objective, lr=3e-3))
+        routers[name], _ = fit_router(fit, scorer, FitSettings(
+            objective=objective, lr=3e-3, embed_layer=8, use_first_stage=False, label_max_heads=4, pool_size=32,
+            folds=args.folds))
         print(name, "fitted, out-of-fold", round(routers[name].config.training["dev_ndcg@10"], 4), flush=True)
     fit_seconds = time.time() - t0
 
-    scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # order -> method -> qid -> scores (input order)
-    for o in ORDERS:
-        sc = restrict(scs[o], dev)
-        per: dict[str, dict[str, np.ndarray]] = {"icr": {}, "single": {}, "static": {}}
-        for q in dev:
-            spans = spans_of(sc.entries[q].tokens.counts)
-            per["icr"][q] = icr_scores(sc, q)
-            per["single"][q] = set_scores(head_rows(sc, q, static[:1]), spans)
-            per["static"][q] = set_scores(head_rows(sc, q, static), spans)
+    with tempfile.TemporaryDirectory() as tmp:  # each method from the registry, over the assets fitted here
+        heads = Path(tmp) / "heads.json"
+        save_heads(heads, static, lm.identity())  # best first, as a shipped head set
+        methods = {m: load_method(m, lm.identity(), heads=heads) for m in ("icr", "single", "static")}
         for name, router in routers.items():
-            emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling, dev)
-            qs = {x.qid: x for x in queries_for(sc, router.config.pool_heads, False, dev)}
-            per[name] = {}
-            for q in dev:
-                r = router.route(emb[q])
-                per[name][q] = doc_scores(qs[q], r.signals, r.signal_weights)
-        scores[o] = per
-    runs = {"bm25": make_run(scs["reverse"], "bm25")}
+            router.save(Path(tmp) / f"{name}.safetensors")
+            methods[name] = load_method("route", lm.identity(), router=Path(tmp) / f"{name}.safetensors")
     for o in ORDERS:
-        runs[f"position@{o}"] = make_run(scs[o], "position")
+        restrict(scs[o], dev)
+    # order -> method -> qid -> scores (candidates in first-stage order)
+    scores = {o: {m: method_scores(scs[o], method, scorer) for m, method in methods.items()} for o in ORDERS}
+    runs = evaluate(scs["reverse"], ["bm25"])[0]
+    for o in ORDERS:
+        runs[f"position@{o}"] = evaluate(scs[o], ["position"])[0]["position"]
         for m, s in scores[o].items():
-            runs[f"{m}@{o}"] = _run(scs[o], s.__getitem__)
+            runs[f"{m}@{o}"] = run_of(scs[o], s.__getitem__)
     for m in scores["reverse"]:
         a, b = scores["input"][m], scores["reverse"][m]
-        runs[f"{m}@both"] = _run(scs["reverse"], lambda q, a=a, b=b: (a[q] + b[q]) / 2)
+        runs[f"{m}@both"] = run_of(scs["reverse"], lambda q, a=a, b=b: (a[q] + b[q]) / 2)
     rep = report(scs["reverse"], runs, baselines=["bm25"])
     nd = {k: v["metrics"]["ndcg@10"] for k, v in rep["rerankers"].items()}
     one_pass = {k: v for k, v in nd.items() if "@" in k and not k.startswith("position") and not k.endswith("@both")}

@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from routehead.collect import score_collection
-from routehead.data import load_collection
-from routehead.model import load_model
-from routehead.scorer import HeadScorer
+from routehead.engine.model import load_model
+from routehead.engine.scorer import HeadScorer
+from routehead.offline.collect import score_collection
+from routehead.offline.data import load_collection
 
 # name:split[:max_queries]; scifact train is done 200 queries first on CPU (about 7 s a query on 2 cores)
 DEFAULT_JOBS = ["scifact:train:200", "scifact:test:150", "trec-dl19-passage:test", "adi:test", "med:test", "cisi:test",

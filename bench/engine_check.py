@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from routehead import capture  # noqa: E402
-from routehead.model import wrap_model  # noqa: E402
-from routehead.scorer import HeadScorer, mask_outliers_and_sum  # noqa: E402
-from routehead.testing import byte_tokenizer  # noqa: E402
-from tests.tiny import tiny_model  # noqa: E402
+from routehead.engine import capture
+from routehead.engine.aggregate import mask_outliers_and_sum
+from routehead.engine.model import wrap_model
+from routehead.engine.rows import span_logits
+from routehead.engine.scorer import HeadScorer
+from routehead.testing import byte_tokenizer
+from routehead.testing.random_models import random_lm
+from routehead.testing.tiny import tiny_model
+from routehead.testing.workload import docs_for_tokens
 
 QUERY = "which enzyme breaks down starch?"
 DOCS = [f"Document {i}: amylase, lipase and protease break down starch, fats and proteins ({i})." for i in range(12)]
@@ -76,9 +77,6 @@ def big_check(shape: str, tokens: int, device: str, dtype: str | None = None) ->
     """A random model of a real shape (default bf16 on CUDA): fused vs torch span rows, and the ICR ranking from
     each. In bf16 two valid computations drift apart over the layers (each rounds the "N/A" rows' outputs its own
     way, and random weights amplify it); float32 shows the kernels' own error."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from speed import docs_for_tokens, random_lm
-
     lm = random_lm(shape, device, dtype)
     scorer = HeadScorer(lm)
     query, docs = docs_for_tokens(scorer, tokens, None, 170)
@@ -121,13 +119,11 @@ def tf32_check(device: str) -> dict | None:
     """The capture's float32 products of bf16 values on TF32 tensor cores against float64: as exact as float32."""
     if not device.startswith("cuda"):
         return None
-    from routehead.capture import _logits
-
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, 8, 40, 128, device=device, generator=g).bfloat16()
     k = torch.randn(1, 8, 8192, 128, device=device, generator=g).bfloat16()
     ref = torch.matmul(q.double(), k.double().transpose(-1, -2)) * 128 ** -0.5
-    fast = _logits(q, [k], None, None).double()
+    fast = span_logits(q, [k], None, None).double()
     torch.backends.cuda.matmul.allow_tf32 = False
     plain = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * 128 ** -0.5).double()
     scale = float(ref.abs().max())

@@ -7,7 +7,7 @@ candidates get the method's raw score, aggregated from the stored token scores e
 monotone logistic map of the raw score alone (so a threshold means the same for every query) is fitted on
 the judgments (:mod:`routehead.calibration`). Its reliability (expected calibration error, Brier score,
 bins) is then measured on the test stores given, which played no part in the fit. Train and test stores are in
-``--order`` (default: the serving default, :data:`routehead.methods.DEFAULT_ORDER`), and the calibration is keyed
+``--order`` (default: the serving default, :data:`routehead.settings.DEFAULT_ORDER`), and the calibration is keyed
 by that order: scores from another prompt order have another scale, so they fall back to the uncalibrated map.
 Writes results/calibration-<model>.json; --ship writes src/routehead/assets/calibration-<model>-<method>.json.
 """
@@ -21,39 +21,28 @@ from pathlib import Path
 
 import numpy as np
 
-from routehead.api import default_heads_path, default_router_path
 from routehead.calibration import calibration_key, fit_calibration, reliability
-from routehead.collect import score_collection
-from routehead.data import load_collection
-from routehead.evaluate import _gains, head_rows, icr_scores, queries_for, query_embeddings
-from routehead.heads import load_heads, set_scores, spans_of
-from routehead.labels import doc_scores
-from routehead.methods import DEFAULT_ORDER
-from routehead.model import load_model
-from routehead.router import load_router
-from routehead.scorer import HeadScorer
+from routehead.engine.model import load_model
+from routehead.engine.scorer import HeadScorer
+from routehead.evaluation.scores import method_scores
+from routehead.offline.collect import score_collection
+from routehead.offline.data import load_collection
+from routehead.offline.views import gains
+from routehead.selection import load_method
+from routehead.selection.base import Method
+from routehead.settings import DEFAULT_ORDER
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "routehead" / "assets"
 
 
-def method_rows(sc, scorer, method: str, heads, router) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def method_rows(sc, scorer, method: Method) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(raw scores, query index, grades) of every judged-or-not candidate of every stored query."""
-    if method == "route":
-        emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
-        qs = {q.qid: q for q in queries_for(sc, router.config.pool_heads, False)}
+    scores = method_scores(sc, method, scorer)
     raw, grp, grades = [], [], []
     for i, q in enumerate(sorted(sc.entries)):
-        e = sc.entries[q]
-        if method == "icr":
-            s = icr_scores(sc, q)
-        elif method == "static":
-            s = set_scores(head_rows(sc, q, heads), spans_of(e.tokens.counts))
-        else:
-            r = router.route(emb[q])
-            s = doc_scores(qs[q], r.signals, r.signal_weights)
-        g, _ = _gains(sc, q, e.doc_ids)
-        raw.append(s)
-        grp.append(np.full(len(s), i))
+        g, _ = gains(sc, q, sc.entries[q].doc_ids)
+        raw.append(scores[q])
+        grp.append(np.full(len(scores[q]), i))
         grades.append(g)
     return np.concatenate(raw), np.concatenate(grp), np.concatenate(grades)
 
@@ -69,8 +58,6 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model(args.model)
     scorer = HeadScorer(lm)
-    heads, _ = load_heads(default_heads_path(lm.name), lm.identity())
-    router = load_router(default_router_path(lm.name), lm.identity())
     train = score_collection(load_collection(f"{args.data_root}/scifact", "train"), None, scorer.settings(),
                              doc_order=args.order)
     tests = {}
@@ -81,14 +68,15 @@ def main() -> None:
             tests[name] = sc
     out = {"model": lm.name, "date": time.strftime("%Y-%m-%d"), "train_queries": len(train.entries),
            "order": args.order, "methods": {}}
-    for method in ("route", "static", "icr"):
-        raw, grp, grades = method_rows(train, scorer, method, heads, router)
+    for method in ("route", "static", "icr"):  # registered methods, with the heads and router shipped for the model
+        selector = load_method(method, lm.identity())
+        raw, grp, grades = method_rows(train, scorer, selector)
         key = calibration_key({"model": lm.name, "method": method, "doc_order": args.order})
         cal = fit_calibration(raw, grp, grades, features=("raw",), key=key,
                               fitted_on=f"scifact/train, {len(train.entries)} queries, {args.order} order")
         row = {"coef": cal.coef, "intercept": cal.intercept, "train": cal.reliability, "test": {}}
         for name, sc in tests.items():
-            r, g, y = method_rows(sc, scorer, method, heads, router)
+            r, g, y = method_rows(sc, scorer, selector)
             prob = np.concatenate([cal.relevance(r[g == k]) for k in np.unique(g)])
             row["test"][name] = {"queries": len(sc.entries), **reliability(prob, (y >= 1).astype(float))}
         cal.extra = {"test_reliability": {k: {m: v[m] for m in ("ece", "brier") if m in v}

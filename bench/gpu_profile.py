@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +15,11 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import build_lm, docs_for_tokens, rerank_pass  # noqa: E402
-
-from routehead.scorer import HeadScorer  # noqa: E402
+from routehead.engine.scorer import HeadScorer
+from routehead.selection import load_method
+from routehead.testing.passes import rerank_pass
+from routehead.testing.random_models import build_lm
+from routehead.testing.workload import docs_for_tokens
 
 
 def kernels(fn) -> tuple[float, dict[str, float]]:
@@ -45,11 +45,12 @@ def main() -> None:
     args = ap.parse_args()
     lm = build_lm(args.model, "cuda", None)
     scorer = HeadScorer(lm, max_doc_tokens=None)
+    icr = load_method("icr", lm.identity())  # every head, as Reranker(method="icr") runs it
     out = {}
     for T in args.tokens:
         q, docs = docs_for_tokens(scorer, T, None, 170)
         res = {m: kernels(f) for m, f in (("bare", lambda q=q, docs=docs: scorer.bare_forward(q, docs)),
-                                          ("full", lambda q=q, docs=docs: rerank_pass(scorer, [(q, docs)])))}
+                                          ("full", lambda q=q, docs=docs: rerank_pass(scorer, [(q, docs)], icr)))}
         names = sorted(set(res["bare"][1]) | set(res["full"][1]), key=lambda k: -res["full"][1].get(k, 0))
         rows = [(k, res["bare"][1].get(k, 0.0), res["full"][1].get(k, 0.0)) for k in names]
         tot = {m: sum(v for v in res[m][1].values()) for m in res}

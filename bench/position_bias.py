@@ -26,22 +26,22 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau, spearmanr
 
-from routehead.api import default_heads_path, default_router_path
-from routehead.collect import score_collection
-from routehead.data import load_collection
-from routehead.evaluate import _run, head_rows, icr_scores, query_embeddings, report
-from routehead.heads import load_heads, set_scores, spans_of
-from routehead.labels import doc_scores
-from routehead.model import load_model
-from routehead.router import load_router
-from routehead.scorer import HeadScorer, HeadSet
+from routehead.engine.model import load_model
+from routehead.engine.scorer import HeadScorer
+from routehead.evaluation.runs import report, run_of
+from routehead.evaluation.scores import method_scores
+from routehead.offline.bm25 import first_stage
+from routehead.offline.collect import score_collection
+from routehead.offline.data import load_collection
+from routehead.selection import load_method
+from routehead.selection.base import Method
+
+METHODS = ("icr", "static", "single", "route")  # registered methods, with the assets shipped for the model
 
 
-def identical(scorer: HeadScorer, coll, qids: list[str], heads: list) -> dict:
+def identical(scorer: HeadScorer, coll, qids: list[str], methods: dict[str, Method]) -> dict:
     out = {}
-    sets = {"icr": HeadSet.of(None), "static": HeadSet.of(heads), "single": HeadSet.of(heads[:1])}
-    from routehead.bm25 import first_stage
-
+    sets = {k: m.select().heads for k, m in methods.items() if m.embedding is None}  # one head set each
     fs = first_stage(coll, 20)
     per: dict[str, list] = {k: [] for k in sets}
     for q in qids:
@@ -58,20 +58,6 @@ def identical(scorer: HeadScorer, coll, qids: list[str], heads: list) -> dict:
     return out
 
 
-def method_scores(sc, name: str, heads, router, emb, qs) -> dict[str, np.ndarray]:
-    out = {}
-    for q in sc.entries:
-        spans = spans_of(sc.entries[q].tokens.counts)
-        if name == "icr":
-            out[q] = icr_scores(sc, q)
-        elif name in ("static", "single"):
-            out[q] = set_scores(head_rows(sc, q, heads if name == "static" else heads[:1]), spans)
-        else:
-            r = router.route(emb[q])
-            out[q] = doc_scores(qs[q], r.signals, r.signal_weights)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
@@ -83,17 +69,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from routehead.evaluate import queries_for
-
     lm = load_model(args.model)
     scorer = HeadScorer(lm)
-    heads, _ = load_heads(default_heads_path(lm.name), lm.identity())
-    router = load_router(default_router_path(lm.name), lm.identity())
+    methods = {m: load_method(m, lm.identity()) for m in METHODS}
     out: dict = {"model": lm.name, "machine": platform.processor() or platform.machine(),
-                 "date": time.strftime("%Y-%m-%d"), "static_heads": [list(h) for h in heads]}
+                 "date": time.strftime("%Y-%m-%d"), "static_heads": methods["static"].info()["heads"]}
     if args.identical:
         coll = load_collection(f"{args.data_root}/scifact", "test")
-        out["identical_documents"] = identical(scorer, coll, list(coll.queries)[: args.identical], heads)
+        out["identical_documents"] = identical(scorer, coll, list(coll.queries)[: args.identical], methods)
         print(json.dumps(out["identical_documents"]), flush=True)
     out["collections"] = []
     for job in args.jobs:
@@ -107,19 +90,15 @@ def main() -> None:
         for sc in scs.values():
             sc.entries = {q: sc.entries[q] for q in common}
             sc.first_stage = {q: c for q, c in sc.first_stage.items() if q in common}
-        scores = {}
-        for o, sc in scs.items():
-            emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
-            qs = {q.qid: q for q in queries_for(sc, router.config.pool_heads, router.config.use_first_stage)}
-            scores[o] = {m: method_scores(sc, m, heads, router, emb, qs) for m in ("icr", "static", "single", "route")}
+        scores = {o: {m: method_scores(sc, method, scorer) for m, method in methods.items()} for o, sc in scs.items()}
         runs = {}
-        for m in ("icr", "static", "single", "route"):
+        for m in METHODS:
             taus = [kendalltau(scores["input"][m][q], scores["reverse"][m][q]).statistic for q in common]
             row["kendall_tau_input_vs_reverse"][m] = float(np.nanmean(taus))
             a, b = scores["input"][m], scores["reverse"][m]
-            runs[f"{m}@input"] = _run(scs["input"], a.__getitem__)
-            runs[f"{m}@reverse"] = _run(scs["reverse"], b.__getitem__)
-            runs[f"{m}@both"] = _run(scs["reverse"], lambda q, a=a, b=b: (a[q] + b[q]) / 2)
+            runs[f"{m}@input"] = run_of(scs["input"], a.__getitem__)
+            runs[f"{m}@reverse"] = run_of(scs["reverse"], b.__getitem__)
+            runs[f"{m}@both"] = run_of(scs["reverse"], lambda q, a=a, b=b: (a[q] + b[q]) / 2)
         rep = report(scs["reverse"], runs, baselines=[])
         row["ndcg@10"] = {k: round(v["metrics"]["ndcg@10"], 4) for k, v in rep["rerankers"].items()}
         out["collections"].append(row)

@@ -7,7 +7,7 @@ Re-rankers: bm25, position (the prompt position alone: what position bias gives 
 (MiniLM), icr, single (the best shipped head), static (the shipped 16 heads, QRHead), route-bce (the paper's
 recipe: BCE on greedy pseudo labels), route (the shipped default router: listwise-trained, probability-weighted
 heads), route+fs (may also route the first-stage score), oracle (analysis only). Every attention re-ranker
-aggregates as the references do (sum over its heads, outlier mask, sum). Orders (:mod:`routehead.order`):
+aggregates as the references do (sum over its heads, outlier mask, sum). Orders (:mod:`routehead.engine.order`):
 reverse (the references' published order, best first-stage candidate last), input (first-stage order) and
 shuffle (a fixed random order per query: the content signal). Paired t-tests on nDCG@10 against bm25, icr,
 static and single. Writes results/quality-<model>.json and prints a markdown table. Queries not yet in the
@@ -25,19 +25,35 @@ from pathlib import Path
 
 import torch
 
-from routehead.api import ROUTER_VARIANTS, default_heads_path, default_router_path, router_path
-from routehead.collect import score_collection
-from routehead.data import load_collection
-from routehead.evaluate import dense_scores, make_run, query_embeddings, report
-from routehead.heads import load_heads
-from routehead.model import load_model
-from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
-from routehead.router import load_router
-from routehead.scorer import HeadScorer
+from routehead.assets import ROUTER_VARIANTS, default_heads_path, router_path
+from routehead.engine.model import load_model
+from routehead.engine.scorer import HeadScorer
+from routehead.evaluation.runs import evaluate, report, run_of
+from routehead.offline.collect import score_collection
+from routehead.offline.data import load_collection
+from routehead.offline.dense import dense_scores
+from routehead.selection.heads import load_heads
+from routehead.settings import DEFAULT_MAX_DOC_TOKENS
 
 JOBS = ["scifact:test", "trec-dl19-passage:test", "cranfield:test", "cisi:test", "med:test", "adi:test"]
 ORDER = ["bm25", "position", "dense", "icr", "single", "static", "route-bce", "route", "route+fs", "route-fast",
          "oracle"]
+
+
+def method_columns(model: str, extra: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Column name -> (registered method, its router): the shipped heads and router of ``model``, each shipped
+    router variant (``route-bce``, ``route+fs``, ``route-fast``) and every ``--router NAME=PATH``."""
+    cols: dict[str, tuple[str, str | None]] = {"icr": ("icr", None), "single": ("single", None),
+                                               "static": ("static", None), "route": ("route", None)}
+    for variant in ROUTER_VARIANTS:
+        if router_path(model, variant)[0].is_file():
+            cols[f"route{'+' if variant == 'fs' else '-'}{variant}"] = ("route", variant)
+    for spec in extra:
+        name, _, path = spec.partition("=")
+        if not path or name in cols:
+            raise SystemExit(f"--router wants NAME=PATH with a new NAME, got {spec!r}")
+        cols[name] = ("route", path)
+    return cols
 
 
 def main() -> None:
@@ -60,17 +76,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, layout=args.layout)
-    heads, hbody = load_heads(default_heads_path(lm.name), lm.identity())
-    routers = {"route": load_router(default_router_path(lm.name), lm.identity())}
-    for variant in ROUTER_VARIANTS:
-        path, _ = router_path(lm.name, variant)
-        if path.is_file():
-            routers[f"route{'+' if variant == 'fs' else '-'}{variant}"] = load_router(path, lm.identity())
-    for spec in args.router:
-        rname, _, path = spec.partition("=")
-        if not path or rname in routers:
-            raise SystemExit(f"--router wants NAME=PATH with a new NAME, got {spec!r}")
-        routers[rname] = load_router(path, lm.identity())
+    _, hbody = load_heads(default_heads_path(lm.name), lm.identity())
+    columns = method_columns(lm.name, args.router)
     results = []
     for job in args.jobs:
         name, split, *cap = job.split(":")
@@ -84,26 +91,24 @@ def main() -> None:
                 continue
             sc.first_stage = {q: c for q, c in sc.first_stage.items() if q in scored}  # scored queries only
             t = time.time()
-            runs = {"bm25": make_run(sc, "bm25"), "position": make_run(sc, "position")}
+            runs, _ = evaluate(sc, ["bm25", "position"])
             if not args.no_dense:
-                dense = dense or dense_scores(sc)
-                runs["dense"] = make_run(sc, "dense", dense_scores=dense)
-            runs["icr"] = make_run(sc, "icr")
-            runs["single"] = make_run(sc, "single", heads=heads[:1])
-            runs["static"] = make_run(sc, "static", heads=heads)
+                dense = dense or dense_scores(sc)  # per candidate, whatever the prompt order: computed once
+                runs["dense"] = run_of(sc, dense.__getitem__)
             sizes = {}
-            for rname, router in routers.items():
-                emb = query_embeddings(sc, scorer, router.config.embed_layer, router.config.pooling)
-                sizes[rname] = []
-                runs[rname] = make_run(sc, "route", router=router, embeddings=emb, routed_sizes=sizes[rname])
-            runs["oracle"] = make_run(sc, "oracle", pool=routers["route"].config.pool_heads)
+            for col, (method, asset) in columns.items():  # every column a registered method and its asset
+                col_runs, extra = evaluate(sc, [method], scorer, router=asset)
+                runs[col] = col_runs[method]
+                if f"{method}_mean_heads" in extra:
+                    sizes[col] = extra[f"{method}_mean_heads"]
+            runs["oracle"] = evaluate(sc, ["route", "oracle"], scorer)[0]["oracle"]  # over the route's pool
             rep = report(sc, runs, baselines=["bm25", "icr", "static", "single"])
             rep["doc_order"] = order
-            rep["mean_heads_routed"] = {k: sum(v) / max(len(v), 1) for k, v in sizes.items()}
+            rep["mean_heads_routed"] = sizes
             nd = {k: v["metrics"]["ndcg@10"] for k, v in rep["rerankers"].items()}
             gap = nd["oracle"] - nd["static"]
             rep["static_to_oracle_gap_closed"] = {k: (nd[k] - nd["static"]) / gap if gap > 0 else None
-                                                  for k in routers}
+                                                  for k in sizes}
             rep["seconds"] = round(time.time() - t, 1)
             results.append(rep)
             print(json.dumps({"dataset": name, "order": order, "n": rep["n_queries"],

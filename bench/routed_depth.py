@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from routehead.api import Reranker
-from routehead.data import load_collection
+from routehead.offline.data import load_collection
 
 ROOT = Path(__file__).resolve().parents[1]
 

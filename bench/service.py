@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,9 +29,10 @@ import httpx
 import torch
 
 from routehead.api import Reranker
-from routehead.methods import DEFAULT_METHOD
+from routehead.selection import DEFAULT_METHOD
 from routehead.service import ServiceSettings, create_app
 from routehead.service.run import build_server
+from routehead.testing.random_models import random_lm
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,10 +133,7 @@ def main() -> None:
     payloads = [{"query": q, "documents": texts[(i * args.docs) % len(texts):][: args.docs] or texts[: args.docs]}
                 for i, q in enumerate(queries)]
     model = args.model
-    if model and model.startswith("random:"):  # a random-weight model of a real shape (bench/speed.py), e.g. on a GPU
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from speed import random_lm  # bench/ is not a package
-
+    if model and model.startswith("random:"):  # a random-weight model of a real shape, e.g. on a GPU
         model = random_lm(model.split(":", 1)[1], args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           None)
     rr = Reranker(model=model, method=args.method, device=args.device)

@@ -2,9 +2,9 @@
 
     python bench/service_latency.py [--method route] [--requests 10] [--docs 20]
 
-Starts `routehead.server` with uvicorn on 127.0.0.1 (a free port), sends sequential requests with httpx, and
-prints one JSON object: median and p90 latency, and the in-library time for the same input (so the HTTP overhead
-is visible). Writes results/service-latency.json.
+Starts the service (`routehead.service`) with uvicorn on 127.0.0.1 (a free port), sends sequential requests with
+httpx, and prints one JSON object: median and p90 latency, and the in-library time for the same input (so the HTTP
+overhead is visible). Writes results/service-latency.json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 
 from routehead.api import Reranker
-from routehead.server import create_app
+from routehead.service import create_app
 
 
 def free_port() -> int:

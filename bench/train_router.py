@@ -28,28 +28,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routehead.collect import score_collection
-from routehead.data import load_collection, split_dev
-from routehead.evaluate import detect_heads, head_rows
-from routehead.heads import ndcg_at_k, save_heads, set_scores, spans_of
-from routehead.metrics import paired_p_value
-from routehead.model import load_model
-from routehead.prompt import DEFAULT_MAX_DOC_TOKENS
-from routehead.scorer import HeadScorer
-from routehead.train import TrainSettings, fit_router
+from routehead.engine.aggregate import HeadSet
+from routehead.engine.model import load_model
+from routehead.engine.scorer import HeadScorer
+from routehead.metrics import ndcg_at_k, paired_p_value
+from routehead.offline.collect import score_collection
+from routehead.offline.data import load_collection, split_dev
+from routehead.offline.views import gains, selection_scores
+from routehead.selection.base import Selection
+from routehead.selection.heads import save_heads
+from routehead.settings import DEFAULT_MAX_DOC_TOKENS, FitSettings
+from routehead.training.detect import detect_heads
+from routehead.training.fit import fit_router
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "routehead" / "assets"
 
 
 def static_dev(sc, heads, dev_ids):
-    """Mean dev nDCG@10 of a head set, aggregated as inference does (sum over heads, mask, sum)."""
-    from routehead.evaluate import _gains
-
+    """Mean dev nDCG@10 of a head set (in detection order), aggregated as inference does (sum over heads, mask,
+    sum)."""
+    sel = Selection(HeadSet.of(heads))
     vals = []
     for q in dev_ids:
-        s = set_scores(head_rows(sc, q, heads), spans_of(sc.entries[q].tokens.counts))
-        gains, ideal = _gains(sc, q, sc.entries[q].doc_ids)
-        vals.append(float(ndcg_at_k(s, gains, ideal)))
+        g, ideal = gains(sc, q, sc.entries[q].doc_ids)
+        vals.append(float(ndcg_at_k(selection_scores(sc, q, sel), g, ideal)))
     return float(np.mean(vals))
 
 
@@ -111,10 +113,10 @@ def main() -> None:
 
     def train(c):
         t = time.time()
-        settings = TrainSettings(objective=c["objective"], lr=c["lr"], depth_cost=c.get("depth_cost", 0.0))
-        router, info = fit_router(sc, scorer, embed_layer=c["embed_layer"], use_first_stage=c["use_first_stage"],
-                                  max_heads=4, pool_size=c["pool_size"], folds=args.folds, settings=settings,
-                                  max_layer=c.get("max_layer"))
+        settings = FitSettings(objective=c["objective"], lr=c["lr"], depth_cost=c.get("depth_cost", 0.0),
+                               embed_layer=c["embed_layer"], use_first_stage=c["use_first_stage"], label_max_heads=4,
+                               pool_size=c["pool_size"], folds=args.folds, max_layer=c.get("max_layer"))
+        router, info = fit_router(sc, scorer, settings)
         tr = router.config.training
         row = {**c, "dev_ndcg@10": tr["dev_ndcg@10"], "threshold": router.config.threshold,
                **{k: tr[k] for k in ("best_epoch", "mean_label_size", "routed_oof", "layers_run_train",
