@@ -34,3 +34,13 @@ def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]
 
 def default_heads_path(model_name: str) -> Path:
     return asset(f"heads-{model_name}.json")
+
+
+def default_core_heads_path(model_name: str) -> Path:
+    """The CoRe head set shipped for a model (``routehead detect --rule core``)."""
+    return asset(f"heads-{model_name}-core.json")
+
+
+def default_window_path(model_name: str) -> Path:
+    """The Selective-ICR layer window shipped for a model (``routehead detect --rule layers``)."""
+    return asset(f"layers-{model_name}.json")

@@ -61,13 +61,14 @@ def test_every_method_scores_alike_stored_and_live(tmp_path: Path, monkeypatch: 
     coll = load_collection("examples/scifact-mini", "test")
     scorer = HeadScorer(lm, max_doc_tokens=40)
     sc = score_collection(coll, scorer, scorer.settings(), top_k=5, max_queries=3, progress=False, doc_order=order)
-    assets = {"heads": [(0, 1), (2, 3), (3, 0)],
+    assets = {"heads": [(0, 1), (2, 3), (3, 0)], "window": (1, 2),  # a window: every head of layers 1..2
               "router": _router(lm, tmp_path / "router.safetensors", use_first_stage=False)}
     fs_router = _router(lm, tmp_path / "router-fs.safetensors", use_first_stage=True)
     cases = [(name, assets.get(spec.needs)) for name, spec in METHODS.items()] + [("route", fs_router)]
     assert {name for name, _ in cases} == set(METHODS)
     for name, asset in cases:
-        kw = {spec: asset for spec in ("router", "heads") if METHODS[name].needs == spec}
+        kw = {arg: asset for arg, needs in (("router", "router"), ("heads", "heads"), ("heads", "window"))
+              if METHODS[name].needs == needs}
         method = load_method(name, lm.identity(), **kw)
         rr = Reranker(lm, method=name, max_doc_tokens=40, doc_order=order, **kw)
         emb = query_embeddings(sc, scorer, *method.embedding) if method.embedding else {}
@@ -91,7 +92,7 @@ def test_every_method_scores_alike_stored_and_live(tmp_path: Path, monkeypatch: 
 def test_registry_names_resolve_and_refuse() -> None:
     assert resolve_method(None) == "icr" and resolve_method(None, router="x") == "route"
     assert resolve_method(None, heads=[(0, 0)]) == "static" and resolve_method("single") == "single"
-    assert {s.needs for s in METHODS.values()} == {"nothing", "heads", "router"}
+    assert {s.needs for s in METHODS.values()} == {"nothing", "heads", "window", "router"}
     with pytest.raises(RouteheadError, match="unknown method 'nope'"):
         method_spec("nope")
     with pytest.raises(RouteheadError, match="at least one head"):

@@ -28,18 +28,67 @@ def score(args: argparse.Namespace) -> None:
 
 
 def detect(args: argparse.Namespace) -> None:
+    """The asset of a detection rule: QRHead's heads, CoRe's heads or Selective-ICR's layer window."""
+    from routehead.errors import RouteheadError
+
+    given = [o for o, v in (("--temperature", args.temperature), ("--prune", args.prune), ("--width", args.width),
+                            ("--max-layer", args.max_layer)) if v is not None]
+    allowed = {"qrhead": {"--max-layer"}, "core": {"--temperature", "--prune", "--max-layer"}, "layers": {"--width"}}
+    if set(given) - allowed[args.rule]:
+        raise RouteheadError(f"{', '.join(sorted(set(given) - allowed[args.rule]))} not used by --rule {args.rule}")
+    sc, scorer = job_from(args).run()
+    source = {"prompt": scorer.builder.settings(), "doc_order": sc.settings["doc_order"],
+              "detected_on": f"{sc.collection.name}/{sc.collection.split}", "n_queries": len(sc.entries)}
+    {"qrhead": _detect_qrhead, "core": _detect_core, "layers": _detect_window}[args.rule](args, sc, scorer, source)
+
+
+def _detect_qrhead(args: argparse.Namespace, sc: Any, scorer: Any, source: dict[str, Any]) -> None:
     from routehead.selection.heads import save_heads
     from routehead.training.detect import detect_heads
 
-    sc, scorer = job_from(args).run()
-    heads, q = detect_heads(sc, args.top)
-    save_heads(args.out, heads, scorer.lm.identity(), prompt=scorer.builder.settings(),
-               doc_order=sc.settings["doc_order"],
-               detected_on=f"{sc.collection.name}/{sc.collection.split}", n_queries=len(sc.entries),
-               quality=[round(float(q[a, b]), 4) for a, b in heads])
-    print(f"top {args.top} heads by nDCG@10 alone on {len(sc.entries)} queries -> {args.out}")
+    top = args.top or 16
+    heads, q = detect_heads(sc, top, max_layer=args.max_layer)
+    save_heads(args.out, heads, scorer.lm.identity(), **source, quality=[round(float(q[a, b]), 4) for a, b in heads])
+    print(f"top {top} heads by nDCG@10 alone on {len(sc.entries)} queries -> {args.out}")
     for a, b in heads:
         print(f"  layer {a:2d} head {b:2d}  nDCG@10 {q[a, b]:.4f}")
+
+
+def _detect_core(args: argparse.Namespace, sc: Any, scorer: Any, source: dict[str, Any]) -> None:
+    from routehead.selection.heads import save_heads
+    from routehead.training.detect import CORE_TEMPERATURE, CORE_TOP, detect_core, layer_limit
+
+    top = args.top or CORE_TOP
+    t = CORE_TEMPERATURE if args.temperature is None else args.temperature
+    prune = args.prune or 0.0
+    if sc.settings["doc_order"] != "shuffle":
+        print(f"note: the store's prompt order is {sc.settings['doc_order']!r}; CoRe's positives should vary in "
+              f"position (--doc-order shuffle)", file=sys.stderr)
+    heads, S, n = detect_core(sc, top, t, prune, args.max_layer)
+    keep = layer_limit(S.shape[0], prune, args.max_layer)
+    detection = {"rule": "core", "temperature": t, "prune": prune, "max_layer": args.max_layer, "layers_kept": keep,
+                 "samples": n, "negatives": "the store's candidates not judged relevant"}
+    save_heads(args.out, heads, scorer.lm.identity(), **source, detection=detection,
+               core_score=[round(float(S[a, b]), 6) for a, b in heads])
+    print(f"top {top} CoRe heads (t={t}, layers 0..{keep - 1}) on {n} samples of {len(sc.entries)} queries "
+          f"-> {args.out}")
+    for a, b in heads:
+        print(f"  layer {a:2d} head {b:2d}  CoRe score {S[a, b]:.4f}")
+
+
+def _detect_window(args: argparse.Namespace, sc: Any, scorer: Any, source: dict[str, Any]) -> None:
+    from routehead.selection.layers import save_window
+    from routehead.training.detect import detect_window
+
+    (s, e), per_layer, per_window = detect_window(sc, args.width)
+    detection = {"rule": "layers", "width": e - s + 1, "ndcg@10": round(float(per_window[s]), 4)}
+    save_window(args.out, (s, e), scorer.lm.identity(), **source, detection=detection,
+                layer_ndcg=[round(float(x), 4) for x in per_layer],
+                window_ndcg=[round(float(x), 4) for x in per_window])
+    print(f"layers {s}..{e} (width {e - s + 1}): nDCG@10 {per_window[s]:.4f} on {len(sc.entries)} queries "
+          f"-> {args.out}")
+    for lay, x in enumerate(per_layer):
+        print(f"  layer {lay:2d}  nDCG@10 {x:.4f}" + ("  *" if s <= lay <= e else ""))
 
 
 def label(args: argparse.Namespace) -> None:
@@ -86,9 +135,21 @@ def register(sub: Any) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address for --ray (default: start a local Ray)")
     p.set_defaults(func=score)
 
-    p = sub.add_parser("detect", help="QRHead-style static heads: the top heads by nDCG@10 on a detection split")
+    p = sub.add_parser("detect", help="a method's asset from a detection split: QRHead's or CoRe's heads (JSON), or "
+                       "Selective-ICR's layer window (JSON)")
     data_args(p, "train")
-    p.add_argument("--top", type=int, default=16)
+    p.add_argument("--rule", default="qrhead", choices=["qrhead", "core", "layers"],
+                   help="qrhead: the top heads by nDCG@10 alone (static); core: the top heads by CoRe's contrastive "
+                   "score on the raw attention mass (core; score with --doc-order shuffle); layers: the window of "
+                   "--width layers with the best nDCG@10 (layers) (default qrhead)")
+    p.add_argument("--top", type=int, default=None, help="heads kept (default 16 for qrhead, 8 for core)")
+    p.add_argument("--temperature", type=float, default=None, help="core: the contrast's temperature (default "
+                   "0.1, the authors' for Llama-family models; they use 0.001 for Mistral and Granite)")
+    p.add_argument("--prune", type=float, default=None, help="core: leave out the final fraction P of the layers "
+                   "(choose among layers < floor(L (1 - P)); default 0)")
+    p.add_argument("--max-layer", type=int, default=None, help="qrhead, core: choose only among layers <= M")
+    p.add_argument("--width", type=int, default=None, help="layers: the window's width in layers (default: 4/28 "
+                   "of the depth, the authors' Qwen3-0.6B window [10, 13])")
     p.add_argument("--out", required=True)
     p.set_defaults(func=detect)
 

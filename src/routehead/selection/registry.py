@@ -23,12 +23,13 @@ from routehead.errors import RouteheadError
 if TYPE_CHECKING:
     from routehead.selection.base import Asset, Method
 
-NEEDS = ("nothing", "heads", "router")
+NEEDS = ("nothing", "heads", "window", "router")  # a window is passed as ``heads=`` (a window file or (start, end))
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, what it needs (nothing, a head set, a router), where its class lives."""
+    """A registered method: its name, what it needs (nothing, a head set, a layer window, a router), where its
+    class lives."""
 
     name: str
     needs: str
@@ -47,6 +48,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("static", "heads", "routehead.selection.static:Static", "a detected head set (QRHead)"),
     MethodSpec("single", "heads", "routehead.selection.static:Single", "the best detected head alone"),
     MethodSpec("icr", "nothing", "routehead.selection.icr:Icr", "every head (ICR)"),
+    MethodSpec("core", "heads", "routehead.selection.core:Core", "a contrastively detected head set (CoRe heads)"),
+    MethodSpec("layers", "window", "routehead.selection.layers:Layers", "every head of a layer window (Selective-ICR)"),
 )}
 DEFAULT_METHOD = "icr"
 
@@ -71,8 +74,9 @@ def method_spec(name: str) -> MethodSpec:
 
 def load_method(name: str | None, identity: dict[str, Any], router: Asset = None, heads: Asset = None) -> Method:
     """Method ``name`` (resolved as :func:`resolve_method`) loaded for the model of ``identity``: a router-based
-    method takes ``router``, a head-set method ``heads``, and either falls back to the asset shipped for the
+    method takes ``router``, a head-set method ``heads``, a window method (``layers``) its window through
+    ``heads`` too (a window file or a ``(start, end)`` pair), and each falls back to the asset shipped for the
     model."""
     spec = method_spec(resolve_method(name, router, heads))
-    asset = {"router": router, "heads": heads}.get(spec.needs)
+    asset = {"router": router, "heads": heads, "window": heads}.get(spec.needs)
     return spec.load_class().load(identity, asset)

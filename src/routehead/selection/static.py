@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,22 +19,31 @@ from routehead.selection.heads import load_heads
 class Static(Method):
     """A detected head set (QRHead), summed."""
 
-    def __init__(self, heads: Sequence[Head], prompt: dict[str, Any] | None = None) -> None:
+    rule: ClassVar[str] = "qrhead"  # the ``routehead detect --rule`` that makes the shipped asset
+
+    def __init__(self, heads: Sequence[Head], prompt: dict[str, Any] | None = None,
+                 detection: dict[str, Any] | None = None) -> None:
         super().__init__(prompt)
         if not heads:
             raise RouteheadError(f"method {self.name!r} needs at least one head")
         self.heads = [(int(a), int(b)) for a, b in heads]
+        self.detection = dict(detection or {})  # how a head file's heads were detected ({}: not said)
+
+    @staticmethod
+    def shipped(model: str) -> Path:
+        """The head set shipped for ``model``."""
+        return default_heads_path(model)
 
     @classmethod
     def load(cls, identity: dict[str, Any], asset: Asset = None) -> Static:
         """``asset``: a head-set JSON, a list of (layer, head), or None for the set shipped for the model."""
         if asset is None or isinstance(asset, (str, Path)):
-            path = Path(asset) if asset is not None else default_heads_path(identity["model"])
+            path = Path(asset) if asset is not None else cls.shipped(identity["model"])
             if asset is None and not path.is_file():
-                raise RouteheadError(f"no head set shipped for model {identity['model']!r}; detect one "
-                                     f"(routehead detect) and pass heads=PATH")
+                raise RouteheadError(f"no {cls.rule} head set shipped for model {identity['model']!r}; detect one "
+                                     f"(routehead detect --rule {cls.rule}) and pass heads=PATH")
             heads, body = load_heads(path, identity)
-            return cls(cls.chosen(heads), body.get("prompt", {}))
+            return cls(cls.chosen(heads), body.get("prompt", {}), body.get("detection"))
         return cls(cls.chosen(sorted((int(a), int(b)) for a, b in asset)))
 
     @staticmethod
@@ -45,7 +54,10 @@ class Static(Method):
         return Selection(HeadSet.of(self.heads))
 
     def info(self) -> dict[str, Any]:
-        return {"heads": [list(h) for h in self.heads]}
+        out: dict[str, Any] = {"heads": [list(h) for h in self.heads]}
+        if self.detection:
+            out["detection"] = self.detection
+        return out
 
 
 class Single(Static):
