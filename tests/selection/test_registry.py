@@ -93,6 +93,7 @@ def test_registry_names_resolve_and_refuse() -> None:
     assert resolve_method(None) == "icr" and resolve_method(None, router="x") == "route"
     assert resolve_method(None, heads=[(0, 0)]) == "static" and resolve_method("single") == "single"
     assert {s.needs for s in METHODS.values()} == {"nothing", "heads", "window", "router"}
+    assert load_method("single", {"model": "m"}, heads=[(3, 0), (0, 1)]).heads == [(3, 0)]  # best first, as given
     with pytest.raises(RouteheadError, match="unknown method 'nope'"):
         method_spec("nope")
     with pytest.raises(RouteheadError, match="at least one head"):

@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
     data_args(p, "test")
     p.add_argument("--reranker", nargs="+", default=["route"], choices=[*BASELINES, *METHODS],
                    help="baselines (bm25, position, dense, oracle) and registered methods")
-    p.add_argument("--heads", default=None, help="head-set JSON for static/single (default: shipped)")
+    p.add_argument("--heads", default=None, help="the asset of the head-set methods: a head-set JSON for static, "
+                   "single and core, a layer window (JSON or s,e) for layers (default: the one shipped for the model)")
     p.add_argument("--router", default=None, help="router for route: a .safetensors or a shipped variant (bce, fs, "
                    "fast; default: the shipped router)")
     p.add_argument("--json", action="store_true")

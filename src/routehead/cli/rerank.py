@@ -19,7 +19,8 @@ def method_args(p: argparse.ArgumentParser) -> None:
                    help=f"default: route with --router, static with --heads, else {DEFAULT_METHOD}")
     p.add_argument("--router", default=None, help="router .safetensors, or a shipped variant: bce (the paper's), fs, "
                    "fast (where shipped) (default: the router shipped for the model)")
-    p.add_argument("--heads", default=None, help="head-set JSON for --method static (default: the shipped one)")
+    p.add_argument("--heads", default=None, help="a head-set JSON (static, single, core) or a layer "
+                   "window, JSON or s,e (layers) (default: the one shipped for the model)")
     p.add_argument("--doc-order", default=DEFAULT_ORDER, choices=list(ORDERS),
                    help="where the documents go in the prompt (given in first-stage order); both: debiased, 2 passes "
                         f"(default {DEFAULT_ORDER})")

@@ -44,7 +44,7 @@ class Static(Method):
                                      f"(routehead detect --rule {cls.rule}) and pass heads=PATH")
             heads, body = load_heads(path, identity)
             return cls(cls.chosen(heads), body.get("prompt", {}), body.get("detection"))
-        return cls(cls.chosen(sorted((int(a), int(b)) for a, b in asset)))
+        return cls(cls.chosen([(int(a), int(b)) for a, b in asset]))  # the caller's order: best first
 
     @staticmethod
     def chosen(heads: list[Head]) -> list[Head]:
