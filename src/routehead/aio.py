@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
-_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_guard = threading.Lock()
+from routehead.locks import lock_for
 
 
 def model_lock(reranker: Any) -> threading.Lock:
     """The one lock every async call on ``reranker`` takes."""
-    with _guard:
-        lock = _locks.get(reranker)
-        if lock is None:
-            lock = _locks[reranker] = threading.Lock()
-        return lock
+    return lock_for(reranker)
 
 
 def _locked(reranker: Any, method: str, args: tuple, kwargs: dict) -> Any:

@@ -26,16 +26,10 @@ import torch
 
 from routehead.errors import RouteheadError
 from routehead.testing.tiny import eager_twin, tiny_lm
+from tests.engine.test_reference import DOCS, LATE, QUERY, SEP  # the golden tests' shared inputs
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
-QUERY = "Which paragraph talks about cats sleeping?"
-DOCS = ["Cats sleep up to sixteen hours a day, mostly in warm places.",
-        "The stock market fell sharply on Tuesday.",
-        "Dogs are loyal animals.\nThey like walks.",
-        "A nap in the sun: what cats love best.",
-        "z"]
-SEP = "\n\n"
-LATE = "Please find information that are relevant to the following query in the paragraphs above."
+
 CORE_HEADS = [(0, 1), (1, 3), (2, 0), (2, 2)]  # inside every tiny family's layers (mistral has 3)
 
 

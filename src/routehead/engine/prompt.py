@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import bisect
 import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from routehead.errors import RouteheadError
+from routehead.locks import lock_for
 from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, SCORING
 
 PROMPT_VERSION = "icr-ref-v1"
@@ -57,17 +57,9 @@ _SENTINEL = "\u2063ROUTEHEAD_USER_CONTENT\u2063"
 
 
 
-_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
 def tokenizer_lock(tokenizer: Any) -> threading.Lock:
     """The one lock every encode of ``tokenizer`` takes (see :meth:`PromptBuilder._encode`)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(tokenizer)
-        if lock is None:
-            lock = _LOCKS[tokenizer] = threading.Lock()
-        return lock
+    return lock_for(tokenizer)
 
 @dataclass
 class Prompt:
