@@ -184,13 +184,21 @@ def post_json(client: httpx.Client, payload: Any) -> httpx.Response:
 
 
 def assert_error(resp: httpx.Response, status: int, type_: str, *fragments: str) -> None:
+    """The error shape; on /v1/rerank and /rerank also ``detail`` (Jina's and Infinity's clients read it)."""
     assert resp.status_code == status, resp.text
     body = resp.json()
-    assert set(body) == {"error"}, body
     assert set(body["error"]) == {"message", "type"}, body
     assert body["error"]["type"] == type_, body
+    message = body["error"]["message"]
+    if resp.request.url.path in ("/v1/rerank", "/rerank"):
+        assert set(body) == {"error", "detail"}, body
+        fastapi = status == 422 and resp.request.url.path == "/rerank"  # Infinity's client parses FastAPI's list
+        want = [{"loc": ["body"], "msg": message, "type": type_}] if fastapi else message
+        assert body["detail"] == want, body
+    else:
+        assert set(body) == {"error"}, body
     for fragment in fragments:
-        assert fragment in body["error"]["message"], body
+        assert fragment in message, body
 
 
 def doc_text(doc: Any) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ RECORDED = {
                                      "return_evidence": 2, "raw_scores": True, "top_n": 2}),
     "rank-fields": ("/v1/rerank", {"query": "cat", "rank_fields": ["title", "body"], "return_documents": True,
                                    "documents": [{"title": "dogs", "body": "a dog"}, {"title": "cat", "n": 1}]}),
+    "tei-rerankers": ("/rerank", {"model": "BAAI/bge-reranker-base", "query": "cat dog", "texts": DOCS, "top_n": 4,
+                                  "return_text": True}),  # rerankers' TEI provider
+    "infinity": ("/rerank", {"query": "cat", "documents": DOCS, "return_documents": False, "raw_scores": False,
+                             "model": "mixedbread-ai/mxbai-rerank-xsmall-v1", "top_n": 2}),  # infinity_client
 }
 
 
@@ -101,6 +106,31 @@ def test_max_tokens_per_doc_truncates(tc: TestClient) -> None:
     assert [r["document"]["text"] for r in cut["results"]] == ["cat", "the "]
 
 
+def test_tei_shape_ignores_what_tei_ignores_and_honours_top_n(tc: TestClient) -> None:
+    resp = tc.post("/rerank", json={"query": "cat dog", "texts": DOCS, "model": "m", "top_n": 2, "bogus\u00e9": 1})
+    assert resp.status_code == 200 and len(resp.json()) == 2
+    assert resp.headers["x-ignored-fields"] == "model, +1 more"  # names unsafe in a header are only counted
+    assert "x-ignored-fields" not in tc.post("/rerank", json={"query": "cat", "texts": DOCS}).headers
+
+
+def test_rank_fields_without_any_named_field_rank_as_empty_text(tc: TestClient) -> None:
+    body = tc.post("/v1/rerank", json={"query": "cat", "rank_fields": ["title"], "return_documents": True,
+                                       "documents": [{"body": "cat"}, {"title": "cat"}]}).json()
+    assert [(r["index"], r["document"]["text"]) for r in body["results"]] == [(1, "title: cat"), (0, "")]
+    assert any("1 document(s) have none of the rank_fields" in w for w in body["meta"]["warnings"])
+
+
+def test_each_shape_gets_the_error_body_its_clients_parse(tc: TestClient) -> None:
+    bad = {"query": " ", "documents": DOCS}
+    jina, infinity, cohere = (tc.post(p, json=bad).json() for p in ("/v1/rerank", "/rerank", "/v2/rerank"))
+    message = cohere["error"]["message"]
+    assert set(cohere) == {"error"}  # Cohere's SDK and OpenAI's read the one shape
+    assert jina == {"error": cohere["error"], "detail": message}  # Jina's clients raise RuntimeError(detail)
+    assert infinity["detail"] == [{"loc": ["body"], "msg": message, "type": "validation_error"}]  # FastAPI's 422
+    assert tc.post("/v1/rerank", content=b"x" * 10, headers={"content-length": "x"}).json()["detail"]
+    assert tc.get("/v1/rerank").json()["detail"] == "Method Not Allowed"
+
+
 def test_ignored_fields_are_reported(tc: TestClient) -> None:
     body = tc.post("/v2/rerank", json={"query": "cat", "documents": DOCS, "priority": 1,
                                        "relevant_spans": {"mode": "enabled"}}).json()
@@ -115,7 +145,7 @@ def test_ignored_fields_are_reported(tc: TestClient) -> None:
     ("/v1/rerank", {"query": "cat", "documents": []}, "validation_error", "at least one"),
     ("/v1/rerank", {"query": "cat", "texts": DOCS}, "validation_error", "'texts'"),  # TEI only on /rerank
     ("/rerank", {"query": "cat", "texts": [1]}, "validation_error", "texts[0]"),
-    ("/rerank", {"query": "cat", "texts": DOCS, "top_n": 1}, "validation_error", "'top_n'"),
+    ("/rerank", {"query": "cat", "texts": DOCS, "top_n": 0}, "validation_error", "top_n"),
     ("/rerank", {"query": "cat", "documents": ["x"] * 21}, "limit_exceeded", "max_documents=20"),
     ("/rerank", {"query": "cat", "documents": ["word " * 2000]}, "limit_exceeded", "max_request_tokens=2000"),
     ("/rerank", {"query": "cat", "documents": DOCS, "first_stage_scores": [1.0]}, "validation_error", "1 scores"),
@@ -142,7 +172,14 @@ def test_status_endpoints_head_allow_models_docs(tc: TestClient) -> None:
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     assert wrong.json()["error"]["type"] == "method_not_allowed"
     assert tc.get("/nope").json()["error"]["type"] == "not_found"
-    assert tc.get("/v1/models").json()["data"][0]["id"] == FAKE_MODEL
+    listed = tc.get("/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == [FAKE_MODEL] and listed[0]["owned_by"] == "routehead"
+    assert {"queue_fraction", "queue_absolute", "results_pending", "batch_size"} == set(listed[0]["stats"])
+    infinity = tc.get("/models").json()["data"][0]
+    assert infinity["id"] == FAKE_MODEL and "owned_by" not in infinity and "stats" in infinity
+    assert tc.get(f"/v1/models/{FAKE_MODEL}").json()["id"] == FAKE_MODEL  # a name with a slash
+    missing = tc.get("/v1/models/other")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
     page = tc.get("/docs")
     assert page.status_code == 200 and "/v2/rerank" in page.text
     assert "<script" not in page.text and "cdn" not in page.text.lower()  # works offline
@@ -169,6 +206,17 @@ def test_openapi_declares_every_shape(tc: TestClient) -> None:
     shapes = rerank["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
     assert {"documents", "texts"} <= {k for s in shapes for k in s["properties"]}
     assert {"200", "422", "429", "503", "504"} <= set(rerank["responses"])
+    cohere = shapes[0]
+    assert cohere["properties"]["documents"]["maxItems"] == 20  # the served limits, in the schema
+    assert cohere["properties"]["query"]["maxLength"] == Limits().max_query_chars
+    assert shapes[1]["properties"]["texts"]["maxItems"] == 20 and shapes[1]["not"] == {"required": ["documents"]}
+    assert "x-same-length-as" in cohere["properties"]["first_stage_scores"]
+    def error_model(path: str) -> str:
+        return spec["paths"][path]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
+
+    assert [error_model(p).rsplit("/", 1)[1] for p in ("/rerank", "/v1/rerank", "/v2/rerank")] == [
+        "DetailedErrorResponse", "DetailedErrorResponse", "ErrorResponse"]
+    assert "detail" in spec["components"]["schemas"]["DetailedErrorResponse"]["required"]
 
 
 def test_not_ready_while_loading_then_ready() -> None:
@@ -227,6 +275,27 @@ def test_queue_full_is_429_and_deadline_is_504() -> None:
         assert out["slow"].status_code == 504 and out["slow"].json()["error"]["type"] == "timeout"
         time.sleep(1.0)  # the slow call finishes; its slot was already freed by the 504
         assert client.post("/v1/rerank", json={"query": "cat", "documents": DOCS}).status_code == 200
+
+
+def test_overload_is_shed_at_once_with_retry_after_not_a_504() -> None:
+    """Once the queue knows its tokens/s (one 0.3 s call), 12 concurrent requests with a 1 s deadline: the ones the
+    queue would keep past it get 429 with Retry-After at once; none waits for a 504."""
+    fake = BatchFake(delay=0.3)
+    app = create_app(fake, settings=ServiceSettings(batching=False, request_timeout_s=1.0))
+    body = {"query": "cat", "documents": DOCS}
+    with TestClient(app) as client:
+        assert client.post("/v1/rerank", json=body).status_code == 200
+        fake.delay = 0.15  # faster than measured: the admitted ones finish well within the deadline
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(lambda _: client.post("/v1/rerank", json=body), range(12)))
+        metrics = client.get("/metrics").text
+    codes = [a.status_code for a in answers]
+    assert set(codes) == {200, 429}, codes
+    for shed in (a for a in answers if a.status_code == 429):
+        assert int(shed.headers["retry-after"]) >= 1
+        assert shed.json()["error"]["type"] == "overloaded" and "request_timeout_s=1" in shed.json()["detail"]
+    assert 'routehead_request_failures_total{reason="deadline"}' in metrics
+    assert "routehead_replica_tokens_per_second" in metrics
 
 
 def test_evidence_without_support_gives_empty_lists_and_a_warning() -> None:

@@ -162,3 +162,75 @@ def test_replicas_share_the_queue_and_close_fails_queued_work() -> None:
             await batcher.submit(work("late"))
 
     asyncio.run(after_close())
+
+
+async def _timed(coro, t0: float) -> tuple[float, object]:
+    """When ``coro`` settled (seconds after ``t0``) and what it gave or raised."""
+    try:
+        out: object = await coro
+    except Exception as exc:  # noqa: BLE001 - the outcome is what is compared
+        out = exc
+    return time.perf_counter() - t0, out
+
+
+def test_cost_admission_sheds_what_the_queue_would_keep_past_the_deadline() -> None:
+    """After one measured call (0.2 s for 100 tokens) a burst of 12 with a 1.1 s deadline: about 5 fit; the others
+    get QueueFull at once with a retry_after, and no admitted request reaches its deadline."""
+    fake = BatchFake(delay=0.2)
+    batcher = Batcher([fake], ServiceSettings(batching=False))
+    batcher.start()
+
+    async def scenario() -> list[tuple[float, object]]:
+        await batcher.submit(work("measure"), 10)
+        assert batcher.throughput.rate is not None and batcher.throughput.rate < 100 / 0.2 * 1.01
+        fake.delay = 0.1  # faster than measured: the admitted ones finish well within the deadline
+        t0 = time.perf_counter()
+        return await asyncio.gather(*(_timed(batcher.submit(work(f"b{i}"), 1.1), t0) for i in range(12)))
+
+    out = asyncio.run(scenario())
+    batcher.close()
+    shed = [(t, o) for t, o in out if isinstance(o, QueueFull)]
+    served = [o for _, o in out if not isinstance(o, QueueFull)]
+    assert all(not isinstance(o, Exception) for o in served), served  # no TimeoutError
+    assert 3 <= len(served) <= 6 and len(served) + len(shed) == 12, out
+    assert all(t < 0.1 and o.retry_after >= 1 and "request_timeout_s=1.1" in str(o) for t, o in shed)
+    assert fake.calls == [1] * (1 + len(served))
+
+
+def test_a_request_with_nothing_ahead_is_never_shed() -> None:
+    fake = BatchFake(delay=0.05)
+    batcher = Batcher([fake], ServiceSettings(batching=False))
+    batcher.start()
+
+    async def scenario() -> None:
+        await batcher.submit(work("measure"), 10)
+        await batcher.submit(work("bigger than the deadline", tokens=10_000), 0.5)  # runs: retrying could not help
+
+    asyncio.run(scenario())
+    batcher.close()
+
+
+def test_drain_answers_every_request_by_its_deadline() -> None:
+    """One replica, 0.2 s a request, 6 in flight, a 0.5 s drain: the first ones finish, those the queue cannot reach
+    get ShuttingDown at once, whatever still runs at the deadline gets it then; new work is refused."""
+    fake = BatchFake(delay=0.2)
+    batcher = Batcher([fake], ServiceSettings(batching=False))
+    batcher.start()
+
+    async def scenario() -> tuple[list[tuple[float, object]], float]:
+        await batcher.submit(work("measure"), 10)
+        t0 = time.perf_counter()
+        pending = [asyncio.ensure_future(_timed(batcher.submit(work(f"d{i}"), 10), t0)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        batcher.drain(time.perf_counter() + 0.5)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(work("late"))
+        return await asyncio.gather(*pending), time.perf_counter() - t0
+
+    out, elapsed = asyncio.run(scenario())
+    batcher.close()
+    finished = [o for _, o in out if not isinstance(o, Exception)]
+    refused = [(t, o) for t, o in out if isinstance(o, ShuttingDown)]
+    assert len(finished) + len(refused) == 6 and finished and refused, out
+    assert elapsed < 0.55 + 0.2  # every request answered by the deadline (and a loaded machine's slack)
+    assert any(t < 0.2 for t, _ in refused)  # the ones the queue could not reach: at once

@@ -16,8 +16,11 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -170,26 +173,46 @@ def test_load_32_clients_x_20_requests_tiny_model_identical_to_sequential(one_to
 
 
 # -- schemathesis ---------------------------------------------------------------------------------------------
-def test_schemathesis_no_5xx_and_schema_conformance(live: str) -> None:
-    """Every operation of /openapi.json, 25 generated examples each (bounded in time): zero 5xx, and every
-    response matches the status codes, content types and schemas it declares."""
-    schema = schemathesis.openapi.from_url(f"{live}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/rerank", "/v2/rerank", "/rerank", "/v1/models", "/ready"}
-    started = time.monotonic()
-    seen: dict[tuple[str, int], int] = {}
-    for op in operations:
-        @given(case=op.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def check(case: Any) -> None:
-            response = case.call(timeout=10)
-            key = (case.path, response.status_code)
-            seen[key] = seen.get(key, 0) + 1
-            assert response.status_code < 500, (case.method, case.path, response.text)
-            case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
-                                                     response_schema_conformance])
+def _one_score_per_document(case: Any) -> None:
+    """The one request rule JSON Schema cannot state (``x-same-length-as``): a valid case gets it applied."""
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("first_stage_scores"), list) and isinstance(
+            body.get("documents"), list):
+        n = len(body["documents"])
+        body["first_stage_scores"] = (body["first_stage_scores"] + [0.5] * n)[:n]
 
-        check()
-        assert time.monotonic() - started < 60, "schemathesis run over its time limit"
-    print("\nschemathesis (path, status): count", sorted(seen.items()))
-    assert seen.get(("/v1/rerank", 200)) and seen.get(("/rerank", 200)), "no generated request was valid"
+
+def test_schemathesis_no_5xx_and_schema_conformance(live: str) -> None:
+    """Every operation of /openapi.json, 25 generated examples each, and 25 schema-violating ones for each request
+    body (bounded in time): zero 5xx; every response matches the status codes, content types and schemas it
+    declares; every schema-valid request is accepted and every schema-invalid one refused (the schema describes
+    what is accepted)."""
+    schema = schemathesis.openapi.from_url(f"{live}/openapi.json")
+    schema.config.output.sanitization.enabled = False  # failure reports show the values sent ("max_tokens_...")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/rerank", "/v2/rerank", "/rerank", "/v1/models", "/ready",
+                                              "/models", "/v1/models/{model_id}"}
+    checks = [status_code_conformance, content_type_conformance, response_schema_conformance,
+              positive_data_acceptance, negative_data_rejection]
+    started = time.monotonic()
+    seen: dict[tuple[str, str, int], int] = {}
+    for op in operations:
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
+        for mode in modes:
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def check(case: Any) -> None:
+                generated = case.meta.generation.mode
+                if generated.is_positive:
+                    _one_score_per_document(case)
+                response = case.call(timeout=10)
+                key = (case.path, generated.value, response.status_code)
+                seen[key] = seen.get(key, 0) + 1
+                assert response.status_code < 500, (case.method, case.path, response.text)
+                case.validate_response(response, checks=checks)
+
+            check()
+        assert time.monotonic() - started < 90, "schemathesis run over its time limit"
+    print("\nschemathesis (path, mode, status): count", sorted(seen.items()))
+    assert seen.get(("/v1/rerank", "positive", 200)) and seen.get(("/rerank", "positive", 200)), "none was valid"
+    assert seen.get(("/v1/rerank", "negative", 422)), "no invalid request was generated"

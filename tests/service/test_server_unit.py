@@ -57,7 +57,7 @@ def test_malformed_ranking_is_500(ranking: FakeRanking) -> None:
     with TestClient(create_app(BadOutputReranker(ranking)), raise_server_exceptions=False) as tc:
         resp = tc.post("/rerank", json={"query": "q", "documents": ["a", "b"]})
     assert resp.status_code == 500
-    assert resp.json() == {"error": {"message": GENERIC_500, "type": "internal_error"}}
+    assert resp.json() == {"error": {"message": GENERIC_500, "type": "internal_error"}, "detail": GENERIC_500}
 
 
 def test_return_heads_when_reranker_has_none() -> None:

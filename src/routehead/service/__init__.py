@@ -2,10 +2,11 @@
 
 Modules: ``app`` (wiring), ``handlers`` (status endpoints, errors, lifespan), ``reranking`` (the re-rank
 endpoints), ``parsing`` (request bodies), ``state`` (replicas, readiness), ``protocol`` (``RerankerLike``: what
-is asked of a reranker), ``shapes`` (request/response bodies), ``batching`` (queue and replica workers),
-``tokens`` (``max_tokens_per_doc``), ``metrics`` (Prometheus), ``http`` (body/header timeouts), ``errors`` (the
-error shape), ``config`` (limits and settings: every default), ``docs`` (offline /docs), ``run`` (uvicorn,
-SIGTERM drain, logs).
+is asked of a reranker), ``shapes`` (request bodies, results), ``responses`` (response bodies), ``schema`` (the
+request bodies in /openapi.json, with the limits), ``batching`` (queue, replica workers, drain), ``load`` (measured
+tokens/s and the wait it gives: cost-based admission), ``tokens`` (``max_tokens_per_doc``), ``metrics``
+(Prometheus), ``http`` (body/header timeouts), ``errors`` (the error shapes), ``config`` (limits and settings:
+every default), ``docs`` (offline /docs), ``run`` (uvicorn, SIGTERM drain, logs).
 
 The names below load on first use, so ``routehead.service.config`` (what ``routehead serve`` builds its options
 from) and ``routehead.service.protocol`` import without FastAPI.

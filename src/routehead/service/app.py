@@ -5,10 +5,12 @@ Endpoints
 ``POST /v1/rerank``, ``POST /v2/rerank``
     Cohere v1/v2 and Jina (see ``shapes.RerankRequest``); response ``shapes.RerankResponse``.
 ``POST /rerank``
-    TEI when the body has ``texts`` (bare-list response ``[{index, score, text?}]``), otherwise the same body
-    and response as ``/v1/rerank`` (routehead's original ``/rerank`` body is a subset of it).
-``GET /v1/models``
-    OpenAI-style list of the one served model.
+    TEI when the body has ``texts`` (bare-list response ``[{index, score, text?}]``; other fields ignored, as TEI
+    does, and named in ``x-ignored-fields``), otherwise the same body and response as ``/v1/rerank``
+    (routehead's original ``/rerank`` body is a subset of it; Infinity's client sends it).
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /models``
+    OpenAI-style list of the one served model (with Infinity's ``stats``), OpenAI's ``models.retrieve``, and
+    Infinity's list at its root path.
 ``GET|HEAD /health``
     Liveness: 200 while the process serves HTTP, with what is served and whether it is ready.
 ``GET|HEAD /ready``
@@ -19,10 +21,13 @@ Endpoints
 ``GET /docs``, ``GET /openapi.json``
     Offline documentation and the OpenAPI document (the response models are the real ``response_model``s).
 
-Errors are ``{"error": {"message", "type"}}`` (``service.errors``): 400/408/413/415/422 for the client's
-input, 429 ``overloaded`` with Retry-After past ``max_concurrent_requests``, 503 ``not_ready``, 504 ``timeout``
-after ``request_timeout_s``, 500 ``internal_error`` for a model failure (the traceback is logged; other
-requests of the same batch are retried alone and unaffected).  A 405 carries ``Allow``.
+Errors are ``{"error": {"message", "type"}}`` (``service.errors``; on ``/v1/rerank`` and ``/rerank`` also
+FastAPI's ``detail``, for Jina's and Infinity's clients): 400/408/413/415/422 for the client's input, 429
+``overloaded`` with Retry-After past ``max_concurrent_requests`` or when the queue ahead would keep the request
+past ``request_timeout_s`` (estimated from the queued tokens and the measured tokens/s), 503 ``not_ready``
+(also while draining after SIGTERM), 504 ``timeout`` after ``request_timeout_s``, 500 ``internal_error`` for a
+model failure (the traceback is logged; other requests of the same batch are retried alone and unaffected).
+A 405 carries ``Allow``.
 
 Each re-rank response carries TEI's timing headers ``x-queue-time``, ``x-inference-time``, ``x-total-time``
 (milliseconds) and ``x-request-id``.
@@ -44,16 +49,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from routehead.calibration import Calibration
 from routehead.service import handlers, reranking
 from routehead.service.config import Limits, ServiceSettings
-from routehead.service.docs import request_body
-from routehead.service.errors import ErrorResponse
+from routehead.service.errors import DetailedErrorResponse, ErrorResponse
 from routehead.service.http import BodyGuard
-from routehead.service.shapes import ModelList, RerankRequest, RerankResponse, TEIRequest, TEIResult
+from routehead.service.responses import ModelCard, ModelList, RerankResponse, TEIResult
+from routehead.service.schema import request_body
+from routehead.service.shapes import RerankRequest, TEIRequest
 from routehead.service.state import ServiceState, Source
 
 DESCRIPTION = ("Attention-based re-ranking with LLMs behind the APIs re-rank clients already speak: Cohere v1/v2 and "
-               "Jina (/v1/rerank, /v2/rerank), TEI (/rerank with texts).")
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
-                                           for code in (400, 408, 413, 415, 422, 429, 500, 503, 504)}
+               "Jina (/v1/rerank, /v2/rerank), TEI (/rerank with texts), Infinity (/rerank, /models).")
+_CODES = (400, 408, 413, 415, 422, 429, 500, 503, 504)
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in _CODES}
+DETAILED_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": DetailedErrorResponse} for code in _CODES}
 
 
 def _status_routes(app: FastAPI) -> None:
@@ -65,21 +72,25 @@ def _status_routes(app: FastAPI) -> None:
     app.add_api_route("/metrics", handlers.prometheus, methods=["GET"], summary="Prometheus metrics",
                       response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     app.add_api_route("/v1/models", handlers.models, methods=["GET"], summary="Served models (OpenAI-style)",
-                      response_model=ModelList)
+                      response_model=ModelList, response_model_exclude_none=True)
+    app.add_api_route("/v1/models/{model_id:path}", handlers.model, methods=["GET"],
+                      summary="The served model (OpenAI's models.retrieve)", response_model=ModelCard,
+                      response_model_exclude_none=True, responses={404: {"model": ErrorResponse}})
+    app.add_api_route("/models", handlers.infinity_models, methods=["GET"], summary="Served models (Infinity)",
+                      response_model=ModelList, response_model_exclude_none=True)
     app.add_api_route("/docs", handlers.docs, methods=["GET"], include_in_schema=False)
 
 
-def _rerank_routes(app: FastAPI) -> None:
-    cohere: dict[str, Any] = dict(response_model=RerankResponse, responses=ERRORS,
-                                  openapi_extra=request_body(RerankRequest))
+def _rerank_routes(app: FastAPI, limits: Limits) -> None:
+    cohere = request_body(RerankRequest, limits=limits)
     app.add_api_route("/v1/rerank", reranking.rerank_v1, methods=["POST"], summary="Re-rank (Cohere v1, Jina)",
-                      **cohere)
+                      response_model=RerankResponse, responses=DETAILED_ERRORS, openapi_extra=cohere)
     app.add_api_route("/v2/rerank", reranking.rerank_v2, methods=["POST"], summary="Re-rank (Cohere v2)",
-                      **cohere)
+                      response_model=RerankResponse, responses=ERRORS, openapi_extra=cohere)
     app.add_api_route("/rerank", reranking.rerank, methods=["POST"],
-                      summary="Re-rank (TEI with texts; otherwise as /v1/rerank)",
-                      response_model=RerankResponse | list[TEIResult], responses=ERRORS,
-                      openapi_extra=request_body(RerankRequest, TEIRequest))
+                      summary="Re-rank (TEI with texts; otherwise as /v1/rerank: Infinity, routehead)",
+                      response_model=RerankResponse | list[TEIResult], responses=DETAILED_ERRORS,
+                      openapi_extra=request_body(RerankRequest, TEIRequest, limits=limits))
 
 
 def create_app(reranker: Source, limits: Limits | None = None, settings: ServiceSettings | None = None, *,
@@ -106,5 +117,5 @@ def create_app(reranker: Source, limits: Limits | None = None, settings: Service
     app.add_exception_handler(RequestValidationError, handlers.validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, handlers.unexpected)
     _status_routes(app)
-    _rerank_routes(app)
+    _rerank_routes(app, limits)
     return app

@@ -7,7 +7,9 @@ timer to fill a batch: under light load a request runs alone at once, under heav
 themselves.
 
 - Admission: at most ``max_concurrent_requests`` requests are queued or running; one more raises
-  :class:`QueueFull` at once (the app answers 429 with Retry-After), so memory and latency stay bounded.
+  :class:`QueueFull` at once (the app answers 429 with Retry-After), so memory stays bounded.  And by cost
+  (:mod:`~routehead.service.load`): a request that the tokens queued ahead of it, at the measured tokens/s, would
+  keep past its deadline raises :class:`QueueFull` with the estimated ``retry_after`` instead of waiting for a 504.
 - Batch forming: the oldest queued request is always taken (a request over the budget runs alone, never
   starves); later ones join while ``requests x longest prompt`` (the padded cost of one pass, in the tokens
   the reranker counted with ``prompt_tokens``) stays within
@@ -18,8 +20,11 @@ themselves.
 - Cancellation: a request whose awaiting task is cancelled (client gone) or times out is removed from the
   queue; if it is already running, its batch finishes (a forward pass cannot be interrupted) and the answer is
   dropped: its work stops at the next batch boundary.
+- Drain (SIGTERM): :meth:`Batcher.drain` refuses new work; the replicas keep serving the queue, the queued
+  requests they are not expected to reach before the drain's deadline get :class:`ShuttingDown` at once, and at
+  the deadline every request still waiting (queued or running) gets it: each is answered within the grace.
 - Shutdown: :meth:`Batcher.close` refuses new work, fails what is still queued with :class:`ShuttingDown`,
-  and lets each replica finish the batch it is running.
+  and waits (up to its timeout) for each replica to finish the batch it is running.
 """
 
 from __future__ import annotations
@@ -35,13 +40,19 @@ from typing import Any
 
 from routehead.aio import model_lock
 from routehead.service.config import ServiceSettings
+from routehead.service.load import Throughput, Wait, estimate
 from routehead.service.protocol import RerankerLike
 
 logger = logging.getLogger("routehead.service")
 
 
 class QueueFull(Exception):
-    """The service already holds ``max_concurrent_requests`` requests."""
+    """The service already holds ``max_concurrent_requests`` requests (``retry_after`` None), or the queue ahead
+    would keep this one past its deadline (``retry_after``: the estimated seconds until it would fit)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(Exception):
@@ -121,9 +132,12 @@ class Batcher:
         self.max_concurrent_requests = settings.max_concurrent_requests
         self.metrics = metrics
         self.admitted = 0  # queued + running, counted on the event loop's thread
+        self.throughput = Throughput()  # tokens/s of one replica, measured on the calls that served requests
         self._queue: collections.deque[_Job] = collections.deque()
+        self._running: dict[int, tuple[int, float, list[_Job]]] = {}  # worker thread: (tokens, start, batch)
         self._cond = threading.Condition()
         self._closed = False
+        self._draining = False
         self._threads: list[threading.Thread] = []
         self._busy = 0
 
@@ -168,6 +182,53 @@ class Batcher:
             t.join(max(0.0, deadline - time.monotonic()))
         self._update_gauges()
 
+    def drain(self, deadline: float) -> None:
+        """Refuse new work and answer every admitted request by ``deadline`` (a ``time.perf_counter()`` value):
+        the queued requests the replicas are not expected to reach in time get :class:`ShuttingDown` now, the
+        others keep their place, and whatever is still waiting at the deadline gets it then.  Call on the event
+        loop's thread."""
+        self._draining = True
+        rate, now = self.throughput.rate, time.perf_counter()
+        late: list[_Job] = []
+        with self._cond:
+            if rate is not None:
+                capacity = rate * len(self.replicas)
+                ahead = self._running_tokens(now, rate)
+                kept: collections.deque[_Job] = collections.deque()
+                for job in self._queue:
+                    ahead += job.work.tokens
+                    (kept if now + ahead / capacity <= deadline else late).append(job)
+                self._queue = kept
+        for job in late:
+            self._resolve(job, error=ShuttingDown("the service is shutting down; this request could not be "
+                                                  "answered before the grace period ends"))
+        self._update_gauges()
+        asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._expire)
+
+    def _expire(self) -> None:
+        """The drain's deadline: every request still queued or running gets :class:`ShuttingDown`."""
+        with self._cond:
+            waiting = list(self._queue) + [job for _, _, batch in self._running.values() for job in batch]
+            self._queue.clear()
+        for job in waiting:
+            self._resolve(job, error=ShuttingDown("the service is shutting down; the grace period ended before "
+                                                  "this request was answered"))
+        self._update_gauges()
+
+    def _running_tokens(self, now: float, rate: float) -> float:
+        """The tokens the running batches have left, at ``rate`` (call with the lock held)."""
+        return sum(max(0.0, tokens - (now - start) * rate) for tokens, start, _ in self._running.values())
+
+    def estimate_wait(self, tokens: int) -> Wait | None:
+        """The estimated wait of a request of ``tokens`` queued now (None before any model call was measured)."""
+        rate = self.throughput.rate
+        if rate is None:
+            return None
+        with self._cond:
+            ahead = sum(j.work.tokens for j in self._queue if not j.cancelled)
+            ahead += self._running_tokens(time.perf_counter(), rate)
+        return estimate(ahead, tokens, rate, len(self.replicas))
+
     @property
     def queued(self) -> int:
         return len(self._queue)
@@ -180,15 +241,21 @@ class Batcher:
     async def submit(self, work: Work, timeout: float | None = None) -> Outcome:
         """Queue ``work`` and wait for its outcome.
 
-        Raises :class:`QueueFull` (over ``max_concurrent_requests``), :class:`ShuttingDown`,
-        ``TimeoutError`` after ``timeout`` seconds, or whatever the reranker raised for this request.  If the
-        awaiting task is cancelled or times out, the request leaves the queue.
+        Raises :class:`QueueFull` (over ``max_concurrent_requests``, or when the work queued ahead would keep it
+        past ``timeout``), :class:`ShuttingDown`, ``TimeoutError`` after ``timeout`` seconds, or whatever the
+        reranker raised for this request.  If the awaiting task is cancelled or times out, the request leaves the
+        queue.
         """
-        if self._closed:
+        if self._closed or self._draining:
             raise ShuttingDown("the service is shutting down")
         if self.admitted >= self.max_concurrent_requests:
             raise QueueFull(f"{self.admitted} requests are already queued or running "
                             f"(max_concurrent_requests={self.max_concurrent_requests})")
+        wait = self.estimate_wait(work.tokens)
+        if wait is not None and timeout is not None and wait.misses(timeout):
+            raise QueueFull(f"the work queued ahead would keep this request about {wait.total_s:.1f} s, past "
+                            f"request_timeout_s={timeout:g} (estimated at {self.throughput.rate:.0f} prompt "
+                            "tokens/s per replica)", retry_after=wait.retry_after(timeout))
         loop = asyncio.get_running_loop()
         job = _Job(work, loop.create_future(), loop)
         self.admitted += 1
@@ -245,6 +312,7 @@ class Batcher:
             now = time.perf_counter()
             for job in batch:
                 job.started = now
+            self._running[threading.get_ident()] = (sum(j.work.tokens for j in batch), now, batch)
             self._busy += 1
             return batch
 
@@ -259,6 +327,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self._busy -= 1
+                    self._running.pop(threading.get_ident(), None)
                 self._update_gauges()
 
     def _execute(self, replica: _Replica, batch: list[_Job]) -> None:
@@ -267,6 +336,9 @@ class Batcher:
             self.metrics.observe_batch(len(batch), sum(j.work.tokens for j in batch))
         try:
             rankings = replica.rerank_batch([j.work for j in batch])
+            self._measured(sum(j.work.tokens for j in batch), time.perf_counter() - t0)
+            with self._cond:  # done: no longer ahead of anyone (before its requests are answered)
+                self._running.pop(threading.get_ident(), None)
         except Exception as exc:
             if len(batch) == 1:
                 self._finish(batch[0], t0, 1, error=exc)
@@ -283,10 +355,16 @@ class Batcher:
                 except Exception as one_exc:
                     self._finish(job, t1, 1, error=one_exc)
                 else:
+                    self._measured(job.work.tokens, time.perf_counter() - t1)
                     self._finish(job, t1, 1, ranking=ranking)
             return
         for job, ranking in zip(batch, rankings):
             self._finish(job, t0, len(batch), ranking=ranking)
+
+    def _measured(self, tokens: int, seconds: float) -> None:
+        self.throughput.observe(tokens, seconds)
+        if self.metrics is not None and self.throughput.rate is not None:
+            self.metrics.throughput.set(self.throughput.rate)
 
     def _finish(self, job: _Job, t0: float, size: int, ranking: Any = None,
                 error: BaseException | None = None) -> None:

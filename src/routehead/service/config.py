@@ -64,19 +64,25 @@ class ServiceSettings:
     under the budget; the first request
     is always taken, so a request over the budget runs alone rather than never.
     ``max_concurrent_requests``: admitted requests (queued + running); one more gets 429 with Retry-After.
-    ``request_timeout_s``: a request not answered by then gets 504 and leaves the queue.
+    ``request_timeout_s``: a request not answered by then gets 504 and leaves the queue; and one that the work
+    queued ahead of it would keep past it (the queued prompt tokens at the measured tokens/s:
+    :mod:`~routehead.service.load`) gets 429 at once, its Retry-After from that estimate.
     ``body_timeout_s``/``header_timeout_s``: a client that sends its body or headers slower than this is cut off.
-    ``graceful_shutdown_s``: on SIGTERM, in-flight requests get this long to finish before the process exits.
+    ``graceful_shutdown_s``: on SIGTERM, new requests get 503 and every admitted one is answered within this
+    long (its ranking, or 503 with Retry-After where the queue cannot reach it in time); the process exits
+    within it.
     ``batching=False`` runs one request per model call (the baseline the benchmark compares against).
     """
 
     max_batch_tokens: int = field(default=16384, metadata=_help("padded prompt tokens per model call"))
     max_batch_requests: int = field(default=32, metadata=_help("requests per model call"))
     max_concurrent_requests: int = field(default=512, metadata=_help("queued + running; 429 past it"))
-    request_timeout_s: float = field(default=120.0, metadata=_help("seconds before a request gets 504"))
+    request_timeout_s: float = field(default=120.0, metadata=_help("seconds before a request gets 504 (429 at "
+                                                                   "once when the queue ahead would take longer)"))
     body_timeout_s: float = field(default=30.0, metadata=_help("seconds a client may take to send its body"))
     header_timeout_s: float = field(default=10.0, metadata=_help("seconds a client may take to send its headers"))
-    graceful_shutdown_s: float = field(default=30.0, metadata=_help("seconds SIGTERM waits for in-flight work"))
+    graceful_shutdown_s: float = field(default=30.0, metadata=_help("seconds SIGTERM gives in-flight work (then "
+                                                                    "503); the process exits within it"))
     retry_after_s: int = field(default=1, metadata=_help("Retry-After of a 429 or 503, in seconds"))
     max_connections: int | None = field(default=1024, metadata=_help("open connections; 503 past it"))
     batching: bool = field(default=True, metadata=_help("share model calls between queued requests"))

@@ -4,9 +4,6 @@ FastAPI's Swagger UI and ReDoc pages load their JavaScript from a CDN, so on an 
 blank page.  This page is plain HTML rendered on the server from the same OpenAPI document as
 ``/openapi.json`` (every path, method, summary, request and response schema), with no script or external
 asset, so it reads the same online and off.
-
-:func:`request_body` puts a pydantic model's schema into an operation's OpenAPI entry (the re-rank endpoints
-read their body themselves, for precise errors, so FastAPI cannot infer it).
 """
 
 from __future__ import annotations
@@ -15,35 +12,9 @@ import html
 import json
 from typing import Any
 
-from pydantic import BaseModel
-
 
 def _schema_block(schema: Any) -> str:
     return f"<pre>{html.escape(json.dumps(schema, indent=1, ensure_ascii=False))}</pre>"
-
-
-def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """Inline pydantic's ``$defs`` so a schema can sit inside the OpenAPI document as is."""
-    defs = schema.pop("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return walk(dict(defs[ref.rsplit("/", 1)[1]]))
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(schema)
-
-
-def request_body(*models: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` declaring a JSON body of one of ``models``."""
-    schemas = [_inline_refs(m.model_json_schema()) for m in models]
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def docs_html(openapi: dict[str, Any]) -> str:

@@ -1,8 +1,14 @@
-"""The one error shape of every non-2xx response, and readable messages for validation failures.
+"""The error shape of every non-2xx response, and readable messages for validation failures.
 
 Every error is ``{"error": {"message": str, "type": str}}``: ``message`` is for a human (it names the field,
 the index and the limit), ``type`` is a stable tag for code.  Messages may quote client input, which may hold
 lone surrogates; those are escaped so building an error can never itself fail.
+
+Where the clients of an API shape parse something else, the body carries that too (:func:`error_body`), beside
+``error``: on ``/v1/rerank`` (Jina) a ``detail`` string, the message, which Jina's LangChain and LlamaIndex clients
+raise with (``RuntimeError(resp["detail"])``); on ``/rerank`` (Infinity, a FastAPI app) FastAPI's ``detail``: the
+message, and on a 422 the list ``[{"loc", "msg", "type"}]`` that Infinity's client parses.  ``/v2/rerank``
+(Cohere) and the other endpoints keep the one shape (OpenAI's clients read ``error.message``).
 """
 
 from __future__ import annotations
@@ -28,14 +34,44 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """The single error shape of every non-2xx response."""
+    """The error shape of every non-2xx response."""
 
     error: ErrorDetail
 
 
-def error(status: int, type_: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+class ValidationDetail(BaseModel):
+    """One item of FastAPI's 422 ``detail`` list."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class DetailedErrorResponse(ErrorResponse):
+    """The error shape on ``/v1/rerank`` and ``/rerank``: also ``detail`` (Jina's and Infinity's clients read it):
+    the message, or on a 422 of ``/rerank`` FastAPI's one-item list ``[{"loc", "msg", "type"}]``."""
+
+    detail: str | list[ValidationDetail]
+
+
+DETAIL_PATHS = {"/v1/rerank": "string", "/rerank": "fastapi"}
+
+
+def error_body(status: int, type_: str, message: str, path: str | None = None) -> dict[str, Any]:
+    """The error body for a response on ``path`` (see the module docstring)."""
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse({"error": {"message": message, "type": type_}}, status_code=status,
+    body: dict[str, Any] = {"error": {"message": message, "type": type_}}
+    detail = DETAIL_PATHS.get(path or "")
+    if detail == "fastapi" and status == 422:
+        body["detail"] = [{"loc": ["body"], "msg": message, "type": type_}]
+    elif detail is not None:
+        body["detail"] = message
+    return body
+
+
+def error(status: int, type_: str, message: str, headers: Mapping[str, str] | None = None,
+          path: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, type_, message, path), status_code=status,
                         headers=dict(headers) if headers else None)
 
 

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from routehead.service.config import ServiceSettings
+from routehead.service.errors import error_body
 
 
 class BodyGuard:
@@ -30,8 +31,8 @@ class BodyGuard:
         self.timeout_s = timeout_s
 
     @staticmethod
-    async def reject(send: Send, status: int, type_: str, message: str) -> None:
-        body = json.dumps({"error": {"message": message, "type": type_}}).encode()
+    async def reject(send: Send, status: int, type_: str, message: str, path: str | None = None) -> None:
+        body = json.dumps(error_body(status, type_, message, path)).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -47,11 +48,12 @@ class BodyGuard:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await self.reject(send, 400, "bad_request", "invalid Content-Length header")
+                    await self.reject(send, 400, "bad_request", "invalid Content-Length header",
+                                      path=scope.get("path"))
                     return
         if declared is not None and declared > self.max_bytes:
             await self.reject(send, 413, "payload_too_large", f"request body is {declared} bytes (Content-Length); "
-                              f"the limit is max_request_bytes={self.max_bytes}")
+                              f"the limit is max_request_bytes={self.max_bytes}", path=scope.get("path"))
             return
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
@@ -63,7 +65,7 @@ class BodyGuard:
                 message = await asyncio.wait_for(receive(), remaining)
             except TimeoutError:
                 await self.reject(send, 408, "request_timeout", f"the request body did not arrive within "
-                                  f"{self.timeout_s:g} s (body_timeout_s)")
+                                  f"{self.timeout_s:g} s (body_timeout_s)", path=scope.get("path"))
                 return
             if message["type"] == "http.disconnect":
                 return  # the client went away; nobody to answer
@@ -71,7 +73,7 @@ class BodyGuard:
             total += len(chunk)
             if total > self.max_bytes:
                 await self.reject(send, 413, "payload_too_large", f"request body exceeds max_request_bytes="
-                                  f"{self.max_bytes} (received {total} bytes so far)")
+                                  f"{self.max_bytes} (received {total} bytes so far)", path=scope.get("path"))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -32,6 +32,8 @@ class Metrics:
         self.in_flight = Gauge("routehead_requests_in_flight", "Admitted requests (queued or running)",
                                registry=r)
         self.ready = Gauge("routehead_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.throughput = Gauge("routehead_replica_tokens_per_second", "Measured prompt tokens/s of one replica "
+                                "(the mean over recent model calls; admission estimates waits with it)", registry=r)
         self.batch_size = Histogram("routehead_batch_size", "Requests per model call", buckets=_BATCH_BUCKETS,
                                     registry=r)
         self.batch_tokens = Histogram("routehead_batch_tokens", "Prompt tokens per model call (the reranker's count)",

@@ -5,7 +5,8 @@ that cost nothing to check, each failure a precise 415/422 (:class:`Refused`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request, Response
@@ -15,23 +16,45 @@ from routehead.service.config import Limits
 from routehead.service.errors import clip, error, format_validation_errors, is_valid_unicode, json_type
 from routehead.service.shapes import RerankRequest, TEIRequest, allowed_fields
 
+_HEADER_SAFE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MAX_REPORTED = 10
+
 
 class Refused(Exception):
-    """A request answered before (or instead of) a ranking: ``response``, counted under ``reason`` in
-    ``routehead_request_failures_total`` (None: not counted)."""
+    """A request answered before (or instead of) a ranking: an error (``status``, ``type_``, ``message``, in the
+    error shape of the endpoint, :meth:`response`) or, with ``type_`` None, a bare status (499); counted under
+    ``reason`` in ``routehead_request_failures_total`` (None: not counted)."""
 
-    def __init__(self, response: Response, reason: str | None) -> None:
+    def __init__(self, status: int, type_: str | None, message: str, reason: str | None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(reason)
-        self.response = response
+        self.status = status
+        self.type = type_
+        self.message = message
         self.reason = reason
+        self.headers = headers
+
+    def response(self, path: str) -> Response:
+        if self.type is None:
+            return Response(status_code=self.status)
+        return error(self.status, self.type, self.message, self.headers, path=path)
 
 
 def invalid(status: int, type_: str, message: str) -> Refused:
-    return Refused(error(status, type_, message), "invalid_request")
+    return Refused(status, type_, message, "invalid_request")
 
 
 def limit_exceeded(message: str) -> Refused:
-    return Refused(error(422, "limit_exceeded", message), "limit_exceeded")
+    return Refused(422, "limit_exceeded", message, "limit_exceeded")
+
+
+def ignored_header(names: Sequence[str]) -> str:
+    """The ``x-ignored-fields`` value: the ignored names that are safe in a header (at most ``MAX_REPORTED``), and
+    how many others there were."""
+    safe = [n for n in names if _HEADER_SAFE.fullmatch(n)]
+    shown = safe[:MAX_REPORTED]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f"{', ' if shown else ''}+{more} more" if more else "")
 
 
 def _reject_constant(name: str) -> Any:
@@ -71,7 +94,7 @@ def _validate(payload: dict[str, Any], limits: Limits, tei_allowed: bool) -> Rer
         TEIRequest if tei_allowed and "texts" in payload and "documents" not in payload else RerankRequest)
     allowed = allowed_fields(model)
     unknown = [k for k in payload if k not in model.model_fields]
-    if any(not is_valid_unicode(k) for k in unknown):
+    if model is RerankRequest and any(not is_valid_unicode(k) for k in unknown):
         names = ", ".join(repr(clip(k)) for k in unknown[:5])
         raise invalid(422, "validation_error", f"unknown field(s) {names} (allowed fields: {allowed})")
     docs = payload.get("texts" if model is TEIRequest else "documents")
@@ -85,11 +108,16 @@ def _validate(payload: dict[str, Any], limits: Limits, tei_allowed: bool) -> Rer
         raise invalid(422, "validation_error", format_validation_errors(exc.errors(), allowed)) from None
 
 
-async def parse_body(request: Request, limits: Limits, tei_allowed: bool) -> RerankRequest | TEIRequest:
+async def parse_body(request: Request, limits: Limits, tei_allowed: bool
+                     ) -> tuple[RerankRequest | TEIRequest, list[str]]:
     """The request's body as a :class:`RerankRequest` (or a :class:`TEIRequest` where ``tei_allowed`` and the body
-    has ``texts``), or :class:`Refused` (415, 422)."""
+    has ``texts``) and the names of the fields it ignored (TEI's shape ignores unknown fields, as TEI does), or
+    :class:`Refused` (415, 422)."""
     _check_content_type(request.headers.get("content-type"))
-    return _validate(_decode(await request.body()), limits, tei_allowed)  # the body is bounded by BodyGuard
+    payload = _decode(await request.body())  # the body is bounded by BodyGuard
+    req = _validate(payload, limits, tei_allowed)
+    ignored = [k for k in payload if k not in TEIRequest.model_fields] if isinstance(req, TEIRequest) else []
+    return req, ignored
 
 
 def check_lengths(query: str, texts: Sequence[str], limits: Limits) -> None:

@@ -4,7 +4,11 @@ One request goes: readiness, body (:mod:`~routehead.service.parsing`), character
 truncation, the reranker's prompt token count against ``max_request_tokens``, the queue
 (:class:`~routehead.service.batching.Batcher`), the checked ranking (:class:`~routehead.service.shapes.Scored`),
 and the response in the request's shape with the timing headers.  Each step that can refuse raises
-:class:`~routehead.service.parsing.Refused`, so the steps read in order and every refusal is counted once.
+:class:`~routehead.service.parsing.Refused`, so the steps read in order and every refusal is counted once; it is
+answered in the error shape of the endpoint (:func:`~routehead.service.errors.error_body`).
+
+Draining (SIGTERM): the queue answers every admitted request before the grace ends (a ranking, or 503 with
+Retry-After); should the server cancel a handler all the same, it answers 503 too, never uvicorn's plain 500.
 """
 
 from __future__ import annotations
@@ -22,16 +26,9 @@ from fastapi.responses import JSONResponse
 from routehead.errors import RouteheadError
 from routehead.service.batching import Outcome, QueueFull, ShuttingDown, Work
 from routehead.service.errors import GENERIC_500, error
-from routehead.service.parsing import Refused, check_lengths, limit_exceeded, parse_body
-from routehead.service.shapes import (
-    RerankRequest,
-    RerankResponse,
-    Scored,
-    TEIRequest,
-    TEIResult,
-    cohere_results,
-    tei_results,
-)
+from routehead.service.parsing import Refused, check_lengths, ignored_header, limit_exceeded, parse_body
+from routehead.service.responses import RerankResponse, TEIResult
+from routehead.service.shapes import RerankRequest, Scored, TEIRequest, cohere_results, tei_results
 from routehead.service.state import ServiceState
 
 logger = logging.getLogger("routehead.service")
@@ -55,11 +52,14 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
+def _retry(state: ServiceState, seconds: int | None = None) -> dict[str, str]:
+    return {"Retry-After": str(seconds if seconds is not None else state.settings.retry_after_s)}
+
+
 def _check_ready(state: ServiceState) -> None:
     if not state.ready or state.batcher is None:
-        raise Refused(error(503, "not_ready", f"the model is not ready ({state.status})"
-                            + (f": {state.message}" if state.message else ""),
-                            headers={"Retry-After": str(state.settings.retry_after_s)}), "not_ready")
+        raise Refused(503, "not_ready", f"the model is not ready ({state.status})"
+                      + (f": {state.message}" if state.message else ""), "not_ready", _retry(state))
 
 
 async def _fit(state: ServiceState, req: RerankRequest | TEIRequest, texts: list[str]) -> tuple[list[str], int]:
@@ -72,7 +72,7 @@ async def _fit(state: ServiceState, req: RerankRequest | TEIRequest, texts: list
     try:
         tokens = await asyncio.to_thread(state.counter.prompt_tokens, req.query, texts)
     except RouteheadError as exc:
-        raise Refused(error(422, "invalid_input", str(exc)), "invalid_input") from None
+        raise Refused(422, "invalid_input", str(exc), "invalid_input") from None
     limit = state.limits.max_request_tokens
     if tokens > limit:
         raise limit_exceeded(f"the request is {tokens} prompt tokens; the limit is max_request_tokens={limit} "
@@ -95,22 +95,22 @@ async def _run(state: ServiceState, request: Request, work: Work) -> Outcome:
     if not submit.done() or submit.cancelled():
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await submit
-        raise Refused(Response(status_code=499), "client_disconnected")  # nginx's "client closed request"
-    retry = {"Retry-After": str(settings.retry_after_s)}
+        raise Refused(499, None, "", "client_disconnected")  # nginx's "client closed request"
     try:
         return submit.result()
     except QueueFull as exc:
-        raise Refused(error(429, "overloaded", f"{exc}; retry later", headers=retry), "queue_full") from None
+        reason = "queue_full" if exc.retry_after is None else "deadline"
+        raise Refused(429, "overloaded", f"{exc}; retry later", reason, _retry(state, exc.retry_after)) from None
     except ShuttingDown as exc:
-        raise Refused(error(503, "not_ready", str(exc), headers=retry), "shutting_down") from None
+        raise Refused(503, "not_ready", str(exc), "shutting_down", _retry(state)) from None
     except TimeoutError:
-        raise Refused(error(504, "timeout", f"no answer within request_timeout_s={settings.request_timeout_s:g} s; "
-                            "the request was dropped"), "timeout") from None
+        raise Refused(504, "timeout", f"no answer within request_timeout_s={settings.request_timeout_s:g} s; "
+                      "the request was dropped", "timeout") from None
     except RouteheadError as exc:
-        raise Refused(error(422, "invalid_input", str(exc)), "invalid_input") from None
+        raise Refused(422, "invalid_input", str(exc), "invalid_input") from None
     except Exception:
         logger.exception("reranker failed")
-        raise Refused(error(500, "internal_error", GENERIC_500), "model_error") from None
+        raise Refused(500, "internal_error", GENERIC_500, "model_error") from None
 
 
 def _scored(state: ServiceState, got: Outcome, n_documents: int, evidence: int) -> Scored:
@@ -118,7 +118,7 @@ def _scored(state: ServiceState, got: Outcome, n_documents: int, evidence: int) 
         return Scored(got.ranking, n_documents, state.calibration, evidence)
     except Exception:
         logger.exception("reranker returned a malformed ranking")
-        raise Refused(error(500, "internal_error", GENERIC_500), "malformed_ranking") from None
+        raise Refused(500, "internal_error", GENERIC_500, "malformed_ranking") from None
 
 
 def _cohere_body(state: ServiceState, req: RerankRequest, scored: Scored, texts: list[str], got: Outcome,
@@ -133,7 +133,7 @@ def _cohere_body(state: ServiceState, req: RerankRequest, scored: Scored, texts:
                  "calibrated": state.calibration.calibrated, "duration_ms": round(total * 1000.0, 3),
                  "queue_ms": round(got.queue_s * 1000.0, 3), "inference_ms": round(got.inference_s * 1000.0, 3),
                  "batch_size": got.batch_size, "n_documents": len(texts)},
-        "usage": {"total_tokens": tokens},
+        "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
     }
     if warnings:
         body["meta"]["warnings"] = warnings
@@ -145,11 +145,17 @@ def _cohere_body(state: ServiceState, req: RerankRequest, scored: Scored, texts:
 
 
 def _ignored(req: RerankRequest | TEIRequest) -> list[str]:
-    """Warnings for the Cohere fields that are accepted and ignored."""
+    """Warnings for the Cohere fields that are accepted and ignored, and documents ranked as empty texts."""
     if isinstance(req, TEIRequest):
         return []
-    return [f"{name} is accepted and ignored" + ("; use return_evidence" if name == "relevant_spans" else "")
-            for name in IGNORED_FIELDS if getattr(req, name) is not None]
+    out = [f"{name} is accepted and ignored" + ("; use return_evidence" if name == "relevant_spans" else "")
+           for name in IGNORED_FIELDS if getattr(req, name) is not None]
+    empty = req.without_rank_fields()
+    if empty:
+        listed = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        out.append(f"{len(empty)} document(s) have none of the rank_fields and were ranked as empty texts "
+                   f"(documents {listed})")
+    return out
 
 
 def _work(req: RerankRequest | TEIRequest, texts: list[str], tokens: int) -> Work:
@@ -159,7 +165,7 @@ def _work(req: RerankRequest | TEIRequest, texts: list[str], tokens: int) -> Wor
 
 
 def _observe(state: ServiceState, got: Outcome, work: Work, request_id: str, started: float,
-             shape: str) -> tuple[dict[str, str], float]:
+             shape: str, ignored: list[str]) -> tuple[dict[str, str], float]:
     """Metrics and the log line of an answered request; its timing headers and total seconds."""
     metrics = state.metrics
     metrics.documents.inc(len(work.documents))
@@ -169,17 +175,21 @@ def _observe(state: ServiceState, got: Outcome, work: Work, request_id: str, sta
     headers = {"x-queue-time": _ms(got.queue_s), "x-inference-time": _ms(got.inference_s),
                "x-total-time": _ms(total), "x-request-id": request_id,
                "x-calibrated": "true" if state.calibration.calibrated else "false"}
-    logger.info("rerank", extra={"request_id": request_id, "documents": len(work.documents), "tokens": work.tokens,
-                                 "batch_size": got.batch_size, "queue_ms": round(got.queue_s * 1000, 3),
-                                 "inference_ms": round(got.inference_s * 1000, 3),
-                                 "total_ms": round(total * 1000, 3), "shape": shape})
+    extra: dict[str, Any] = {"request_id": request_id, "documents": len(work.documents), "tokens": work.tokens,
+                             "batch_size": got.batch_size, "queue_ms": round(got.queue_s * 1000, 3),
+                             "inference_ms": round(got.inference_s * 1000, 3), "total_ms": round(total * 1000, 3),
+                             "shape": shape}
+    if ignored:
+        headers["x-ignored-fields"] = ignored_header(ignored)
+        extra["ignored_fields"] = headers["x-ignored-fields"]
+    logger.info("rerank", extra=extra)
     return headers, total
 
 
 async def _answer(state: ServiceState, request: Request, started: float, request_id: str,
                   tei_allowed: bool) -> Response:
     _check_ready(state)
-    req = await parse_body(request, state.limits, tei_allowed)
+    req, ignored = await parse_body(request, state.limits, tei_allowed)
     texts = list(req.texts) if isinstance(req, TEIRequest) else req.texts()
     check_lengths(req.query, texts, state.limits)
     texts, tokens = await _fit(state, req, texts)
@@ -190,12 +200,12 @@ async def _answer(state: ServiceState, request: Request, started: float, request
     if req.return_evidence and scored.evidence is None:
         warnings.append("this reranker gives no evidence; evidence lists are empty")
     if isinstance(req, TEIRequest):
-        headers, _ = _observe(state, got, work, request_id, started, "tei")
-        items = tei_results(scored, texts, req.raw_scores, req.return_text, bool(req.return_evidence))
+        headers, _ = _observe(state, got, work, request_id, started, "tei", ignored)
+        items = tei_results(scored, texts, req.top_n, req.raw_scores, req.return_text, bool(req.return_evidence))
         for item in items:
             TEIResult.model_validate(item)
         return JSONResponse(items, headers=headers)
-    headers, total = _observe(state, got, work, request_id, started, "cohere")
+    headers, total = _observe(state, got, work, request_id, started, "cohere", ignored)
     return JSONResponse(_cohere_body(state, req, scored, texts, got, tokens, request_id, total, warnings),
                         headers=headers)
 
@@ -211,12 +221,17 @@ async def handle(request: Request, endpoint: str, tei_allowed: bool) -> Response
         except Refused as refused:
             if refused.reason is not None:
                 state.metrics.failures.labels(reason=refused.reason).inc()
-            response = refused.response
+            response = refused.response(endpoint)
         outcome = "ok" if response.status_code < 400 else str(response.status_code)
         return response
     except asyncio.CancelledError:
-        outcome = "cancelled"
-        raise
+        if state.status != "draining":
+            outcome = "cancelled"
+            raise
+        # the server gave up waiting (its graceful timeout): answer rather than let it send a plain 500
+        state.metrics.failures.labels(reason="shutting_down").inc()
+        outcome = "503"
+        return error(503, "not_ready", "the service is shutting down", _retry(state), path=endpoint)
     finally:
         state.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
         state.metrics.total_time.observe(time.perf_counter() - started)

@@ -1,9 +1,13 @@
 """Running the service: uvicorn with the connection limits, header timeout, SIGTERM drain and JSON logs.
 
-Why a ``uvicorn.Server`` subclass: on SIGTERM the readiness endpoint must turn 503 at once (so a load balancer
-stops sending) while in-flight requests finish; uvicorn then closes the listening socket, waits up to
-``graceful_shutdown_s`` for open requests, runs the app's shutdown (which fails whatever is still queued with
-503 and lets each replica finish its batch) and exits.
+Why a ``uvicorn.Server`` subclass: uvicorn alone, on SIGTERM, waits up to its graceful timeout for open
+requests, then cancels them (each gets a plain-text 500 and a traceback in the log) and only then runs the app's
+shutdown, which waited again for the running batches: twice the grace.  The draining server, from the signal on
+(:func:`drain_deadlines`): readiness turns 503 and new requests get a JSON 503 (so a load balancer stops
+sending); the queue keeps being served, and every admitted request is answered before ``answer_by`` (its
+ranking, or 503 with Retry-After where the queue would not reach it in time:
+:meth:`~routehead.service.batching.Batcher.drain`); uvicorn closes the connections as their answers complete;
+the app's shutdown waits for the running batches only until ``exit_by``, and the process exits within the grace.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import math
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +66,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def drain_deadlines(signalled: float, grace_s: float) -> tuple[float, float]:
+    """``(answer_by, exit_by)`` for a SIGTERM at ``signalled`` (``time.perf_counter()``) and ``grace_s``: every
+    request is answered by ``answer_by``, leaving time (a fifth of the grace, at most 1.5 s) to send the answers,
+    close the connections and stop the workers by ``exit_by``, itself a little before the grace ends."""
+    margin = min(1.5, 0.2 * grace_s)
+    return signalled + grace_s - margin, signalled + grace_s - margin / 3
+
+
 def build_server(app: Any, host: str, port: int, settings: ServiceSettings, log_level: str = "info",
                  configure_logs: bool = True) -> Any:
     """A ``uvicorn.Server`` for ``app`` with the service's timeouts and limits, draining on SIGTERM."""
@@ -70,13 +82,23 @@ def build_server(app: Any, host: str, port: int, settings: ServiceSettings, log_
     state = app.state.service
 
     class DrainingServer(uvicorn.Server):
+        signalled: float | None = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
-            state.drain()
+            # a signal handler: note the time only (taking a lock here could deadlock the interrupted loop)
+            if self.signalled is None:
+                self.signalled = time.perf_counter()
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            answer_by, exit_by = drain_deadlines(self.signalled or time.perf_counter(), settings.graceful_shutdown_s)
+            state.shutdown_by = exit_by
+            state.drain(answer_by)
+            await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             http=header_timeout_protocol(settings.header_timeout_s),
-                            timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s,  # type: ignore[arg-type]
                             limit_concurrency=settings.max_connections, timeout_keep_alive=5,
                             log_config=None if not configure_logs else uvicorn.config.LOGGING_CONFIG)
     return DrainingServer(config)

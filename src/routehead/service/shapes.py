@@ -1,20 +1,27 @@
-"""The request and response bodies the service speaks: Cohere v1/v2 and Jina (one shape), TEI, routehead extras.
+"""The request bodies the service speaks (Cohere v1/v2, Jina and Infinity in one shape; TEI), routehead's
+extras, and a checked ranking turned into results (the response models are in :mod:`~routehead.service.responses`).
 
 Why one Cohere-style model for ``/v1/rerank``, ``/v2/rerank`` and ``/rerank``-with-``documents``: Cohere v1,
-Cohere v2 and Jina send overlapping subsets of the same fields, and a client of one must not get 422 for a
-field another one defines.  So the request model is their union; fields routehead cannot act on are accepted
-and documented as ignored (``max_chunks_per_doc``, ``priority``, ``relevant_spans``) rather than refused.
+Cohere v2, Jina and Infinity send overlapping subsets of the same fields, and a client of one must not get 422
+for a field another one defines.  So the request model is their union; fields routehead cannot act on are
+accepted and documented as ignored (``max_chunks_per_doc``, ``priority``, ``relevant_spans``) rather than refused.
 Unknown fields are still refused (422 naming the allowed ones): a typo such as ``topn`` must not be silently
 dropped.  Any ``model`` name is accepted (clients send ``rerank-v3.5`` or Jina's default); the response says
 which model actually served.
 
 TEI's ``/rerank`` body is told apart by ``texts`` (TEI) versus ``documents`` (everything else), and gets TEI's
-bare-list response.
+bare-list response.  It takes what TEI takes, plus ``top_n`` (honoured: the best ``top_n`` come back) and the
+extras; like TEI, it ignores any other field (rerankers' TEI provider sends ``model``): the handler reports the
+ignored names in the ``x-ignored-fields`` header and the request's log line.
 
 Scores: ``relevance_score`` (and TEI's ``score``) is the calibrated value in [0, 1] (see
 ``routehead.calibration``); ``raw_score`` (or TEI's ``score`` with ``raw_scores: true``) is the reranker's raw
 attention score.  Extras, opt-in on every shape: ``return_heads`` (routed heads and their weights),
 ``return_evidence: k`` (the k words of each document that carried its score, with their share).
+
+The JSON Schema of each request says what the validators check, cross-field rules included where JSON Schema
+can say them (an object document needs ``text`` unless ``rank_fields`` names fields); the one it cannot
+(``first_stage_scores`` has one score per document) is in its description and ``x-same-length-as``.
 """
 
 from __future__ import annotations
@@ -65,13 +72,30 @@ def _check_document(value: object) -> object:
 
 
 _DOCUMENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
-                                                    "required": ["text"], "additionalProperties": True}],
+                                                    "additionalProperties": True}],
                     "description": 'A string, or an object with "text" (other keys allowed; with rank_fields, '
-                                   'the named fields instead of "text").'}
+                                   'the named fields instead of "text": "text" is then optional).'}
+# without rank_fields (absent, null or empty), an object document needs "text": the validator's rule, in the schema
+# (if/else rather than anyOf: a generator such as schemathesis's mis-merges an anyOf nested in /rerank's anyOf)
+_TEXT_UNLESS_RANK_FIELDS = {
+    "if": {"properties": {"rank_fields": {"type": "array", "minItems": 1}}, "required": ["rank_fields"]},
+    "else": {"properties": {"documents": {"items": {"anyOf": [{"type": "string"},
+                                                               {"type": "object", "required": ["text"]}]}}}},
+}
 Document = Annotated[StrictStr | dict[str, Any], BeforeValidator(_check_document), WithJsonSchema(_DOCUMENT_SCHEMA)]
-_QUERY = {"pattern": r"\S"}  # the schema says what the validator checks: at least one non-space character
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
-EvidenceK = Annotated[StrictInt, Field(ge=0, le=MAX_EVIDENCE)]
+# the schema says what the validator checks: a character that is not str.isspace() (spelled out: JSON Schema's
+# regexes are ECMA's, whose \s is not Python's)
+_QUERY = {"pattern": r"[^\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"}
+
+
+def _integral(value: object) -> object:
+    """JSON has one number type: ``2.0`` is the integer 2 (as JSON Schema says), ``2.5`` and ``"2"`` are not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[StrictInt, BeforeValidator(_integral)]  # constraints go before the validator (else the schema
+PositiveInt = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]  # says "ge", not "minimum")
+EvidenceK = Annotated[StrictInt, Field(ge=0, le=MAX_EVIDENCE), BeforeValidator(_integral)]
 
 
 def _query_not_blank(value: str) -> str:
@@ -93,7 +117,7 @@ class Extras(BaseModel):
 class RerankRequest(Extras):
     """Body of ``POST /v1/rerank``, ``/v2/rerank`` and ``/rerank`` with ``documents`` (Cohere v1/v2, Jina)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_TEXT_UNLESS_RANK_FIELDS)
 
     query: StrictStr = Field(description="The search query; must contain a non-whitespace character.",
                              json_schema_extra=_QUERY)
@@ -104,17 +128,20 @@ class RerankRequest(Extras):
     top_n: PositiveInt | None = Field(default=None, description="Return only the best top_n (default: all).")
     return_documents: StrictBool | None = Field(default=None, description="Echo each result's document text.")
     rank_fields: list[StrictStr] | None = Field(default=None, description="Object documents: the fields to "
-                                                "rank on, joined as 'field: value' lines (default: text).")
+                                                "rank on, joined as 'field: value' lines (default: text); a "
+                                                "document with none of them is ranked as an empty text (and "
+                                                "meta.warnings says so).")
     max_tokens_per_doc: PositiveInt | None = Field(default=None, description="Cut each document to this many "
                                                    "tokens (the engine's own cap still applies).")
     max_chunks_per_doc: PositiveInt | None = Field(default=None, description="Accepted and ignored: documents "
                                                    "are truncated, never chunked.")
-    priority: StrictInt | None = Field(default=None, description="Accepted and ignored.")
+    priority: Integer | None = Field(default=None, description="Accepted and ignored.")
     relevant_spans: dict[str, Any] | None = Field(default=None, description="Accepted and ignored; use "
                                                   "return_evidence.")
     raw_scores: StrictBool = Field(default=False, description="Also return each result's raw attention score.")
     first_stage_scores: list[StrictFloat | StrictInt] | None = Field(
-        default=None, description="One first-stage score per document, for routers that use them.")
+        default=None, description="One first-stage score per document (as many as documents: 422 otherwise), "
+        "for routers that use them.", json_schema_extra={"x-same-length-as": "documents"})
 
     @field_validator("query")
     @classmethod
@@ -131,19 +158,20 @@ class RerankRequest(Extras):
     @model_validator(mode="after")
     def _documents_have_text(self) -> RerankRequest:
         for i, doc in enumerate(self.documents):
-            if isinstance(doc, dict):
-                if self.rank_fields:
-                    if not any(f in doc for f in self.rank_fields):
-                        names = ", ".join(map(repr, self.rank_fields))
-                        raise PydanticCustomError("document_fields", "documents[{i}] has none of the rank_fields "
-                                                  "{fields}", {"i": i, "fields": names})
-                elif "text" not in doc:
-                    raise PydanticCustomError("document_text_missing", 'documents[{i}]: object has no "text" '
-                                              'field (send "text", or name the fields in rank_fields)', {"i": i})
+            if isinstance(doc, dict) and not self.rank_fields and "text" not in doc:
+                raise PydanticCustomError("document_text_missing", 'documents[{i}]: object has no "text" '
+                                          'field (send "text", or name the fields in rank_fields)', {"i": i})
         if self.first_stage_scores is not None and len(self.first_stage_scores) != len(self.documents):
             raise PydanticCustomError("first_stage_length", "first_stage_scores has {n} scores for {m} documents",
                                       {"n": len(self.first_stage_scores), "m": len(self.documents)})
         return self
+
+    def without_rank_fields(self) -> list[int]:
+        """The object documents that have none of the ``rank_fields`` (ranked as an empty text)."""
+        if not self.rank_fields:
+            return []
+        return [i for i, doc in enumerate(self.documents)
+                if isinstance(doc, dict) and not any(f in doc for f in self.rank_fields)]
 
     def texts(self) -> list[str]:
         """The text the model ranks for each document."""
@@ -162,10 +190,14 @@ def _field_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-class TEIRequest(Extras):
-    """Body of TEI's ``POST /rerank`` (told apart from the Cohere shape by ``texts``)."""
+_NOT_COHERE = {"not": {"required": ["documents"]}}  # a body with documents is the Cohere shape
 
-    model_config = ConfigDict(extra="forbid")
+
+class TEIRequest(Extras):
+    """Body of TEI's ``POST /rerank`` (told apart from the Cohere shape by ``texts``); other fields are ignored,
+    as TEI ignores them."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_NOT_COHERE)
 
     query: StrictStr = Field(description="The search query; must contain a non-whitespace character.",
                              json_schema_extra=_QUERY)
@@ -177,6 +209,8 @@ class TEIRequest(Extras):
                                         "the engine's per-document cap and long lists are windowed.")
     truncation_direction: Literal["left", "right", "Left", "Right"] | None = Field(
         default=None, description="Accepted; truncation keeps the start of each document.")
+    top_n: PositiveInt | None = Field(default=None, description="Not TEI's (TEI ignores it): return only the best "
+                                      "top_n (default: all).")
 
     @field_validator("query")
     @classmethod
@@ -189,102 +223,6 @@ class TEIRequest(Extras):
         for text in value:
             check_unicode(text)
         return value
-
-
-# -- responses ---------------------------------------------------------------------------------------------------
-class EvidenceItem(BaseModel):
-    """A word of the document and the share of the document's score it carried."""
-
-    text: str
-    share: float
-
-
-class ResultDocument(BaseModel):
-    """The document echoed back with ``return_documents``."""
-
-    text: str
-
-
-class RerankResult(BaseModel):
-    """One ranked document: its position in the request's ``documents`` and its score."""
-
-    index: int
-    relevance_score: float = Field(ge=0, le=1, description="Calibrated relevance in [0, 1]; see meta.calibrated.")
-    document: ResultDocument | None = Field(default=None, description="Only with return_documents.")
-    raw_score: float | None = Field(default=None, description="Raw attention score; only with raw_scores.")
-    evidence: list[EvidenceItem] | None = Field(default=None, description="Only with return_evidence.")
-
-
-class ApiVersion(BaseModel):
-    version: str = "2"
-    is_experimental: bool = False
-
-
-class BilledUnits(BaseModel):
-    search_units: int
-    input_tokens: int
-
-
-class Tokens(BaseModel):
-    input_tokens: int
-
-
-class RerankMeta(BaseModel):
-    """Cohere's ``meta`` plus routehead's: whether scores are calibrated and where the time went."""
-
-    api_version: ApiVersion = Field(default_factory=ApiVersion)
-    billed_units: BilledUnits
-    tokens: Tokens
-    calibrated: bool = Field(description="False when no fitted calibration matches the served model: "
-                             "relevance_score is then a fixed logistic of the raw score.")
-    duration_ms: float
-    queue_ms: float
-    inference_ms: float
-    batch_size: int
-    n_documents: int
-    warnings: list[str] | None = None
-
-
-class Usage(BaseModel):
-    """Jina's usage block."""
-
-    total_tokens: int
-
-
-class RerankResponse(BaseModel):
-    """Response of the Cohere/Jina-shaped endpoints."""
-
-    id: str
-    results: list[RerankResult]
-    model: str
-    meta: RerankMeta
-    usage: Usage
-    heads: list[list[int]] | None = Field(default=None, description="Only with return_heads (null when the "
-                                          "method routes nothing, e.g. icr).")
-    head_weights: list[float] | None = Field(default=None, description="Only with return_heads, for routers.")
-
-
-class TEIResult(BaseModel):
-    """One item of TEI's bare-list response, best first."""
-
-    index: int
-    score: float
-    text: str | None = Field(default=None, description="Only with return_text.")
-    evidence: list[EvidenceItem] | None = Field(default=None, description="Only with return_evidence.")
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "routehead"
-
-
-class ModelList(BaseModel):
-    """OpenAPI-style ``GET /v1/models``."""
-
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 # -- from a ranking to results ------------------------------------------------------------------------------------
@@ -335,10 +273,10 @@ def cohere_results(scored: Scored, texts: Sequence[str], top_n: int | None, retu
     return out
 
 
-def tei_results(scored: Scored, texts: Sequence[str], raw_scores: bool, return_text: bool, evidence: bool
-                ) -> list[dict[str, Any]]:
+def tei_results(scored: Scored, texts: Sequence[str], top_n: int | None, raw_scores: bool, return_text: bool,
+                evidence: bool) -> list[dict[str, Any]]:
     out = []
-    for rank, i in enumerate(scored.indices):
+    for rank, i in enumerate(scored.indices[:top_n]):
         item: dict[str, Any] = {"index": i, "score": scored.raw[rank] if raw_scores else scored.relevance[rank]}
         if return_text:
             item["text"] = texts[i]
@@ -352,4 +290,4 @@ def allowed_fields(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
-__all__ = ["RerankRequest", "RerankResponse", "TEIRequest", "TEIResult", "ModelList", "Scored", "clip"]
+__all__ = ["RerankRequest", "TEIRequest", "Scored", "clip"]

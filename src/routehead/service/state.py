@@ -60,6 +60,8 @@ class ServiceState:
         self.created = int(time.time())
         self.replicas: list[RerankerLike] = []
         self.factory: Callable[[], Any] | None = None
+        self._draining = False
+        self.shutdown_by: float | None = None  # perf_counter() by which shutdown ends (set by the draining server)
         if is_reranker(source) or (isinstance(source, (list, tuple)) and source and is_reranker(source[0])):
             self._set_replicas(_replicas(source))
         elif callable(source):
@@ -134,7 +136,12 @@ class ServiceState:
 
         threading.Thread(target=load, name="routehead-load", daemon=True).start()
 
-    def drain(self) -> None:
-        """Stop admitting work (readiness goes to 503); in-flight requests keep running."""
+    def drain(self, deadline: float | None = None) -> None:
+        """Stop admitting work (readiness goes to 503); in-flight requests keep running and, given ``deadline``
+        (a ``time.perf_counter()`` value), are each answered by then (:meth:`Batcher.drain`).  Call on the event
+        loop's thread."""
         if self.status in ("ready", "loading"):
             self._mark("draining")
+        if deadline is not None and self.batcher is not None and not self._draining:
+            self._draining = True
+            self.batcher.drain(deadline)
