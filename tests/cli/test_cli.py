@@ -204,3 +204,18 @@ def test_layout_option_reaches_every_scoring_command():
     assert ap.parse_args(["score", "--data", "x"]).layout == "reference"
     with pytest.raises(SystemExit):
         ap.parse_args(["serve", "--layout", "v9"])
+
+
+def test_loader_warnings_are_printed_once(tmp_path):
+    """What the loader notices (here a judged document missing from the corpus) reaches the user on stderr, once."""
+    import shutil
+
+    data = tmp_path / "coll"
+    shutil.copytree(ROOT / "examples/scifact-mini", data)
+    with open(data / "qrels" / "test.tsv", "a", encoding="utf-8") as fh:
+        first_query = (data / "qrels" / "test.tsv").read_text().splitlines()[1].split("\t")[0]
+        fh.write(f"{first_query}\tno-such-doc\t1\n")
+    out = run_cli("evaluate", "--data", str(data), "--reranker", "bm25", "--json")
+    assert out.returncode == 0, out.stderr
+    warnings = [ln for ln in out.stderr.splitlines() if ln.startswith("routehead: warning:")]
+    assert len(warnings) == 1 and "not in corpus.jsonl" in warnings[0], out.stderr

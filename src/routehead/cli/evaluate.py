@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from routehead.cli.options import data_args, job_from
+from routehead.cli.options import data_args, job_from, print_warnings
 from routehead.evaluation.baselines import BASELINES, NO_PASS
 from routehead.selection import METHODS
 
@@ -20,6 +20,7 @@ def evaluate(args: argparse.Namespace) -> None:
         sc, scorer = job.first_stage_only(), None
     else:
         sc, scorer = job.run()
+    print_warnings(sc.collection)
     runs, extra = run_all(sc, args.reranker, scorer, router=args.router, heads=args.heads)
     rep = report(sc, runs, baselines=[b for b in ("bm25", "icr", "static") if b in runs])
     rep.update(extra)
@@ -41,6 +42,7 @@ def plot(args: argparse.Namespace) -> None:
     from routehead.evaluation.plots import head_maps
 
     sc, scorer = job_from(args).run()
+    print_warnings(sc.collection)
     paths = head_maps(sc, scorer, args.out,
                       router_path=None if args.router is None else router_path(scorer.lm.name, args.router)[0])
     for p in paths:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from routehead.cli.options import add_field, data_args, job_from
+from routehead.cli.options import add_field, data_args, job_from, print_warnings
 from routehead.settings import FitSettings
 
 
@@ -24,6 +24,7 @@ def score(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     sc, _ = job.run()
+    print_warnings(sc.collection)
     print(f"{len(sc.entries)} queries stored for {sc.collection.name}/{sc.collection.split}")
 
 
@@ -37,6 +38,7 @@ def detect(args: argparse.Namespace) -> None:
     if set(given) - allowed[args.rule]:
         raise RouteheadError(f"{', '.join(sorted(set(given) - allowed[args.rule]))} not used by --rule {args.rule}")
     sc, scorer = job_from(args).run()
+    print_warnings(sc.collection)
     source = {"prompt": scorer.builder.settings(), "doc_order": sc.settings["doc_order"],
               "detected_on": f"{sc.collection.name}/{sc.collection.split}", "n_queries": len(sc.entries)}
     {"qrhead": _detect_qrhead, "core": _detect_core, "layers": _detect_window}[args.rule](args, sc, scorer, source)
@@ -97,6 +99,7 @@ def label(args: argparse.Namespace) -> None:
     from routehead.training.labels import label_queries, prior_quality, save_labels
 
     sc, scorer = job_from(args).run()
+    print_warnings(sc.collection)
     pool, _ = detect_heads(sc, args.pool_size)
     qs = queries_for(sc, pool, args.use_first_stage)
     prior = prior_quality(qs)
@@ -115,6 +118,7 @@ def train(args: argparse.Namespace) -> None:
     from routehead.training.fit import fit_router
 
     sc, scorer = job_from(args).run()
+    print_warnings(sc.collection)
     settings = FitSettings(**{f.name: getattr(args, f.name) for f in fields(FitSettings)})
     router, _ = fit_router(sc, scorer, settings)
     router.save(args.out)

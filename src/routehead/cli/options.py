@@ -4,6 +4,7 @@ default is written once and the help always says it."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -60,3 +61,10 @@ def job_from(args: argparse.Namespace) -> ScoreJob:
                     trust_remote_code=args.trust_remote_code, max_queries=args.max_queries, scoring=scoring,
                     shard=tuple(getattr(args, "shard", (0, 1))), stored_only=args.stored_only,
                     progress=not args.no_progress)
+
+
+def print_warnings(collection: Any) -> None:
+    """What the loader noticed about a collection (judged documents outside the pool, empty queries, ...), once
+    per command, on stderr, so a figure is never read without it."""
+    for w in getattr(collection, "warnings", []):
+        print(f"routehead: warning: {collection.name}/{collection.split}: {w}", file=sys.stderr)
