@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from routehead.evaluation.baselines import BASELINES
+from routehead.evaluation.scores import method_scores
 from routehead.metrics import compare_runs, evaluate_run, rank_order, run_from_ranking
 from routehead.offline.collect import ScoredCollection
-from routehead.offline.views import query_embeddings, selection_scores
-from routehead.selection import METHODS, load_method
+from routehead.selection import load_method
 from routehead.selection.base import Asset, Method, Selection
 
 Run = dict[str, dict[str, float]]
@@ -44,16 +44,9 @@ def run_of(sc: ScoredCollection, score_fn: Callable[[str], np.ndarray]) -> Run:
 
 def method_run(sc: ScoredCollection, method: Method, scorer: Any = None,
                selections: dict[str, Selection] | None = None) -> Run:
-    """The run of a registered method over the stored passes. A method that reads the query embedding needs
-    ``scorer`` (embeddings are cached next to the store); ``selections`` collects each query's selection."""
-    emb = query_embeddings(sc, scorer, *method.embedding) if method.embedding is not None else {}
-
-    def score(qid: str) -> np.ndarray:
-        sel = method.select(emb.get(qid))
-        if selections is not None:
-            selections[qid] = sel
-        return selection_scores(sc, qid, sel)
-    return run_of(sc, score)
+    """The run of a registered method over the stored passes (:func:`method_scores`, ranked)."""
+    scores = method_scores(sc, method, scorer, selections=selections)
+    return run_of(sc, lambda qid: scores[qid])
 
 
 def evaluate(sc: ScoredCollection, names: Sequence[str], scorer: Any = None, router: Asset = None,
@@ -87,11 +80,6 @@ def sc_identity(sc: ScoredCollection, scorer: Any = None) -> dict[str, Any]:
     if scorer is not None:
         return scorer.lm.identity()
     return {k: sc.settings.get(k) for k in IDENTITY_KEYS}
-
-
-def rerankers() -> tuple[str, ...]:
-    """Every name :func:`evaluate` takes: the baselines, then the registered methods."""
-    return tuple(BASELINES) + tuple(METHODS)
 
 
 def report(sc: ScoredCollection, runs: dict[str, Run], baselines: Sequence[str] = ("bm25", "icr"),
