@@ -28,6 +28,9 @@ class ScoringSettings:
 
     top_k: int = _opt(20, "candidates re-ranked per query (for folders with candidates.tsv, the first K of the pool)")
     max_doc_tokens: int = _opt(160, "per-document truncation, in tokens")
+    max_chunks_per_doc: int = _opt(1, "long documents: split each into up to N consecutive chunks of max_doc_tokens "
+                                   "tokens, each its own passage in the prompt, the document scored by its best "
+                                   "chunk (MaxP); 1 = truncation to max_doc_tokens")
     doc_order: str = _opt("reverse", "candidates' order in the prompt: reverse (best last, next to the query: the "
                           "published runs), input (first-stage order), shuffle (a fixed random order per query), "
                           "both (debiased: input and reverse, two passes)", ORDERS)
@@ -76,6 +79,7 @@ SCORING = ScoringSettings()
 FIT = FitSettings()
 DEFAULT_ORDER = SCORING.doc_order
 DEFAULT_MAX_DOC_TOKENS = SCORING.max_doc_tokens
+DEFAULT_MAX_CHUNKS = SCORING.max_chunks_per_doc
 DEFAULT_LAYOUT = SCORING.layout
 
 

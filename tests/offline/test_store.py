@@ -213,3 +213,46 @@ def test_stored_tokens_aggregate_as_inference(tmp_path: Path) -> None:
                 np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-6)
                 assert np.argsort(-g, kind="stable").tolist() == np.argsort(-w, kind="stable").tolist()
             np.testing.assert_allclose(e.calibrated[0, 1], want[2], rtol=1e-4, atol=1e-7)  # one head masked alone
+
+
+def test_chunked_store_aggregates_as_inference(tmp_path: Path) -> None:
+    """A store scored with ``max_chunks_per_doc`` > 1 keeps token rows per chunk (``Tokens.chunks``) and gives, read
+    back from disk, each document's best chunk's score (MaxP), as the live chunked pass does, for ICR and a static
+    set; it has its own key (never the truncated store's), and training refuses it."""
+    from routehead.engine.aggregate import HeadSet
+    from routehead.engine.order import prompt_order
+    from routehead.engine.scorer import HeadScorer
+    from routehead.offline.collect import score_collection
+    from routehead.offline.data import load_collection
+    from routehead.offline.views import queries_for, selection_scores
+    from routehead.selection.base import Selection
+    from routehead.testing.tiny import tiny_lm
+
+    coll = load_collection("examples/scifact-mini", "test")
+    lm = tiny_lm("llama")
+    scorer = HeadScorer(lm, max_doc_tokens=40, max_chunks_per_doc=3)
+    assert scorer.settings()["max_chunks_per_doc"] == 3
+    assert "max_chunks_per_doc" not in HeadScorer(lm, max_doc_tokens=40).settings()  # old stores keep their keys
+    static = [(0, 1), (2, 3), (3, 0)]
+    sc = score_collection(coll, scorer, scorer.settings(), top_k=4, max_queries=2, root=tmp_path, progress=False,
+                          doc_order="shuffle")
+    sc = score_collection(coll, None, scorer.settings(), top_k=4, max_queries=2, root=tmp_path, progress=False,
+                          doc_order="shuffle")  # read back from the shards
+    chunked = 0
+    for qid, e in sc.entries.items():
+        perm = prompt_order(len(e.doc_ids), "shuffle", qid)
+        S = scorer.score(coll.queries[qid], [coll.prompt_text(e.doc_ids[j]) for j in perm],
+                         sets=[HeadSet.of(None), HeadSet.of(static)])
+        want = np.empty((2, len(perm)))
+        want[:, perm] = S.sets.double().numpy()
+        t = e.tokens
+        assert t is not None and t.chunks is not None and t.chunks.tolist() == [S.chunks[p] for p in np.argsort(perm)]
+        chunked += int((t.chunks > 1).sum())
+        got = [selection_scores(sc, qid, Selection(HeadSet.of(None))),
+               selection_scores(sc, qid, Selection(HeadSet.of(static)))]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-6)
+        np.testing.assert_allclose(e.calibrated[0, 1][perm], S.calibrated[0, 1].numpy(), rtol=1e-6)
+    assert chunked > 0  # the test reads chunked documents
+    with pytest.raises(RouteheadError, match="max_chunks_per_doc"):
+        queries_for(sc, static)

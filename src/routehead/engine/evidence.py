@@ -15,13 +15,18 @@ def document_evidence(tokenizer: Any, S: HeadScores, set_index: int, k: int) -> 
 
     A word's score is the sum of its tokens' kept (above the outlier threshold) calibrated scores under the
     selected heads, the same numbers the document's score sums; share = word score / the positive score of all
-    the document's words (the ``[i]`` marker is not a word of the document and is left out).
+    the document's words (the ``[i]`` marker is not a word of the document and is left out). A chunked document's
+    words are those of its best chunk under the set: the chunk its score is (:func:`routehead.engine.scorer.maxp`).
     """
     assert S.set_tokens is not None
     rows = S.set_tokens.rows[set_index]
     spans = spans_of(S.set_tokens.counts)
+    passage = S.chunk_starts()
+    if S.best_chunk is not None:
+        passage = [p + int(c) for p, c in zip(passage, S.best_chunk[set_index].tolist())]
     out = []
-    for d, ids in enumerate(S.token_ids):
+    for d in passage:
+        ids = S.token_ids[d]
         s, e = int(spans.idx[d, 0]), int(spans.idx[d, 0]) + len(ids)
         x = rows[s:e]
         mass = (x * kept(x[None], torch.ones(1, len(ids), dtype=torch.bool))[0]).double()

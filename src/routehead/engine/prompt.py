@@ -25,6 +25,15 @@ never as the model's special token. When no such text is present the whole promp
 exactly as the references do; otherwise the user content is tokenized with ``split_special_tokens`` between
 the chat template's own special tokens.
 
+Long documents (``max_chunks_per_doc`` > 1): a document longer than ``max_doc_tokens`` is split into consecutive
+chunks of ``max_doc_tokens`` tokens (counted on the document alone, as :meth:`PromptBuilder._cut` counts), at
+most ``max_chunks_per_doc`` of them; each chunk enters the prompt as its own passage (``[i] chunk``), the chunks of
+one document adjacent and in reading order, and the document is scored by its best chunk (MaxP, see
+:mod:`routehead.engine.scorer`). Chunks do not overlap: a calibrated score is the document's share of the query's
+attention, and text present twice in one prompt would split that attention between its two copies. The first
+chunk is exactly the truncated document, so a list in which no document is longer than ``max_doc_tokens`` gets
+the same prompt, and the same scores, as truncation.
+
 ``layout="v1"`` is routehead's layout before it followed the references, kept under its own name because it
 measured better on scifact dev (``bench/ablation.py``): every segment (instruction, separator, ``[i]``, document)
 tokenized alone and the ids concatenated, documents as ``title. text``, and only the query's own tokens (or
@@ -42,7 +51,7 @@ from typing import Any
 
 from routehead.errors import RouteheadError
 from routehead.locks import lock_for
-from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, SCORING
+from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_DOC_TOKENS, SCORING
 
 PROMPT_VERSION = "icr-ref-v1"
 LAYOUTS = {"reference": PROMPT_VERSION, "v1": "routehead-v1"}  # layout -> the version stores and assets record
@@ -85,6 +94,33 @@ class Prompt:
         return self.prefix_ids + (self.na_ids if calibration else self.query_ids)
 
 
+@dataclass
+class Chunks:
+    """Documents as they go into the prompt, each as one or more chunks (:meth:`PromptBuilder.chunk_documents`).
+
+    Chunk-level lists run document by document (a document's chunks adjacent, in reading order), so chunk ``j``
+    belongs to document ``owner[j]`` and ``owner`` is non-decreasing."""
+
+    texts: list[str]  # per chunk, as it goes into the prompt
+    lengths: list[int]  # per chunk: its tokens in the document's own tokenization (for planning windows)
+    owner: list[int]  # per chunk: the index of its document
+    truncated: list[bool]  # per document: was text left out (after its last kept chunk)
+
+    @property
+    def counts(self) -> list[int]:
+        """Chunks per document."""
+        out = [0] * len(self.truncated)
+        for d in self.owner:
+            out[d] += 1
+        return out
+
+    @property
+    def cut(self) -> list[bool]:
+        """Per chunk: is it its document's last kept chunk with text left out after it (the prompt's flag)."""
+        last = {d: j for j, d in enumerate(self.owner)}
+        return [self.truncated[d] and last[d] == j for j, d in enumerate(self.owner)]
+
+
 def document_text(text: str, title: str | None = None) -> str:
     """A document as the references put it in the prompt: ``title + "\\n" + text`` when it has a title (the v1
     layout's ``title. text`` is :func:`routehead.offline.data.doc_text`)."""
@@ -109,7 +145,9 @@ class PromptBuilder:
     def __init__(self, tokenizer: Any, max_doc_tokens: int | None = DEFAULT_MAX_DOC_TOKENS,
                  max_query_tokens: int = 128, use_chat_template: bool = True,
                  retrieval_type: str = SCORING.retrieval_type, instruction: str | None = None,
-                 separator: str | None = None, layout: str = DEFAULT_LAYOUT) -> None:
+                 separator: str | None = None, layout: str = DEFAULT_LAYOUT,
+                 max_chunks_per_doc: int = DEFAULT_MAX_CHUNKS) -> None:
+        check_max_chunks(max_chunks_per_doc)
         if layout not in LAYOUTS:
             raise RouteheadError(f"unknown prompt layout {layout!r}; use one of {sorted(LAYOUTS)}")
         if retrieval_type not in LATE_INSTRUCTIONS:
@@ -122,6 +160,7 @@ class PromptBuilder:
         self.tok = tokenizer
         self.layout = layout
         self.max_doc_tokens = max_doc_tokens
+        self.max_chunks_per_doc = max_chunks_per_doc
         self.max_query_tokens = max_query_tokens
         self.retrieval_type = retrieval_type
         self.late = instruction.strip() if instruction is not None else LATE_INSTRUCTIONS[retrieval_type]
@@ -203,22 +242,49 @@ class PromptBuilder:
             raise RouteheadError("the query is empty")
         return self._cut(query.strip(), self.max_query_tokens)[0]
 
-    def prepare_documents(self, documents: Sequence[str]) -> tuple[list[str], list[int], list[bool]]:
-        """Documents as they go into the prompt (stripped, cut to ``max_doc_tokens``), their token counts
-        (alone, for planning windows) and whether each was cut."""
+    def _split(self, text: str, limit: int | None, max_chunks: int) -> tuple[list[str], list[int], bool]:
+        """``text`` as up to ``max_chunks`` consecutive chunks of ``limit`` tokens (its own tokenization, as user
+        text), each cut at character boundaries: the chunks' texts, their token counts, and whether text was left
+        out after the last. The first chunk is :meth:`_cut`'s text; a chunk that is only whitespace is dropped."""
+        first, cut, n = self._cut(text, limit)
+        if not cut or max_chunks == 1:
+            return [first], [n], cut
+        assert limit is not None
+        offsets = self._encode(text, special=False, offsets=True)["offset_mapping"]
+        total = len(offsets)
+        texts, lengths = [first], [limit]
+        for a in range(limit, min(total, max_chunks * limit), limit):
+            b = min(a + limit, total)
+            chunk = text[offsets[a][0]:offsets[b - 1][1]].strip()
+            if chunk:
+                texts.append(chunk)
+                lengths.append(b - a)
+        return texts, lengths, total > max_chunks * limit
+
+    def chunk_documents(self, documents: Sequence[str], max_chunks: int | None = None) -> Chunks:
+        """Documents as they go into the prompt (stripped; split into up to ``max_chunks`` chunks of
+        ``max_doc_tokens`` tokens, default the builder's ``max_chunks_per_doc``; 1: cut to ``max_doc_tokens``)."""
         if isinstance(documents, str) or not isinstance(documents, Sequence):
             raise RouteheadError("documents must be a list of strings")
         if len(documents) == 0:
             raise RouteheadError("no documents to rank")
-        texts, lengths, cut = [], [], []
+        k = self.max_chunks_per_doc if max_chunks is None else check_max_chunks(max_chunks)
+        out = Chunks([], [], [], [])
         for i, d in enumerate(documents):
             if not isinstance(d, str):
                 raise RouteheadError(f"document {i} is a {type(d).__name__}, not a string")
-            t, c, n = self._cut(d.strip(), self.max_doc_tokens)
-            texts.append(t)
-            cut.append(c)
-            lengths.append(n)
-        return texts, lengths, cut
+            texts, lengths, cut = self._split(d.strip(), self.max_doc_tokens, k)
+            out.texts += texts
+            out.lengths += lengths
+            out.owner += [i] * len(texts)
+            out.truncated.append(cut)
+        return out
+
+    def prepare_documents(self, documents: Sequence[str]) -> tuple[list[str], list[int], list[bool]]:
+        """Documents as they go into the prompt when truncated (stripped, cut to ``max_doc_tokens``, whatever
+        ``max_chunks_per_doc`` says), their token counts (alone, for planning windows) and whether each was cut."""
+        c = self.chunk_documents(documents, 1)
+        return c.texts, c.lengths, c.truncated
 
     def encode_query(self, query: str) -> list[int]:
         """The query's own tokens (router embeddings pool over them)."""
@@ -308,29 +374,52 @@ class PromptBuilder:
         return self.build(self.prepare_query(query), texts, truncated)
 
     def settings(self) -> dict[str, Any]:
-        """Everything in the prompt that changes scores (for stores and checkpoints)."""
-        return {"prompt": LAYOUTS[self.layout], "max_doc_tokens": self.max_doc_tokens,
-                "max_query_tokens": self.max_query_tokens, "late_instruction": self.late, "separator": self.sep,
-                "chat_template": self.chat}
+        """Everything in the prompt that changes scores (for stores and checkpoints). ``max_chunks_per_doc`` is
+        named only when it chunks (> 1): truncation is what every store made before chunking holds, so they keep
+        their keys, and a chunked store never shares one with a truncated one."""
+        out = {"prompt": LAYOUTS[self.layout], "max_doc_tokens": self.max_doc_tokens,
+               "max_query_tokens": self.max_query_tokens, "late_instruction": self.late, "separator": self.sep,
+               "chat_template": self.chat}
+        if self.max_chunks_per_doc > 1:
+            out["max_chunks_per_doc"] = self.max_chunks_per_doc
+        return out
 
 
-def plan_windows(doc_lengths: Sequence[int], fixed_per_doc: int, fixed: int, budget: int) -> list[list[int]]:
-    """Split documents (in prompt order) into the fewest contiguous, near-equal-size windows that fit ``budget``.
+def check_max_chunks(value: Any) -> int:
+    """``max_chunks_per_doc`` validated: an int >= 1 (1 = truncation)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RouteheadError(f"max_chunks_per_doc must be an integer >= 1 (1: truncation), got {value!r}")
+    return value
+
+
+def plan_windows(doc_lengths: Sequence[int], fixed_per_doc: int, fixed: int, budget: int,
+                 groups: Sequence[int] | None = None) -> list[list[int]]:
+    """Split passages (in prompt order) into the fewest contiguous, near-equal-size windows that fit ``budget``.
 
     Near-equal sizes matter: a document's calibrated attention is its share of a mass spread over the window's
     documents, so windows of similar size give similar competition (see :mod:`routehead.engine.scorer` for the
     rescaling that makes scores from different windows comparable).
+
+    ``groups`` (non-decreasing, one per passage: the chunks of a document, :class:`Chunks`'s ``owner``) keeps each
+    group in one window, so a document's chunks compete in the same prompt; windows are then near-equal in groups.
     """
-    n = len(doc_lengths)
-    need = [length + fixed_per_doc for length in doc_lengths]
-    for i, k in enumerate(need):
+    groups = list(range(len(doc_lengths))) if groups is None else list(groups)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    blocks = list(members.values())
+    n = len(blocks)
+    need = [sum(doc_lengths[i] + fixed_per_doc for i in block) for block in blocks]
+    for g, k in zip(members, need):
         if fixed + k > budget:
+            what = "max_doc_tokens (per-document truncation)" if len(members[g]) == 1 else \
+                f"max_chunks_per_doc (it has {len(members[g])} chunks) or max_doc_tokens lower"
             raise RouteheadError(
-                f"document {i} needs {k} tokens but the prompt budget is {budget - fixed} tokens after the "
-                f"instruction and query; set max_doc_tokens (per-document truncation) or use a longer-context model")
+                f"document {g} needs {k} tokens but the prompt budget is {budget - fixed} tokens after the "
+                f"instruction and query; set {what} or use a longer-context model")
     for w in range(1, n + 1):
         bounds = [round(j * n / w) for j in range(w + 1)]
         windows = [list(range(bounds[j], bounds[j + 1])) for j in range(w)]
         if all(fixed + sum(need[i] for i in win) <= budget for win in windows):
-            return windows
+            return [[i for b in win for i in blocks[b]] for win in windows]
     raise AssertionError("unreachable: one document per window always fits")

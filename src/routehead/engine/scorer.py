@@ -18,6 +18,12 @@ split into near-equal contiguous windows scored separately. A calibrated score i
 spread over the window's documents, so each window's scores are multiplied by ``len(window) / n_docs``:
 a positive per-window factor, so order within a window is kept, and equal documents in windows of different
 size get comparable scores.
+
+Long documents (``max_chunks_per_doc`` > 1, :class:`prompt.Chunks`): each chunk is scored as a document of its
+own, in the same prompt as the other passages (a document's chunks adjacent, and in one window), and the document
+takes its best chunk's score (MaxP): every score of :class:`HeadScores` (each head set, each head alone) is the
+maximum over the document's chunks, so a document's score is what its most relevant part earns; windows and the
+token rows stay per chunk (``HeadScores.chunks`` says how many each document has).
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ import torch
 from routehead.engine import capture
 from routehead.engine.aggregate import Head, HeadSet, SpanIndex, mask_outliers_and_sum
 from routehead.engine.model import LoadedModel
-from routehead.engine.prompt import Prompt, PromptBuilder, plan_windows
-from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_DOC_TOKENS, SCORING
+from routehead.engine.prompt import Chunks, Prompt, PromptBuilder, plan_windows
+from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_DOC_TOKENS, SCORING
 
 
 @dataclass
@@ -57,13 +63,41 @@ class HeadScores:
     tokens: TokenScores | None = None  # with keep_tokens: every computed head's token scores
     set_tokens: TokenScores | None = None  # with keep_tokens: each set's summed token scores (before the mask)
     token_ids: list[list[int]] = field(default_factory=list)  # with keep_tokens: each document span's token ids
-    windows: list[list[int]] = field(default_factory=list)
+    windows: list[list[int]] = field(default_factory=list)  # passages (chunks, when chunked) in each window
     prompt_tokens: int = 0  # tokens run for the longest window (prefix + query suffix)
-    truncated: list[bool] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)  # per document: was text left out
+    # chunked scoring only (max_chunks_per_doc > 1; empty otherwise): chunks per document, whose token rows
+    # (tokens, set_tokens, token_ids) run chunk by chunk; and [sets, docs], the best chunk of each document
+    # (0 = its first) under each set, the one its score is
+    chunks: list[int] = field(default_factory=list)
+    best_chunk: torch.Tensor | None = None
 
     @property
     def num_docs(self) -> int:
         return int(self.calibrated.shape[-1])
+
+    def chunk_starts(self) -> list[int]:
+        """Index of each document's first passage among the token rows' spans (documents alone: ``0..n-1``)."""
+        counts = self.chunks or [1] * self.num_docs
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+
+
+def maxp(S: HeadScores, chunks: Chunks) -> HeadScores:
+    """``S`` scored per chunk, as per document: every score the maximum over the document's chunks (MaxP), the
+    best chunk of each set kept; token rows, spans and windows stay per chunk (see :attr:`HeadScores.chunks`)."""
+    counts = chunks.counts
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+    parts = list(zip(bounds[:-1], bounds[1:]))
+
+    def best(x: torch.Tensor) -> torch.Tensor:  # [..., chunks] -> [..., docs]; NaN (head not computed) stays NaN
+        return torch.stack([x[..., a:b].amax(-1) for a, b in parts], -1)
+
+    top = [S.sets[:, a:b].max(-1) for a, b in parts]
+    return HeadScores(calibrated=best(S.calibrated), raw=best(S.raw), raw_sum=best(S.raw_sum), computed=S.computed,
+                      sets=torch.stack([t.values for t in top], -1) if parts else S.sets,
+                      tokens=S.tokens, set_tokens=S.set_tokens, token_ids=S.token_ids, windows=S.windows,
+                      prompt_tokens=S.prompt_tokens, truncated=list(chunks.truncated), chunks=counts,
+                      best_chunk=torch.stack([t.indices for t in top], -1) if parts else None)
 
 
 def normalize_heads(heads: Iterable[Head] | None, num_layers: int, num_heads: int) -> list[Head]:
@@ -109,10 +143,11 @@ class HeadScorer:
     def __init__(self, lm: LoadedModel, max_doc_tokens: int | None = DEFAULT_MAX_DOC_TOKENS,
                  max_prompt_tokens: int | None = None, use_chat_template: bool = True,
                  retrieval_type: str = SCORING.retrieval_type, instruction: str | None = None,
-                 layout: str = DEFAULT_LAYOUT) -> None:
+                 layout: str = DEFAULT_LAYOUT, max_chunks_per_doc: int = DEFAULT_MAX_CHUNKS) -> None:
         self.lm = lm
         self.builder = PromptBuilder(lm.tokenizer, max_doc_tokens=max_doc_tokens, use_chat_template=use_chat_template,
-                                     retrieval_type=retrieval_type, instruction=instruction, layout=layout)
+                                     retrieval_type=retrieval_type, instruction=instruction, layout=layout,
+                                     max_chunks_per_doc=max_chunks_per_doc)
         self.budget = min(lm.max_context, max_prompt_tokens or lm.max_context)
         capture.install(lm.model)
         self.base = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model
@@ -238,24 +273,41 @@ class HeadScorer:
 
     # -- public -------------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None,
-              sets: Sequence[HeadSet] = (), keep_tokens: bool = False, per_head: bool = True) -> HeadScores:
+              sets: Sequence[HeadSet] = (), keep_tokens: bool = False, per_head: bool = True,
+              max_chunks_per_doc: int | None = None) -> HeadScores:
         """Scores of ``documents`` (in prompt order) for ``query``; only ``heads`` are computed (None: all).
 
         ``sets``: head sets aggregated as the references do (``HeadScores.sets``); their heads must be computed.
         ``per_head=False`` skips each head's own masked score (``calibrated``/``raw`` stay NaN): re-ranking with
-        ``sets`` does not need them, head detection does.
+        ``sets`` does not need them, head detection does. ``max_chunks_per_doc``: this call's chunking (None: the
+        builder's; see :mod:`routehead.engine.prompt`).
         """
-        return self.score_many([(query, documents)], heads, sets=sets, keep_tokens=keep_tokens, per_head=per_head)[0]
+        return self.score_many([(query, documents)], heads, sets=sets, keep_tokens=keep_tokens, per_head=per_head,
+                               max_chunks_per_doc=max_chunks_per_doc)[0]
+
+    def plan(self, query: str, documents: Sequence[str], max_chunks_per_doc: int | None = None
+             ) -> tuple[str, Chunks, list[list[int]], int, int]:
+        """How ``documents`` (prompt order) go into prompts: the prepared query, the passages (:class:`Chunks`),
+        the windows (passage indices, a document's chunks in one window), and the tokens a window needs besides
+        its passages' own (``fixed``) and per passage (``per_doc``, an upper estimate)."""
+        q = self.builder.prepare_query(query)
+        chunks = self.builder.chunk_documents(documents, max_chunks_per_doc)
+        fixed = self.builder.fixed_tokens(0, q)
+        per_doc = -(-(self.builder.fixed_tokens(len(chunks.texts), q) - fixed) // len(chunks.texts))
+        windows = plan_windows(chunks.lengths, per_doc, fixed, self.budget, groups=chunks.owner)
+        return q, chunks, windows, fixed, per_doc
 
     def score_many(self, items: Sequence[tuple[str, Sequence[str]]], heads: Iterable[Head] | None = None,
                    batch_size: int = 1, sets: Sequence[HeadSet] = (), keep_tokens: bool = False,
-                   per_head: bool = True) -> list[HeadScores]:
+                   per_head: bool = True, max_chunks_per_doc: int | None = None) -> list[HeadScores]:
         """:meth:`score` for many ``(query, documents)`` pairs, ``batch_size`` prompts per forward pass.
 
         Batching pays where one prompt leaves a GPU idle (small models, short lists): a pass costs a fixed
         number of kernel launches, however many rows it carries. Prompts are grouped by length (least padding);
-        results are the same as one at a time, in input order.
+        results are the same as one at a time, in input order. With chunking (``max_chunks_per_doc``, default
+        the builder's, > 1) each result is per document, the maximum over its chunks (:func:`maxp`).
         """
+        chunking = (self.builder.max_chunks_per_doc if max_chunks_per_doc is None else max_chunks_per_doc) > 1
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         L, H = self.lm.num_layers, self.lm.num_heads
@@ -265,12 +317,11 @@ class HeadScorer:
         hi = torch.tensor([h for _, h in sel])
         results: list[HeadScores] = []
         jobs: list[tuple[int, list[int], Prompt]] = []  # (item, window, prompt)
+        passages: list[Chunks] = []
         for i, (query, documents) in enumerate(items):
-            q = self.builder.prepare_query(query)
-            texts, lengths, truncated = self.builder.prepare_documents(documents)
-            fixed = self.builder.fixed_tokens(0, q)
-            per_doc = self.builder.fixed_tokens(len(texts), q) - fixed
-            windows = plan_windows(lengths, -(-per_doc // len(texts)), fixed, self.budget)
+            q, chunks, windows, _, _ = self.plan(query, documents, max_chunks_per_doc)
+            passages.append(chunks)
+            texts, truncated = chunks.texts, chunks.cut
             n = len(texts)
             computed = torch.zeros(L, H, dtype=torch.bool)
             computed[li, hi] = per_head
@@ -316,7 +367,7 @@ class HeadScorer:
                 S.tokens = TokenScores(rows=torch.cat([d[0] for d in docs], dim=1), counts=counts, heads=list(sel))
                 S.set_tokens = TokenScores(rows=torch.cat([d[1] for d in docs], dim=1), counts=counts, heads=[])
                 S.token_ids = [list(d[2]) for d in docs]
-        return results
+        return [maxp(S, c) for S, c in zip(results, passages)] if chunking else results
 
     @torch.inference_mode()
     def query_embedding(self, query: str, layer: int, pooling: str = "mean") -> torch.Tensor:

@@ -46,16 +46,21 @@ def store_settings(scorer_settings: dict[str, Any], collection: Collection, top_
 
 
 def entry_tokens(S: HeadScores, perm: list[int]) -> Tokens:
-    """Token scores of a prompt-order result, re-laid in candidate (first-stage) order."""
+    """Token scores of a prompt-order result, re-laid in candidate (first-stage) order (a chunked document's
+    chunks move together, in their own order)."""
     assert S.tokens is not None
     t = S.tokens
     rows = t.rows.numpy()
     bounds = np.concatenate([[0], np.cumsum(t.counts)])
+    chunks = S.chunks or [1] * len(perm)
+    first = S.chunk_starts()
     where = {doc: j for j, doc in enumerate(perm)}  # candidate -> prompt position
-    cols = np.concatenate([np.arange(bounds[where[d]], bounds[where[d] + 1]) for d in range(len(perm))])
+    spans = [first[where[d]] + c for d in range(len(perm)) for c in range(chunks[where[d]])]
+    cols = np.concatenate([np.arange(bounds[p], bounds[p + 1]) for p in spans])
     rows = rows[:, cols]
-    return Tokens.encode(np.array(t.heads), rows, np.array([t.counts[where[d]] for d in range(len(perm))]),
-                         rows.sum(0), np.array([where[d] for d in range(len(perm))]))
+    return Tokens.encode(np.array(t.heads), rows, np.array([t.counts[p] for p in spans]), rows.sum(0),
+                         np.array([where[d] for d in range(len(perm))]),
+                         np.array([chunks[where[d]] for d in range(len(perm))]) if S.chunks else None)
 
 
 def select_queries(collection: Collection, max_queries: int | None = None) -> list[str]:

@@ -54,7 +54,8 @@ class ScoreJob:
         coll = load_collection(self.data, self.split)
         lm = load_model(self.model, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         s = self.scoring
-        scorer = HeadScorer(lm, max_doc_tokens=s.max_doc_tokens, retrieval_type=s.retrieval_type, layout=s.layout)
+        scorer = HeadScorer(lm, max_doc_tokens=s.max_doc_tokens, retrieval_type=s.retrieval_type, layout=s.layout,
+                            max_chunks_per_doc=s.max_chunks_per_doc)
         compute = compute and not self.stored_only
         sc = score_collection(coll, scorer if compute else None, scorer.settings(), top_k=s.top_k,
                               max_queries=self.max_queries, shard=self.shard[0], num_shards=self.shard[1],

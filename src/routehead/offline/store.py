@@ -13,7 +13,9 @@ stored, each head's unmasked, uncalibrated attention mass: CoRe's) and, optional
 scores of the stored heads over every document's span (:class:`Tokens`): what offline work (ICR, static sets,
 label search, router training, the oracle) needs to aggregate exactly as inference does, summing heads before
 the outlier mask. Token rows are float16 with a float32 scale per row (a row divided by its largest magnitude),
-the all-heads token sum float32.
+the all-heads token sum float32. A chunked store (``max_chunks_per_doc`` > 1 in its settings) holds token rows per
+chunk (``Tokens.chunks``: how many chunks each document has, its chunks' spans adjacent); its per-head document
+scores are already the maximum over a document's chunks (MaxP, as the live pass gives them).
 
 ``hash12`` is the first 12 hex digits of the SHA-256 of the canonical JSON of the settings, so any
 change in model, prompt, top-k, ... gets a fresh directory. Shards are written to a temporary file and
@@ -48,13 +50,17 @@ LAYOUT = ["layer", "head", "doc"]
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.npz$")
 _KEYS = ("qids", "counts", "doc_ids", "calibrated", "raw", "shape")
 _TOKEN_KEYS = ("tok_heads", "tok_rows", "tok_scale", "tok_counts", "tok_total", "positions")
+_CHUNK_KEY = "tok_chunks"  # chunked stores only: chunks per document (tok_counts is then per chunk)
 
 
 @dataclass(frozen=True)
 class Tokens:
     """Per-token calibrated scores of one query: ``rows`` ``[heads, T]`` float16 times ``scale`` ``[heads]``;
     document d's tokens are the ``counts[d]`` columns after those of documents ``< d``; ``total`` ``[T]`` is
-    the sum over all heads (ICR); ``positions[d]`` is document d's place in the prompt (0 = first)."""
+    the sum over all heads (ICR); ``positions[d]`` is document d's place in the prompt (0 = first).
+
+    Chunked (``chunks`` not None): ``counts`` are per chunk, document d's ``chunks[d]`` chunks after those of
+    documents ``< d``; a document's score is the maximum of its chunks' (:meth:`document_max`)."""
 
     heads: np.ndarray  # [n, 2] (layer, head) of each row, shared by every entry of a store
     rows: np.ndarray
@@ -62,16 +68,29 @@ class Tokens:
     counts: np.ndarray
     total: np.ndarray
     positions: np.ndarray
+    chunks: np.ndarray | None = None
 
     @classmethod
     def encode(cls, heads: np.ndarray, rows: np.ndarray, counts: np.ndarray, total: np.ndarray,
-               positions: np.ndarray) -> Tokens:
+               positions: np.ndarray, chunks: np.ndarray | None = None) -> Tokens:
         rows = np.asarray(rows, dtype=np.float32)
         scale = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return cls(np.asarray(heads, dtype=np.int64).reshape(-1, 2), (rows / scale[:, None]).astype(np.float16),
                    scale, np.asarray(counts, dtype=np.int64), np.asarray(total, dtype=np.float32),
-                   np.asarray(positions, dtype=np.int64))
+                   np.asarray(positions, dtype=np.int64), None if chunks is None else np.asarray(chunks, np.int64))
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.positions)
+
+    def document_max(self, passage_scores: np.ndarray) -> np.ndarray:
+        """Per-passage scores ``[..., spans]`` as per-document ones: unchanged unchunked, else the maximum over
+        each document's chunks (MaxP)."""
+        if self.chunks is None:
+            return passage_scores
+        starts = np.concatenate([[0], np.cumsum(self.chunks)[:-1]]).astype(np.int64)
+        return np.maximum.reduceat(passage_scores, starts, axis=-1)
 
     def decoded(self, index: np.ndarray | list[int] | None = None) -> np.ndarray:
         """float32 rows ``[len(index), T]`` (all rows when None)."""
@@ -232,7 +251,7 @@ class HeadScoreStore:
                 keys = _KEYS if arrays else ("qids", "counts", "shape")
                 data = {k: z[k] for k in keys}
                 if arrays and all(k in z.files for k in _TOKEN_KEYS):
-                    data.update({k: z[k] for k in _TOKEN_KEYS})
+                    data.update({k: z[k] for k in _TOKEN_KEYS + ((_CHUNK_KEY,) if _CHUNK_KEY in z.files else ())})
                 if arrays and "raw_sum" in z.files:
                     data["raw_sum"] = z["raw_sum"]
         except RouteheadError:
@@ -252,7 +271,9 @@ class HeadScoreStore:
                 raise RouteheadError(f"{path}: corrupt store shard (doc id array does not match counts)")
             if "tok_rows" in data:
                 t = int(data["tok_counts"].sum())
-                ok = (data["tok_counts"].shape == (total,) and data["positions"].shape == (total,)
+                spans = int(data[_CHUNK_KEY].sum()) if _CHUNK_KEY in data else total
+                ok = (data["tok_counts"].shape == (spans,) and data["positions"].shape == (total,)
+                      and data.get(_CHUNK_KEY, data["positions"]).shape == (total,)
                       and data["tok_rows"].shape == (len(data["tok_heads"]), t) and data["tok_total"].shape == (t,)
                       and data["tok_scale"].shape == (len(qids), len(data["tok_heads"])))
                 if not ok:
@@ -294,13 +315,19 @@ class HeadScoreStore:
             doc_ids = data["doc_ids"].tolist()
             if "tok_rows" in data:
                 tb = np.concatenate([[0], np.cumsum(data["tok_counts"])]).astype(np.int64)
+                chunked = _CHUNK_KEY in data
+                # passage (span) bounds: one per document, or each document's chunks
+                pb = (np.concatenate([[0], np.cumsum(data[_CHUNK_KEY])]).astype(np.int64) if chunked
+                      else np.arange(len(doc_ids) + 1))
             for i, qid in enumerate(data["qids"].tolist()):
                 lo, hi = int(bounds[i]), int(bounds[i + 1])
                 tokens = None
                 if "tok_rows" in data:
-                    a, b = int(tb[lo]), int(tb[hi])
+                    plo, phi = int(pb[lo]), int(pb[hi])
+                    a, b = int(tb[plo]), int(tb[phi])
                     tokens = Tokens(data["tok_heads"], data["tok_rows"][:, a:b], data["tok_scale"][i],
-                                    data["tok_counts"][lo:hi], data["tok_total"][a:b], data["positions"][lo:hi])
+                                    data["tok_counts"][plo:phi], data["tok_total"][a:b], data["positions"][lo:hi],
+                                    data[_CHUNK_KEY][lo:hi] if chunked else None)
                 out[qid] = Entry(doc_ids[lo:hi], data["calibrated"][:, :, lo:hi], data["raw"][:, :, lo:hi], tokens,
                                  data["raw_sum"][:, :, lo:hi] if "raw_sum" in data else None)
         out.update(self._buffer)
@@ -334,9 +361,12 @@ class HeadScoreStore:
         if any(a.shape != arrays[0].shape for a in arrays):
             raise RouteheadError(f"query {qid!r}: the per-head arrays' shapes {[list(a.shape) for a in arrays]} differ")
         self._check_shape(arrays[0].shape[:2], f"query {qid!r}")
-        if tokens is not None and (len(tokens.counts) != len(doc_ids) or len(tokens.positions) != len(doc_ids)
-                                   or tokens.rows.shape[1] != int(tokens.counts.sum())):
-            raise RouteheadError(f"query {qid!r}: token scores do not match its {len(doc_ids)} documents")
+        if tokens is not None:
+            spans = len(doc_ids) if tokens.chunks is None else int(tokens.chunks.sum())
+            if (len(tokens.counts) != spans or len(tokens.positions) != len(doc_ids)
+                    or (tokens.chunks is not None and len(tokens.chunks) != len(doc_ids))
+                    or tokens.rows.shape[1] != int(tokens.counts.sum())):
+                raise RouteheadError(f"query {qid!r}: token scores do not match its {len(doc_ids)} documents")
         self._buffer[qid] = Entry(doc_ids, arrays[0], arrays[1], tokens, arrays[2] if len(arrays) > 2 else None)
         if len(self._buffer) >= self.auto_flush_every:
             self.flush()
@@ -374,6 +404,11 @@ class HeadScoreStore:
                             "tok_counts": np.concatenate([t.counts for t in toks]),
                             "tok_total": np.concatenate([t.total for t in toks]),
                             "positions": np.concatenate([t.positions for t in toks])})
+            chunked = [t.chunks is not None for t in toks]
+            if any(chunked):
+                if not all(chunked):
+                    raise RouteheadError("entries with and without chunks cannot share a store")
+                payload[_CHUNK_KEY] = np.concatenate([t.chunks for t in toks])
         self.path.mkdir(parents=True, exist_ok=True)
 
         def writer(fh) -> None:

@@ -82,10 +82,16 @@ def head_rows(sc: ScoredCollection, qid: str, heads: Sequence[Head]) -> torch.Te
 
 def queries_for(sc: ScoredCollection, pool: Sequence[Head], use_first_stage: bool = False,
                 qids: Sequence[str] | None = None) -> list[Query]:
-    """Label-search / training view of stored queries: the pool's token rows, single-head scores, judgments."""
+    """Label-search / training view of stored queries: the pool's token rows, single-head scores, judgments.
+    Documents only: a chunked store (``max_chunks_per_doc`` > 1) is refused, since training aggregates spans as
+    documents."""
     out = []
     for qid in qids if qids is not None else sorted(sc.entries):
         e = sc.entries[qid]
+        if tokens_of(sc, qid).chunks is not None:
+            raise RouteheadError("this store was scored with max_chunks_per_doc > 1 (chunked documents): label "
+                                 "search, router training and the oracle read stores of whole (truncated) documents; "
+                                 "evaluate methods on it, and train on a store scored with max_chunks_per_doc 1")
         g, ideal = gains(sc, qid, e.doc_ids)
         fs = zscore(first_stage_scores(sc, qid)[None])[0] if use_first_stage else None
         single = np.stack([e.calibrated[lay, h] for lay, h in pool]).astype(np.float64)
@@ -96,7 +102,7 @@ def queries_for(sc: ScoredCollection, pool: Sequence[Head], use_first_stage: boo
 
 def icr_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
     t = tokens_of(sc, qid)
-    return set_scores(torch.from_numpy(t.total)[None], spans_of(t.counts))
+    return t.document_max(set_scores(torch.from_numpy(t.total)[None], spans_of(t.counts)))
 
 
 def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str = "mean",
@@ -122,12 +128,12 @@ def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str
 def selection_scores(sc: ScoredCollection, qid: str, sel: Selection) -> np.ndarray:
     """Document scores of a method's selection for one stored query, aggregated as the live pass aggregates
     it: every head (the stored all-heads sum) or the selected heads' token rows, weighted, masked, summed; then
-    the z-scored first stage added with its weight."""
+    the z-scored first stage added with its weight. A chunked document scores its best chunk (MaxP)."""
     if sel.heads.heads is None:
         attn = icr_scores(sc, qid)
     elif sel.heads.heads:
-        attn = set_scores(head_rows(sc, qid, sel.heads.heads), spans_of(tokens_of(sc, qid).counts),
-                          sel.heads.weights)
+        t = tokens_of(sc, qid)
+        attn = t.document_max(set_scores(head_rows(sc, qid, sel.heads.heads), spans_of(t.counts), sel.heads.weights))
     else:
         attn = None
     fs = zscore(first_stage_scores(sc, qid)[None])[0] if sel.first_stage_weight else None
