@@ -17,9 +17,12 @@ themselves.
   evidence size share a call.
 - Failure isolation: if a batched call raises, its requests are retried one at a time, so only the request
   that breaks the model fails and the others get the answer they would have had alone.
-- Cancellation: a request whose awaiting task is cancelled (client gone) or times out is removed from the
-  queue; if it is already running, its batch finishes (a forward pass cannot be interrupted) and the answer is
-  dropped: its work stops at the next batch boundary.
+- Cancellation: a request whose awaiting task is cancelled (client gone) or times out (504) is removed from the
+  queue.  If it is already running, its answer is dropped; and once no request of the running call is still
+  awaited, the call is stopped at the model's next layer boundary (the reranker's ``should_stop``, where it
+  takes one: :func:`~routehead.service.protocol.takes_should_stop`), counted in
+  ``routehead_cancelled_passes_total`` and logged in one line, and the replica takes the next queued work.
+  Requests still awaited keep their call running: a batch stops only when all of it is abandoned.
 - Drain (SIGTERM): :meth:`Batcher.drain` refuses new work; the replicas keep serving the queue, the queued
   requests they are not expected to reach before the drain's deadline get :class:`ShuttingDown` at once, and at
   the deadline every request still waiting (queued or running) gets it: each is answered within the grace.
@@ -39,9 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from routehead.aio import model_lock
+from routehead.errors import PassCancelled
 from routehead.service.config import ServiceSettings
 from routehead.service.load import Throughput, Wait, estimate
-from routehead.service.protocol import RerankerLike
+from routehead.service.protocol import RerankerLike, takes_should_stop
 
 logger = logging.getLogger("routehead.service")
 
@@ -96,20 +100,25 @@ class _Replica:
     def __init__(self, reranker: RerankerLike, name: str) -> None:
         self.reranker = reranker
         self.name = name
+        self.stoppable = takes_should_stop(reranker)
 
-    def rerank_one(self, work: Work) -> Any:
+    def _stop(self, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+        return {"should_stop": should_stop} if self.stoppable and should_stop is not None else {}
+
+    def rerank_one(self, work: Work, should_stop: Callable[[], bool] | None = None) -> Any:
         with model_lock(self.reranker):  # also excludes Reranker.arerank callers sharing this model
             return self.reranker.rerank(work.query, work.documents, first_stage_scores=work.first_stage_scores,
-                                        routed_heads=True, evidence=work.evidence)
+                                        routed_heads=True, evidence=work.evidence, **self._stop(should_stop))
 
-    def rerank_batch(self, works: Sequence[Work]) -> list[Any]:
+    def rerank_batch(self, works: Sequence[Work], should_stop: Callable[[], bool] | None = None) -> list[Any]:
         """One ``rerank_many`` call for several requests (one alone goes through ``rerank``)."""
         if len(works) == 1:
-            return [self.rerank_one(works[0])]
+            return [self.rerank_one(works[0], should_stop)]
         items = [(w.query, w.documents) if w.first_stage_scores is None
                  else (w.query, w.documents, w.first_stage_scores) for w in works]
         with model_lock(self.reranker):
-            out = list(self.reranker.rerank_many(items, batch_size=len(items), evidence=works[0].evidence))
+            out = list(self.reranker.rerank_many(items, batch_size=len(items), evidence=works[0].evidence,
+                                                 **self._stop(should_stop)))
         if len(out) != len(works):
             raise RuntimeError(f"rerank_many returned {len(out)} rankings for {len(works)} requests")
         return out
@@ -335,10 +344,13 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.observe_batch(len(batch), sum(j.work.tokens for j in batch))
         try:
-            rankings = replica.rerank_batch([j.work for j in batch])
+            rankings = replica.rerank_batch([j.work for j in batch], lambda: all(j.cancelled for j in batch))
             self._measured(sum(j.work.tokens for j in batch), time.perf_counter() - t0)
             with self._cond:  # done: no longer ahead of anyone (before its requests are answered)
                 self._running.pop(threading.get_ident(), None)
+        except PassCancelled:
+            self._stopped(replica, batch, t0)
+            return
         except Exception as exc:
             if len(batch) == 1:
                 self._finish(batch[0], t0, 1, error=exc)
@@ -351,7 +363,9 @@ class Batcher:
                     continue
                 t1 = time.perf_counter()
                 try:
-                    ranking = replica.rerank_one(job.work)
+                    ranking = replica.rerank_one(job.work, lambda job=job: job.cancelled)
+                except PassCancelled:
+                    self._stopped(replica, [job], t1)
                 except Exception as one_exc:
                     self._finish(job, t1, 1, error=one_exc)
                 else:
@@ -360,6 +374,16 @@ class Batcher:
             return
         for job, ranking in zip(batch, rankings):
             self._finish(job, t0, len(batch), ranking=ranking)
+
+    def _stopped(self, replica: _Replica, jobs: list[_Job], t0: float) -> None:
+        """A call stopped early because none of ``jobs`` is awaited: one log line, the metric; no answer to give
+        (each job's waiter has gone), and its partial time is not a throughput measurement."""
+        logger.info("stopped a model call of %d request(s) on %s after %.0f ms: no request in it is still awaited "
+                    "(client gone or timed out)", len(jobs), replica.name, (time.perf_counter() - t0) * 1000.0)
+        if self.metrics is not None:
+            self.metrics.cancelled_passes.inc()
+        for job in jobs:  # their futures are already done (cancelled or failed); never leave one pending all the same
+            self._resolve(job, error=PassCancelled("the request was abandoned"))
 
     def _measured(self, tokens: int, seconds: float) -> None:
         self.throughput.observe(tokens, seconds)

@@ -1,7 +1,8 @@
 """What the service needs from a reranker: :class:`RerankerLike`, a ``typing.Protocol``.
 
 :class:`routehead.Reranker` satisfies it, and so must anything else served (the tests' fakes do): the service
-calls these methods and nothing else, so it never inspects signatures or guesses what a reranker can do.
+calls these methods and nothing else, and guesses nothing else about what a reranker can do; the one optional
+keyword below is looked up by name, once per replica (:func:`takes_should_stop`).
 
 - ``rerank(query, documents, first_stage_scores=None, routed_heads=False, evidence=0)``: one request.
 - ``rerank_many(items, batch_size=8, evidence=0)``: several requests in one call (``items`` are
@@ -15,12 +16,19 @@ calls these methods and nothing else, so it never inspects signatures or guesses
   ``billed_units``/``usage`` are in these tokens.  It may raise :class:`routehead.errors.RouteheadError` for
   input the reranker would refuse (answered 422).
 
+Optional: ``should_stop``, a keyword of both ``rerank`` and ``rerank_many``: a callable the reranker asks
+between the steps of its work (:class:`routehead.Reranker`: before each decoder layer) and that, once True, makes
+it raise :class:`routehead.errors.PassCancelled`.  The service passes it where both methods name it, so a model
+call whose every request is abandoned (client gone, 504) frees the replica early; a reranker without it is served
+as before, its calls running to the end.
+
 A ranking (:class:`RankingLike`) has ``indices`` (best first) and ``scores``; ``heads``, ``weights`` and
 ``evidence`` may be None (a reranker that routes no heads or gives no evidence).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,4 +72,17 @@ def is_reranker(obj: object) -> bool:
     return isinstance(obj, RerankerLike) and not isinstance(obj, type)
 
 
-__all__ = ["RankingLike", "RerankerLike", "is_reranker"]
+def takes_should_stop(reranker: object) -> bool:
+    """Whether ``reranker``'s ``rerank`` and ``rerank_many`` both name a ``should_stop`` parameter (see above);
+    a ``**kwargs`` does not count, as nothing says it would be honoured."""
+    for name in ("rerank", "rerank_many"):
+        try:
+            params = inspect.signature(getattr(reranker, name)).parameters
+        except (AttributeError, TypeError, ValueError):
+            return False
+        if "should_stop" not in params or params["should_stop"].kind is inspect.Parameter.POSITIONAL_ONLY:
+            return False
+    return True
+
+
+__all__ = ["RankingLike", "RerankerLike", "is_reranker", "takes_should_stop"]
