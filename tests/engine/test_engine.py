@@ -234,3 +234,35 @@ def test_take_by_slices_equals_list_indexing():
     rows = torch.arange(2 * 7 * 3.0).reshape(2, 7, 3)
     for idx in ([0, 1, 2, 3, 4, 5, 6], [3], [0, 2, 3, 6], [6, 5, 1, 2]):
         assert torch.equal(capture.take(rows, idx), rows[:, idx])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_sliding_layers_block_by_block_equal_one_sdpa_call(family, monkeypatch):
+    """A sliding-window layer's SDPA run block by block (``capture._windowed``) gives the plain model's logits
+    and hidden states, in the plain pass (the model's own mask, sliced) and in the two-suffix pass (the band)."""
+    from routehead.testing.tiny import tiny_model
+
+    monkeypatch.setattr(capture, "WINDOW_BLOCK", 8)  # blocks of 8 rows under a 16-key window: many blocks
+    calls = []
+    real = capture._windowed
+    monkeypatch.setattr(capture, "_windowed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lm = tiny_lm(family)
+    scorer = HeadScorer(lm, max_doc_tokens=None)
+    prompt = scorer.builder.prompt(QUERY, DOCS)
+    ids = torch.tensor([prompt.full_ids()])
+    plain = tiny_model(family)
+    with torch.no_grad():
+        expected = plain(input_ids=ids, output_hidden_states=True)
+        got = lm.model(input_ids=ids, output_hidden_states=True)
+    assert calls, "no layer went through the blocked path"
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    P, na = prompt.prefix_len, prompt.na_ids
+    split = capture.Split((P,), (P + len(prompt.query_ids),))
+    W, last = split.width, lm.num_layers - 2  # not the final layer: hidden_states[-1] is after the final norm
+    both = scorer._forward([prompt.prefix_ids + prompt.query_ids + na], last, keep_output=True, split=split,
+                           positions=[list(range(W)) + list(range(P, P + len(na)))])
+    assert calls, "the two-suffix pass did not use the blocked path"
+    with torch.no_grad():
+        alone = plain(input_ids=torch.tensor([prompt.prefix_ids + prompt.query_ids]), output_hidden_states=True)
+    torch.testing.assert_close(both[0, :W], alone.hidden_states[last + 1][0], atol=1e-4, rtol=1e-4)

@@ -126,12 +126,11 @@ def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     # One SDPA call over every row, "N/A" included, whose rows are then overwritten by their own branch: SDPA's
     # output is already the layer's [B, T, H, D] buffer, so the branches need no concatenation (a copy of the
     # whole layer's output). The "N/A" rows SDPA computes (they see the query) are never used.
-    main_mask = None
-    if window is not None and T > window:  # what SDPA's own mask function materializes for a sliding layer
-        pos = torch.arange(T, device=query.device)
-        main_mask = allowed_keys(pos, pos, window)[None, None]
-    out, _ = sdpa_attention_forward(module, query, key, value, main_mask, dropout=dropout, scaling=scaling,
-                                    is_causal=main_mask is None, **kwargs)
+    if window is not None and T > window:  # a sliding layer: the band only, block by block (exact)
+        out = _windowed(module, query, key, value, None, window, dropout, scaling, kwargs)
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                        is_causal=True, **kwargs)
     out_na, na_rows = _na_attention(query, key, value, split, lay, window, scaling, softcap)
     out[:, W:] = out_na
     if heads:
@@ -211,8 +210,55 @@ def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
     rec = _RECORDER.get()
     if rec is not None:
         rec.record(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window is not None and _band_only(attention_mask, query, key, window):
+        kw = {k: v for k, v in kwargs.items() if k != "sliding_window"}
+        return _windowed(module, query, key, value, attention_mask, window, dropout, scaling, kw), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+WINDOW_BLOCK = 512  # query rows per block of a sliding layer; 256-1024 measured within 15 % on CPU (Gemma-3)
+
+
+def _blocks(T: int, window: int) -> Iterator[tuple[int, int, int]]:
+    """``(i0, i1, k0)``: query rows ``[i0, i1)`` and the first key any of them may see (``i0 - window + 1``)."""
+    step = max(WINDOW_BLOCK, 1)
+    for i0 in range(0, T, step):
+        yield i0, min(T, i0 + step), max(0, i0 - window + 1)
+
+
+def _band_only(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, window: int) -> bool:
+    """Whether the model's own mask of a sliding layer can be applied block by block: a boolean ``[B, 1, T, T]``
+    mask (no cache), long enough to pay, that allows no key left of each block's band (checked, so a model
+    whose window is counted differently falls back to one SDPA call rather than losing a key)."""
+    T = query.shape[2]
+    if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or key.shape[2] != T
+            or tuple(mask.shape[-2:]) != (T, T) or T <= window + WINDOW_BLOCK):
+        return False
+    return not any(bool(mask[..., i0:i1, :k0].any()) for i0, i1, k0 in _blocks(T, window) if k0 > 0)
+
+
+def _windowed(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+              window: int, dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
+    """SDPA of a sliding-window layer, one block of query rows at a time over the keys its band can reach.
+
+    Why: a sliding window is a mask SDPA cannot skip, so one call computes every ``T x T`` logit and throws most
+    away (Gemma-3: 15 of 18 layers, 512-token window; at 3.2k tokens its SDPA was 41 % of the CPU pass). Block
+    by block it computes ``T x (block + window)`` logits; every row sees exactly the keys it saw before, so
+    outputs equal one call's up to float summation order. ``mask`` is the model's own ``[B, 1, T, T]`` boolean
+    mask (sliced per block), or None for the pure causal band (built per block)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    T = query.shape[2]
+    pos = torch.arange(T, device=query.device)
+    parts = []
+    for i0, i1, k0 in _blocks(T, window):
+        m = mask[..., i0:i1, k0:i1] if mask is not None else allowed_keys(pos[i0:i1], pos[k0:i1], window)[None, None]
+        part, _ = sdpa_attention_forward(module, query[:, :, i0:i1], key[:, :, k0:i1], value[:, :, k0:i1], m,
+                                         dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+        parts.append(part)
+    return torch.cat(parts, dim=1)
 
 
 def _mask(*args: Any, **kwargs: Any) -> Any:
