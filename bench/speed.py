@@ -109,12 +109,14 @@ from routehead.engine.model import LoadedModel  # noqa: E402
 from routehead.engine.scorer import HeadScorer  # noqa: E402
 from routehead.testing.measure import (  # noqa: E402
     auto_threads,
+    cpu_peak_gflops,
     fix_malloc_thresholds,
     gpu_busy,
     kb_field,
     machine_info,
     make_case,
     measure,
+    pass_flops,
     prompt_tokens,
     ratio,
     run_isolated,
@@ -165,6 +167,17 @@ def throughput(cfg: dict[str, Any], lm: LoadedModel, scorer: HeadScorer, sf: Sci
     return out
 
 
+def add_flops(run: dict[str, Any], lm: LoadedModel, n_tok: int, device: str, cfg: dict[str, Any]) -> None:
+    """The pass's useful work, the GFLOP/s bare and full achieve with it (full does a little more: the "N/A"
+    rows and span rows), and on CPU the cores' peak: how far the pass is from the physical limit."""
+    flops = pass_flops(lm, n_tok)
+    run["flops"] = flops
+    run["gflops"] = {m: round(flops["total"] / run[f"{m}_s"] / 1e9, 1) for m in ("bare", "full")
+                     if isinstance(run.get(f"{m}_s"), float)}
+    if device == "cpu":
+        run["peak"] = cpu_peak_gflops(cfg["threads"], cfg["dtype"])
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"model {result['config']['model']}  device {result['config']['device']}  "
              f"threads {result['machine']['torch_threads']}  {result['machine']['cpu']}  "
@@ -182,6 +195,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("  ".join(f"{k.replace('_over_', '/')} {fmt(run[k])}" for k in
                                ("full_over_bare", "routed_over_full", "static16_over_bare", "eager_over_bare"))
                      + f"  peak mem full/bare {fmt(run['peak_mem_over_bare'])}")
+        if run.get("gflops"):
+            peak = (run.get("peak") or {}).get("peak_gflops")
+            lines.append(f"achieved GFLOP/s ({run['flops']['total'] / 1e9:.0f} GFLOP per pass): "
+                         + "  ".join(f"{m} {v:.0f}" for m, v in run["gflops"].items())
+                         + (f"  peak {peak:.0f} ({run['peak']['isa']}, {run['peak']['ghz']} GHz)" if peak else ""))
         for m, note in run["notes"].items():
             lines.append(f"  {m}: {note}")
     if "throughput" in result:
@@ -307,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def record(per: dict[str, dict[str, Any]], case: tuple) -> dict[str, Any]:
         _, q, docs, source, n_tok = case
         run = summarize(per, n_tok, len(docs), source, L, H)
+        add_flops(run, lm, n_tok, device, cfg)
         run["heads"]["routed"] = routed_source(scorer, routed, q, cfg["router"])
         return run
 

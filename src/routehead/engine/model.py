@@ -90,8 +90,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 /proc/cpuinfo flags of native bfloat16 dot products
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The first CPU's feature flags (x86 ``flags``, Arm ``Features``); empty where the file is not there."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16).
+
+    Why it decides ``dtype="auto"``: without it torch emulates bfloat16, and a bf16 matmul ran 8x *slower* than
+    float32 on an AVX2 box (156 vs 19 GFLOP/s, 3500x576 by 576x1536, 2 threads; BENCHMARKS.md)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_CPU_FLAGS) or "bf16" in flags
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float32 on CPU (exact, and bf16 matmuls are slow there); bfloat16 on CUDA."""
+    """``auto``: bfloat16 on CUDA; on CPU float32, since bfloat16 pays only with native support
+    (:func:`cpu_native_bf16`) and its rankings are not yet checked against float32 on the collections (issue
+    #33), so ``auto`` stays exact there for now. An explicit ``"bfloat16"`` is always honoured."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -198,6 +224,9 @@ def load_model(
     """
     dev = torch.device(device) if device is not None else default_device()
     dt = resolve_dtype(dtype, dev)
+    if dev.type == "cpu" and dt in (torch.bfloat16, torch.float16) and not cpu_native_bf16():
+        log.warning("%s on a CPU without native support (no %s): torch emulates it, several times slower than "
+                    "float32; dtype='auto' keeps float32 here", str(dt).replace("torch.", ""), "/".join(BF16_CPU_FLAGS))
     spec = str(model) if model is not None else DEFAULT_MODEL
     tried: list[str] = []
     try:

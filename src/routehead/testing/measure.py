@@ -287,3 +287,47 @@ def gpu_busy(fn: Callable[[list], Any], items: list, s_per_query: float) -> floa
         print(f"gpu_busy: profiler unavailable ({e})", file=sys.stderr)
         return None
     return round(kernel_us / 1e6 / len(items) / s_per_query, 3)
+
+
+def pass_flops(lm: LoadedModel, n_tokens: int) -> dict[str, float]:
+    """Useful floating-point work of one plain pass over ``n_tokens`` (all layers, no LM head): what the
+    hardware must do at least, so achieved GFLOP/s compares with the cores' peak.
+
+    Linear layers: ``2 T`` per weight of the decoder layers' ``nn.Linear`` modules. Attention: ``4 d`` per
+    (query, key) pair a head may see (``QK^T`` and ``PV``): ``T (T + 1) / 2`` pairs per head in a causal layer,
+    ``sum_i min(i + 1, w)`` in a sliding-window one. Norms, activations and rotary embeddings are left out
+    (under 3 % at these sizes)."""
+    from routehead.engine.layers import decoder_layers
+
+    T = n_tokens
+    layers = decoder_layers(lm.model)
+    linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    attn = 0.0
+    for layer in layers:
+        mod = getattr(layer, "self_attn", None)
+        d = getattr(mod, "head_dim", None) or lm.config.hidden_size // lm.num_heads
+        w = getattr(mod, "sliding_window", None)
+        pairs = T * (T + 1) / 2 if not w or w >= T else w * (w + 1) / 2 + (T - w) * w
+        attn += 4 * d * lm.num_heads * pairs
+    return {"linear": 2.0 * T * linear, "attention": attn, "total": 2.0 * T * linear + attn}
+
+
+def cpu_peak_gflops(threads: int, dtype: str) -> dict[str, Any]:
+    """The cores' peak for ``dtype`` matmuls: ``threads x GHz x FLOP per cycle``, FLOP per cycle from the widest
+    FMA the CPU has (two FMA units: AVX-512 64, AVX2 32, else 16 in float32; native bfloat16 dot products
+    (AVX512-BF16) double AVX-512's; AMX is left out, so its figure is a lower bound). GHz: the highest
+    ``cpu MHz`` /proc/cpuinfo shows (a boost clock under load may be higher, so the peak is approximate)."""
+    from routehead.engine.model import cpu_flags, cpu_native_bf16
+
+    flags = cpu_flags()
+    try:
+        mhz = max(float(x) for x in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text(), re.M))
+    except (OSError, ValueError):
+        return {"peak_gflops": None, "why": "no cpu MHz in /proc/cpuinfo"}
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
+    native = dtype == "bfloat16" and cpu_native_bf16(flags)
+    if native:
+        per_cycle *= 2
+    return {"peak_gflops": round(threads * mhz / 1000 * per_cycle, 1), "ghz": round(mhz / 1000, 2),
+            "flop_per_cycle": per_cycle, "native_bf16": cpu_native_bf16(flags),
+            "isa": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"}
