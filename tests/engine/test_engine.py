@@ -266,3 +266,14 @@ def test_sliding_layers_block_by_block_equal_one_sdpa_call(family, monkeypatch):
     with torch.no_grad():
         alone = plain(input_ids=torch.tensor([prompt.prefix_ids + prompt.query_ids]), output_hidden_states=True)
     torch.testing.assert_close(both[0, :W], alone.hidden_states[last + 1][0], atol=1e-4, rtol=1e-4)
+
+
+def test_blocking_off_gives_the_same_pass(monkeypatch):
+    """ROUTEHEAD_WINDOW_BLOCK=0 (one masked SDPA call, for comparisons) and blocks give the same scores."""
+    lm = tiny_lm("gemma3")
+    scorer = HeadScorer(lm, max_doc_tokens=None)
+    got = []
+    for block in (8, 0):
+        monkeypatch.setattr(capture, "WINDOW_BLOCK", block)
+        got.append(scorer.score(QUERY, DOCS).calibrated)
+    torch.testing.assert_close(got[0], got[1], atol=1e-6, rtol=1e-5, equal_nan=True)

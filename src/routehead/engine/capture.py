@@ -126,11 +126,14 @@ def _split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     # One SDPA call over every row, "N/A" included, whose rows are then overwritten by their own branch: SDPA's
     # output is already the layer's [B, T, H, D] buffer, so the branches need no concatenation (a copy of the
     # whole layer's output). The "N/A" rows SDPA computes (they see the query) are never used.
-    if window is not None and T > window:  # a sliding layer: the band only, block by block (exact)
+    sliding = window is not None and T > window
+    if sliding and WINDOW_BLOCK > 0:  # the band only, block by block (exact)
         out = _windowed(module, query, key, value, None, window, dropout, scaling, kwargs)
-    else:
-        out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                        is_causal=True, **kwargs)
+    else:  # causal (is_causal: SDPA skips the masked half), or the band as one T x T mask (blocking off)
+        pos = torch.arange(T, device=query.device)
+        band = allowed_keys(pos, pos, window)[None, None] if sliding else None
+        out, _ = sdpa_attention_forward(module, query, key, value, band, dropout=dropout, scaling=scaling,
+                                        is_causal=band is None, **kwargs)
     out_na, na_rows = _na_attention(query, key, value, split, lay, window, scaling, softcap)
     out[:, W:] = out_na
     if heads:
@@ -218,12 +221,14 @@ def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
                                   is_causal=is_causal, **kwargs)
 
 
-WINDOW_BLOCK = 512  # query rows per block of a sliding layer; 256-1024 measured within 15 % on CPU (Gemma-3)
+# Query rows per block of a sliding layer (256-1024 within 15 % of each other on CPU, Gemma-3); 0 turns blocking off
+# (one SDPA call over the masked T x T, as before 2026-12-06: for comparisons).
+WINDOW_BLOCK = int(os.environ.get("ROUTEHEAD_WINDOW_BLOCK", "512"))
 
 
 def _blocks(T: int, window: int) -> Iterator[tuple[int, int, int]]:
     """``(i0, i1, k0)``: query rows ``[i0, i1)`` and the first key any of them may see (``i0 - window + 1``)."""
-    step = max(WINDOW_BLOCK, 1)
+    step = WINDOW_BLOCK
     for i0 in range(0, T, step):
         yield i0, min(T, i0 + step), max(0, i0 - window + 1)
 
@@ -234,7 +239,7 @@ def _band_only(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
     whose window is counted differently falls back to one SDPA call rather than losing a key)."""
     T = query.shape[2]
     if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or key.shape[2] != T
-            or tuple(mask.shape[-2:]) != (T, T) or T <= window + WINDOW_BLOCK):
+            or tuple(mask.shape[-2:]) != (T, T) or WINDOW_BLOCK <= 0 or T <= window + WINDOW_BLOCK):
         return False
     return not any(bool(mask[..., i0:i1, :k0].any()) for i0, i1, k0 in _blocks(T, window) if k0 > 0)
 
