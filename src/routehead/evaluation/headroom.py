@@ -1,0 +1,129 @@
+"""How much a per-query or per-domain head choice could win, measured honestly (issue #35, item 1).
+
+The classic oracle picks each query's best head with that query's own judgments and scores it on the same
+judgments. With about one relevant document among 20 candidates and hundreds of heads, some head ranks it first
+by chance, so much of that "headroom" is selection noise no router could learn. Two honest versions:
+
+- split-judgment oracle (:func:`split_oracle`): on a query with two or more relevant candidates, the relevant
+  ones are split in halves A and B; the head is chosen on A (B's documents left out of the list) and scored on B
+  (A's left out), beside a fixed baseline selection scored on B the same way. Averaged over random splits.
+- domain oracle (:func:`domain_oracle`): the best static set (QRHead's rule, top 16) chosen on half of a
+  collection's queries and scored on the other half, against a global set scored on the same half.
+
+"Gap closed" by a router is measured against these, never against the classic oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from routehead.engine.aggregate import Head, HeadSet
+from routehead.metrics import ndcg_at_k, paired_p_value
+from routehead.offline.collect import ScoredCollection
+from routehead.offline.views import gains, selection_scores
+from routehead.selection.base import Selection
+
+
+def _ndcg_without(scores: np.ndarray, g: np.ndarray, keep: np.ndarray, k: int) -> np.ndarray:
+    """nDCG@k of each row of ``scores`` ``[n, docs]`` over the documents ``keep`` only, judged by ``g``."""
+    s = np.where(keep, scores, -np.inf)
+    return ndcg_at_k(s, np.where(keep, g, 0.0), list(g[keep & (g > 0)]), k)
+
+
+def split_oracle(per_head: np.ndarray, baseline: np.ndarray, g: np.ndarray, rng: np.random.Generator,
+                 k: int = 10) -> tuple[float, float] | None:
+    """One random split of one query: (the head chosen on half A, scored on half B; the baseline on B), or None
+    when fewer than two candidates are relevant. ``per_head`` ``[heads, docs]`` (NaN rows: not computed),
+    ``baseline`` ``[docs]``, ``g`` the candidates' gains. Ties on A go to the lowest head index."""
+    rel = np.flatnonzero(g > 0)
+    if len(rel) < 2:
+        return None
+    rel = rng.permutation(rel)
+    a, b = rel[: len(rel) // 2], rel[len(rel) // 2:]
+    in_a, in_b = np.zeros(len(g), bool), np.zeros(len(g), bool)
+    in_a[a], in_b[b] = True, True
+    ok = ~np.isnan(per_head).any(-1)
+    on_a = np.where(ok, _ndcg_without(np.nan_to_num(per_head), g, ~in_b, k), -np.inf)
+    best = int(np.argmax(on_a))
+    return (float(_ndcg_without(per_head[best][None], g, ~in_a, k)[0]),
+            float(_ndcg_without(baseline[None], g, ~in_a, k)[0]))
+
+
+@dataclass
+class Headroom:
+    """A paired comparison over queries: the oracle's and the baseline's mean nDCG@10, the gain, its p-value."""
+
+    oracle: float
+    baseline: float
+    gain: float
+    p_value: float
+    queries: int
+
+    @classmethod
+    def of(cls, oracle: Sequence[float], baseline: Sequence[float]) -> Headroom:
+        a, b = np.asarray(oracle, float), np.asarray(baseline, float)
+        p = float(paired_p_value(a, b)) if len(a) > 1 else float("nan")
+        return cls(float(a.mean()), float(b.mean()), float((a - b).mean()), p, len(a))
+
+
+def split_judgment_headroom(sc: ScoredCollection, baseline: Sequence[Head] | None, seeds: int = 10,
+                            k: int = 10) -> Headroom:
+    """:func:`split_oracle` over every stored query with two or more relevant candidates, each query's values
+    averaged over ``seeds`` random splits; ``baseline``: the fixed head set (None: every head, ICR)."""
+    sel = Selection(HeadSet.of(baseline))
+    ours, theirs = [], []
+    for qid in sorted(sc.entries):
+        e = sc.entries[qid]
+        g, _ = gains(sc, qid, e.doc_ids)
+        if (g > 0).sum() < 2:
+            continue
+        L, H, D = e.calibrated.shape
+        per_head, base = e.calibrated.reshape(L * H, D), selection_scores(sc, qid, sel)
+        got = [split_oracle(per_head, base, g, np.random.default_rng([s, len(ours)]), k) for s in range(seeds)]
+        ours.append(np.mean([x for x, _ in got]))
+        theirs.append(np.mean([y for _, y in got]))
+    return Headroom.of(ours, theirs)
+
+
+def classic_headroom(sc: ScoredCollection, baseline: Sequence[Head] | None, k: int = 10) -> Headroom:
+    """The in-sample oracle (each query's best single head, chosen and scored on all its judgments) against
+    ``baseline``, over the same queries as :func:`split_judgment_headroom`: the optimistic bound."""
+    sel = Selection(HeadSet.of(baseline))
+    ours, theirs = [], []
+    for qid in sorted(sc.entries):
+        e = sc.entries[qid]
+        g, ideal = gains(sc, qid, e.doc_ids)
+        if (g > 0).sum() < 2:
+            continue
+        L, H, D = e.calibrated.shape
+        q = ndcg_at_k(np.nan_to_num(e.calibrated.reshape(L * H, D), nan=-np.inf), g, ideal, k)
+        ours.append(float(np.max(q)))
+        theirs.append(float(ndcg_at_k(selection_scores(sc, qid, sel)[None], g, ideal, k)[0]))
+    return Headroom.of(ours, theirs)
+
+
+def domain_oracle(sc: ScoredCollection, global_heads: Sequence[Head], top: int = 16, seeds: int = 5,
+                  k: int = 10) -> Headroom:
+    """A static set chosen on this collection (QRHead's rule on a random half of its queries) against
+    ``global_heads``, both scored on the other half; every query is scored once per seed and direction and its
+    values averaged."""
+    from routehead.training.detect import detect_heads
+
+    qids = sorted(sc.entries)
+    glob = Selection(HeadSet.of(global_heads))
+    ours: dict[str, list[float]] = {q: [] for q in qids}
+    theirs: dict[str, list[float]] = {q: [] for q in qids}
+    for s in range(seeds):
+        perm = [qids[i] for i in np.random.default_rng(s).permutation(len(qids))]
+        halves = (perm[: len(perm) // 2], perm[len(perm) // 2:])
+        for fit, held in (halves, halves[::-1]):
+            local = Selection(HeadSet.of(detect_heads(sc, top=top, qids=fit)[0]))
+            for q in held:
+                g, ideal = gains(sc, q, sc.entries[q].doc_ids)
+                ours[q].append(float(ndcg_at_k(selection_scores(sc, q, local)[None], g, ideal, k)[0]))
+                theirs[q].append(float(ndcg_at_k(selection_scores(sc, q, glob)[None], g, ideal, k)[0]))
+    keep = [q for q in qids if ours[q]]
+    return Headroom.of([np.mean(ours[q]) for q in keep], [np.mean(theirs[q]) for q in keep])
