@@ -61,19 +61,28 @@ def bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> list[float]:
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def long_candidates(scorer: HeadScorer, sc: ScoredCollection, qids: list[str], top_k: int) -> dict[str, float]:
-    """How many candidates are longer than ``max_doc_tokens`` (what truncation cuts), and their mean length."""
-    builder = scorer.builder
+def long_candidates(scorers: dict[int, HeadScorer], sc: ScoredCollection, qids: list[str], top_k: int
+                    ) -> dict[str, Any]:
+    """How many candidates are longer than ``max_doc_tokens`` (what truncation cuts), their mean length, and per
+    setting the mean prompt tokens and the queries whose prompt needs more than one window (first-stage order)."""
+    builder = scorers[1].builder
     lengths = []
+    prompts: dict[int, list[tuple[int, int]]] = {k: [] for k in scorers}
     for q in qids:
         ids = [d for d, _ in sc.first_stage[q][:top_k]]
         texts = [sc.collection.prompt_text(d, builder.layout) for d in ids]
         lengths += [len(builder._encode(t.strip(), special=False)) for t in texts]
+        for k, s in scorers.items():
+            _, chunks, windows, fixed, per_doc = s.plan(sc.collection.queries[q], texts)
+            tokens = sum(fixed + sum(chunks.lengths[j] + per_doc for j in w) for w in windows)
+            prompts[k].append((tokens, len(windows)))
     a = np.asarray(lengths)
     limit = builder.max_doc_tokens
     return {"candidates": int(a.size), "longer_than_max_doc_tokens": float((a > limit).mean()),
             "longer_than_2x": float((a > 2 * limit).mean()), "longer_than_3x": float((a > 3 * limit).mean()),
-            "mean_tokens": float(a.mean()), "median_tokens": float(np.median(a))}
+            "mean_tokens": float(a.mean()), "median_tokens": float(np.median(a)),
+            "prompt_tokens_mean": {str(k): float(np.mean([t for t, _ in v])) for k, v in prompts.items()},
+            "queries_with_several_windows": {str(k): int(sum(w > 1 for _, w in v)) for k, v in prompts.items()}}
 
 
 def summary(per_q: dict[str, dict[str, dict[int, np.ndarray]]], chunks: list[int]) -> dict[str, Any]:
@@ -175,7 +184,7 @@ def report(args: argparse.Namespace, lm: Any, coll: Any, scorers: dict[int, Head
             per_q.setdefault(m, {}).setdefault(order, {})[k] = np.array([pq[q] for q in qrels])
         bm25 = per_query(qrels, runs["bm25"], "ndcg@10")
         if (order, k) == settings[0]:
-            cands = long_candidates(scorers[1], sc, done, SCORING.top_k)
+            cands = long_candidates(scorers, sc, done, SCORING.top_k)
         del sc, runs
     res: dict[str, Any] = {
         "model": lm.name, "collection": coll.name, "split": coll.split, "n_queries": len(qrels),

@@ -87,12 +87,16 @@ class Calibration:
         """Whether this calibration was fitted for the reranker described by ``info``.
 
         ``model`` and ``method`` must be equal; every setting in the key must be present in ``info`` and equal
-        (a setting the reranker does not report is a mismatch, not a wildcard).
+        (a setting the reranker does not report is a mismatch, not a wildcard). ``max_chunks_per_doc`` must be
+        equal too, absent meaning 1: chunked documents score by their best chunk, another score distribution
+        than the truncated documents a calibration without it was fitted on.
         """
         for name in ("model", "method"):
             if self.key.get(name) != info.get(name):
                 return False
         settings = self.key.get("settings", {})
+        if _jsonable(info.get("max_chunks_per_doc", 1)) != settings.get("max_chunks_per_doc", 1):
+            return False
         return all(name in info and _jsonable(info[name]) == value for name, value in settings.items())
 
     def to_dict(self) -> dict[str, Any]:

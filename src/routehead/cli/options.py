@@ -43,7 +43,7 @@ def data_args(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--data", required=True, help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/)")
     p.add_argument("--split", default=split)
     p.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick runs)")
-    for name in ("top_k", "max_doc_tokens", "retrieval_type", "layout", "batch_size"):
+    for name in ("top_k", "max_doc_tokens", "max_chunks_per_doc", "retrieval_type", "layout", "batch_size"):
         add_field(p, ScoringSettings, name)
     # a store holds one single-pass order ("both" is two stores)
     add_field(p, ScoringSettings, "doc_order", choices=[o for o in ORDERS if o != "both"])

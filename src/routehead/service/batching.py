@@ -14,7 +14,7 @@ themselves.
   starves); later ones join while ``requests x longest prompt`` (the padded cost of one pass, in the tokens
   the reranker counted with ``prompt_tokens``) stays within
   ``max_batch_tokens`` and the batch has fewer than ``max_batch_requests``.  Only requests asking for the same
-  evidence size share a call.
+  evidence size and the same ``max_chunks_per_doc`` share a call.
 - Failure isolation: if a batched call raises, its requests are retried one at a time, so only the request
   that breaks the model fails and the others get the answer they would have had alone.
 - Cancellation: a request whose awaiting task is cancelled (client gone) or times out (504) is removed from the
@@ -45,7 +45,7 @@ from routehead.aio import model_lock
 from routehead.errors import PassCancelled
 from routehead.service.config import ServiceSettings
 from routehead.service.load import Throughput, Wait, estimate
-from routehead.service.protocol import RerankerLike, takes_should_stop
+from routehead.service.protocol import RerankerLike, takes_chunks, takes_should_stop
 
 logger = logging.getLogger("routehead.service")
 
@@ -72,6 +72,7 @@ class Work:
     first_stage_scores: list[float] | None = None
     evidence: int = 0
     tokens: int = 0
+    max_chunks_per_doc: int | None = None  # the request's chunking (None: the reranker's own)
 
 
 @dataclass
@@ -101,14 +102,19 @@ class _Replica:
         self.reranker = reranker
         self.name = name
         self.stoppable = takes_should_stop(reranker)
+        self.chunks = takes_chunks(reranker)
 
-    def _stop(self, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
-        return {"should_stop": should_stop} if self.stoppable and should_stop is not None else {}
+    def _keywords(self, should_stop: Callable[[], bool] | None, work: Work) -> dict[str, Any]:
+        """The optional keywords this reranker takes: ``should_stop`` and the work's ``max_chunks_per_doc``."""
+        out: dict[str, Any] = {"should_stop": should_stop} if self.stoppable and should_stop is not None else {}
+        if self.chunks and work.max_chunks_per_doc is not None:
+            out["max_chunks_per_doc"] = work.max_chunks_per_doc
+        return out
 
     def rerank_one(self, work: Work, should_stop: Callable[[], bool] | None = None) -> Any:
         with model_lock(self.reranker):  # also excludes Reranker.arerank callers sharing this model
             return self.reranker.rerank(work.query, work.documents, first_stage_scores=work.first_stage_scores,
-                                        routed_heads=True, evidence=work.evidence, **self._stop(should_stop))
+                                        routed_heads=True, evidence=work.evidence, **self._keywords(should_stop, work))
 
     def rerank_batch(self, works: Sequence[Work], should_stop: Callable[[], bool] | None = None) -> list[Any]:
         """One ``rerank_many`` call for several requests (one alone goes through ``rerank``)."""
@@ -118,7 +124,7 @@ class _Replica:
                  else (w.query, w.documents, w.first_stage_scores) for w in works]
         with model_lock(self.reranker):
             out = list(self.reranker.rerank_many(items, batch_size=len(items), evidence=works[0].evidence,
-                                                 **self._stop(should_stop)))
+                                                 **self._keywords(should_stop, works[0])))
         if len(out) != len(works):
             raise RuntimeError(f"rerank_many returned {len(out)} rankings for {len(works)} requests")
         return out
@@ -312,6 +318,7 @@ class Batcher:
                         continue
                     cost = (len(batch) + 1) * max(longest, job.work.tokens)
                     if (len(batch) < self.max_batch_requests and job.work.evidence == first.work.evidence
+                            and job.work.max_chunks_per_doc == first.work.max_chunks_per_doc
                             and cost <= self.max_batch_tokens):
                         batch.append(job)
                         longest = max(longest, job.work.tokens)

@@ -22,6 +22,12 @@ it raise :class:`routehead.errors.PassCancelled`.  The service passes it where b
 call whose every request is abandoned (client gone, 504) frees the replica early; a reranker without it is served
 as before, its calls running to the end.
 
+Optional: ``max_chunks_per_doc``, a keyword of ``rerank``, ``rerank_many`` and ``prompt_tokens``: a request's
+chunking of long documents (:class:`routehead.Reranker`: up to that many chunks of its per-document cap each, a
+document scored by its best chunk; 1: truncation; not passed: the reranker's own setting).  The service passes it
+where all three name it (:func:`takes_chunks`), both to count a request's tokens and to rank it; elsewhere a
+request's ``max_chunks_per_doc`` is answered with a ``meta.warnings`` entry saying it was ignored.
+
 A ranking (:class:`RankingLike`) has ``indices`` (best first) and ``scores``; ``heads``, ``weights`` and
 ``evidence`` may be None (a reranker that routes no heads or gives no evidence).
 """
@@ -72,17 +78,28 @@ def is_reranker(obj: object) -> bool:
     return isinstance(obj, RerankerLike) and not isinstance(obj, type)
 
 
-def takes_should_stop(reranker: object) -> bool:
-    """Whether ``reranker``'s ``rerank`` and ``rerank_many`` both name a ``should_stop`` parameter (see above);
-    a ``**kwargs`` does not count, as nothing says it would be honoured."""
-    for name in ("rerank", "rerank_many"):
+def _takes(reranker: object, keyword: str, methods: Sequence[str]) -> bool:
+    """Whether each of ``reranker``'s ``methods`` names a ``keyword`` parameter; a ``**kwargs`` does not count, as
+    nothing says it would be honoured."""
+    for name in methods:
         try:
             params = inspect.signature(getattr(reranker, name)).parameters
         except (AttributeError, TypeError, ValueError):
             return False
-        if "should_stop" not in params or params["should_stop"].kind is inspect.Parameter.POSITIONAL_ONLY:
+        if keyword not in params or params[keyword].kind is inspect.Parameter.POSITIONAL_ONLY:
             return False
     return True
 
 
-__all__ = ["RankingLike", "RerankerLike", "is_reranker", "takes_should_stop"]
+def takes_should_stop(reranker: object) -> bool:
+    """Whether ``reranker``'s ``rerank`` and ``rerank_many`` both name a ``should_stop`` parameter (see above)."""
+    return _takes(reranker, "should_stop", ("rerank", "rerank_many"))
+
+
+def takes_chunks(reranker: object) -> bool:
+    """Whether ``reranker``'s ``rerank``, ``rerank_many`` and ``prompt_tokens`` all name ``max_chunks_per_doc``
+    (see above)."""
+    return _takes(reranker, "max_chunks_per_doc", ("rerank", "rerank_many", "prompt_tokens"))
+
+
+__all__ = ["RankingLike", "RerankerLike", "is_reranker", "takes_chunks", "takes_should_stop"]

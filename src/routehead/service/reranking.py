@@ -1,7 +1,8 @@
 """The re-rank endpoints: ``POST /v1/rerank``, ``/v2/rerank`` and ``/rerank`` (see :mod:`routehead.service.app`).
 
 One request goes: readiness, body (:mod:`~routehead.service.parsing`), character limits, ``max_tokens_per_doc``
-truncation, the reranker's prompt token count against ``max_request_tokens``, the queue
+truncation, the reranker's prompt token count (with the request's ``max_chunks_per_doc``, where the reranker
+chunks: :func:`~routehead.service.protocol.takes_chunks`) against ``max_request_tokens``, the queue
 (:class:`~routehead.service.batching.Batcher`), the checked ranking (:class:`~routehead.service.shapes.Scored`),
 and the response in the request's shape with the timing headers.  Each step that can refuse raises
 :class:`~routehead.service.parsing.Refused`, so the steps read in order and every refusal is counted once; it is
@@ -27,13 +28,14 @@ from routehead.errors import RouteheadError
 from routehead.service.batching import Outcome, QueueFull, ShuttingDown, Work
 from routehead.service.errors import GENERIC_500, error
 from routehead.service.parsing import Refused, check_lengths, ignored_header, limit_exceeded, parse_body
+from routehead.service.protocol import takes_chunks
 from routehead.service.responses import RerankResponse, TEIResult
 from routehead.service.shapes import RerankRequest, Scored, TEIRequest, cohere_results, tei_results
 from routehead.service.state import ServiceState
 
 logger = logging.getLogger("routehead.service")
 
-IGNORED_FIELDS = ("relevant_spans", "max_chunks_per_doc", "priority")
+IGNORED_FIELDS = ("relevant_spans", "priority")
 
 
 def _ms(seconds: float) -> str:
@@ -69,8 +71,9 @@ async def _fit(state: ServiceState, req: RerankRequest | TEIRequest, texts: list
     if max_tokens is not None:
         assert state.truncate is not None
         texts = await asyncio.to_thread(state.truncate, texts, max_tokens)
+    chunks = {"max_chunks_per_doc": req.max_chunks_per_doc} if _chunks(state, req) else {}
     try:
-        tokens = await asyncio.to_thread(state.counter.prompt_tokens, req.query, texts)
+        tokens = await asyncio.to_thread(state.counter.prompt_tokens, req.query, texts, **chunks)
     except RouteheadError as exc:
         raise Refused(422, "invalid_input", str(exc), "invalid_input") from None
     limit = state.limits.max_request_tokens
@@ -144,12 +147,24 @@ def _cohere_body(state: ServiceState, req: RerankRequest, scored: Scored, texts:
     return body
 
 
-def _ignored(req: RerankRequest | TEIRequest) -> list[str]:
-    """Warnings for the Cohere fields that are accepted and ignored, and documents ranked as empty texts."""
+def _chunks(state: ServiceState, req: RerankRequest | TEIRequest) -> bool:
+    """Whether the request's ``max_chunks_per_doc`` is passed on: it sets one and the reranker takes it."""
+    return req.max_chunks_per_doc is not None and takes_chunks(state.counter)
+
+
+def _ignored(state: ServiceState, req: RerankRequest | TEIRequest) -> list[str]:
+    """Warnings for the Cohere fields that are accepted and ignored (``max_chunks_per_doc`` where the reranker does
+    not chunk), and documents ranked as empty texts."""
     if isinstance(req, TEIRequest):
         return []
     out = [f"{name} is accepted and ignored" + ("; use return_evidence" if name == "relevant_spans" else "")
            for name in IGNORED_FIELDS if getattr(req, name) is not None]
+    if req.max_chunks_per_doc is not None and not _chunks(state, req):
+        out.append("max_chunks_per_doc is accepted and ignored: this reranker does not chunk documents")
+    elif req.max_chunks_per_doc is not None and state.calibration.calibrated \
+            and req.max_chunks_per_doc != state.info.get("max_chunks_per_doc", 1):
+        out.append(f"relevance_score is calibrated for max_chunks_per_doc={state.info.get('max_chunks_per_doc', 1)}"
+                   f", this request asked for {req.max_chunks_per_doc}: it is approximate (raw_score is exact)")
     empty = req.without_rank_fields()
     if empty:
         listed = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
@@ -161,7 +176,8 @@ def _ignored(req: RerankRequest | TEIRequest) -> list[str]:
 def _work(req: RerankRequest | TEIRequest, texts: list[str], tokens: int) -> Work:
     fs = None if isinstance(req, TEIRequest) else req.first_stage_scores
     return Work(query=req.query, documents=texts, evidence=req.return_evidence, tokens=tokens,
-                first_stage_scores=None if fs is None else [float(x) for x in fs])
+                first_stage_scores=None if fs is None else [float(x) for x in fs],
+                max_chunks_per_doc=req.max_chunks_per_doc)
 
 
 def _observe(state: ServiceState, got: Outcome, work: Work, request_id: str, started: float,
@@ -193,7 +209,9 @@ async def _answer(state: ServiceState, request: Request, started: float, request
     texts = list(req.texts) if isinstance(req, TEIRequest) else req.texts()
     check_lengths(req.query, texts, state.limits)
     texts, tokens = await _fit(state, req, texts)
-    warnings = _ignored(req)
+    warnings = _ignored(state, req)
+    if isinstance(req, TEIRequest) and req.max_chunks_per_doc is not None and not _chunks(state, req):
+        ignored = [*ignored, "max_chunks_per_doc"]  # TEI's way: named in x-ignored-fields
     work = _work(req, texts, tokens)
     got = await _run(state, request, work)
     scored = _scored(state, got, len(texts), req.return_evidence)

@@ -4,7 +4,8 @@ extras, and a checked ranking turned into results (the response models are in :m
 Why one Cohere-style model for ``/v1/rerank``, ``/v2/rerank`` and ``/rerank``-with-``documents``: Cohere v1,
 Cohere v2, Jina and Infinity send overlapping subsets of the same fields, and a client of one must not get 422
 for a field another one defines.  So the request model is their union; fields routehead cannot act on are
-accepted and documented as ignored (``max_chunks_per_doc``, ``priority``, ``relevant_spans``) rather than refused.
+accepted and documented as ignored (``priority``, ``relevant_spans``) rather than refused; ``max_chunks_per_doc``
+(Cohere's) is honoured, on every shape.
 Unknown fields are still refused (422 naming the allowed ones): a typo such as ``topn`` must not be silently
 dropped.  Any ``model`` name is accepted (clients send ``rerank-v3.5`` or Jina's default); the response says
 which model actually served.
@@ -112,6 +113,11 @@ class Extras(BaseModel):
                                      "their weights for this query.")
     return_evidence: EvidenceK = Field(default=0, description="Return, per result, the k words of the "
                                        "document that carried its score, with their share (0: off).")
+    max_chunks_per_doc: PositiveInt | None = Field(
+        default=None, description="Long documents: split each document longer than the served per-document cap "
+        "(max_doc_tokens) into up to this many consecutive chunks of that size, each its own passage in the "
+        "prompt, and score it by its best chunk (MaxP); 1: truncation to the cap. Default: the server's "
+        "(routehead serve --max-chunks-per-doc, itself 1). Chunks count in max_request_tokens.")
 
 
 class RerankRequest(Extras):
@@ -133,8 +139,6 @@ class RerankRequest(Extras):
                                                 "meta.warnings says so).")
     max_tokens_per_doc: PositiveInt | None = Field(default=None, description="Cut each document to this many "
                                                    "tokens (the engine's own cap still applies).")
-    max_chunks_per_doc: PositiveInt | None = Field(default=None, description="Accepted and ignored: documents "
-                                                   "are truncated, never chunked.")
     priority: Integer | None = Field(default=None, description="Accepted and ignored.")
     relevant_spans: dict[str, Any] | None = Field(default=None, description="Accepted and ignored; use "
                                                   "return_evidence.")
@@ -205,8 +209,9 @@ class TEIRequest(Extras):
     raw_scores: StrictBool = Field(default=False, description="score is the raw attention score instead of "
                                    "the calibrated relevance in [0, 1].")
     return_text: StrictBool = Field(default=False, description="Echo each result's text.")
-    truncate: StrictBool | None = Field(default=None, description="Accepted; documents are always truncated to "
-                                        "the engine's per-document cap and long lists are windowed.")
+    truncate: StrictBool | None = Field(default=None, description="Accepted; documents are always cut to the "
+                                        "engine's per-document cap (or chunked: max_chunks_per_doc) and long "
+                                        "lists are windowed.")
     truncation_direction: Literal["left", "right", "Left", "Right"] | None = Field(
         default=None, description="Accepted; truncation keeps the start of each document.")
     top_n: PositiveInt | None = Field(default=None, description="Not TEI's (TEI ignores it): return only the best "
