@@ -292,3 +292,23 @@ def test_assets_refused_and_missing(tmp_path: Path):
     assert load_method("layers", llama, heads="1, 2").window == (1, 2)  # the CLI's --heads 1,2
     m = load_method("layers", llama, heads=(2, 3))
     assert m.select().deepest_layer == 3 and len(m.select().heads.heads) == 2 * llama["num_heads"]
+
+
+def test_shipped_smollm2_assets_load_as_their_methods():
+    """The CoRe head set and the layer window shipped for the default model load through the registry with the
+    default model's identity, and say how they were chosen (on scifact train only)."""
+    import json
+
+    from routehead.assets import default_core_heads_path, default_window_path
+    from routehead.selection import load_method
+
+    core = json.loads(default_core_heads_path("smollm2-135m").read_text())
+    window = json.loads(default_window_path("smollm2-135m").read_text())
+    identity = core["model"]
+    assert window["model"] == identity and identity["num_layers"] == 30
+    assert core["detected_on"] == window["detected_on"] == "scifact/train"
+    sel = load_method("core", identity).select(None)
+    assert len(sel.heads.heads) == 8 and sel.deepest_layer < 30 * 0.75  # CoRe's pruning: the last quarter left out
+    sel = load_method("layers", identity).select(None)
+    s, e = window["window"]
+    assert {a for a, _ in sel.heads.heads} == set(range(s, e + 1)) and sel.deepest_layer == e
