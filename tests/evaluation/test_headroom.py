@@ -37,3 +37,19 @@ def test_headroom_is_a_paired_mean():
     h = Headroom.of([0.5, 0.7, 0.9], [0.4, 0.7, 0.6])
     assert (h.oracle, h.baseline, h.queries) == pytest.approx((0.7, 17 / 30, 3))
     assert h.gain == pytest.approx(0.4 / 3)
+
+
+def test_routing_diversity_by_hand():
+    from routehead.engine.aggregate import HeadSet
+    from routehead.evaluation.analysis import routing_diversity
+    from routehead.selection.base import Selection
+
+    a, b = Selection(HeadSet.of([(1, 0), (2, 0)])), Selection(HeadSet.of([(1, 0), (3, 1)]))
+    got = routing_diversity({"q1": a, "q2": a, "q3": b})
+    # pairs: (a, a) distance 0; (a, b) twice: 1 - |{(1,0)}| / |{(1,0),(2,0),(3,1)}| = 2/3
+    assert got == {"queries": 3, "distinct_sets": 2, "most_common_share": 2 / 3,
+                   "mean_jaccard_distance": pytest.approx((0 + 2 / 3 + 2 / 3) / 3)}
+    same = routing_diversity({"q1": a, "q2": Selection(HeadSet.of([(2, 0), (1, 0)]))})
+    assert same["distinct_sets"] == 1 and same["mean_jaccard_distance"] == 0.0
+    fs = routing_diversity({"q1": a, "q2": Selection(a.heads, first_stage_weight=0.5)})
+    assert fs["distinct_sets"] == 2
