@@ -72,8 +72,9 @@ def _check_input(query: str, documents: Sequence[str]) -> None:
 class BatchFake:
     """A ``RerankerLike`` fake (``rerank``, ``rerank_many``, ``info``, ``prompt_tokens``) that records its calls."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, per_item: float = 0.0) -> None:
         self.delay = delay
+        self.per_item = per_item  # seconds per request of a call on top of ``delay``: a pass that grows with the batch
         self.calls: list[int] = []  # size of each call (1 for rerank)
         self.routed_heads: list[bool] = []  # the flag of each rerank call
         self.overlaps = 0
@@ -102,8 +103,8 @@ class BatchFake:
             self.release.wait(10)
             if any(SLOW in q for q in queries):
                 time.sleep(1.0)
-            elif self.delay:
-                time.sleep(self.delay)
+            elif self.delay or self.per_item:
+                time.sleep(self.delay + self.per_item * size)
             if self.fail_next is not None:
                 exc, self.fail_next = self.fail_next, None
                 raise exc

@@ -234,3 +234,29 @@ def test_drain_answers_every_request_by_its_deadline() -> None:
     assert len(finished) + len(refused) == 6 and finished and refused, out
     assert elapsed < 0.55 + 0.2  # every request answered by the deadline (and a loaded machine's slack)
     assert any(t < 0.2 for t, _ in refused)  # the ones the queue could not reach: at once
+
+
+def test_a_call_never_outlives_the_earliest_deadline_in_it() -> None:
+    """A pass that grows with the batch (0.2 s a request): four requests queued behind a held one with a 1 s
+    deadline. One call over all four would end at ~1.3 s and time every one of them out; calls are cut where the
+    measured rate says the earliest deadline would pass, so the first call (two requests) is answered in time."""
+    fake = BatchFake(per_item=0.2)
+    batcher = Batcher([fake], ServiceSettings(batching=True))
+    batcher.start()
+
+    async def scenario() -> list[object]:
+        await batcher.submit(work("measure"), 10)  # 100 tokens in 0.2 s
+        fake.release.clear()
+        held = asyncio.ensure_future(batcher.submit(work("held"), 10))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(_timed(batcher.submit(work(f"q{i}"), 1.0), 0.0)) for i in range(4)]
+        await asyncio.sleep(0.25)
+        fake.release.set()
+        await held
+        return [o for _, o in await asyncio.gather(*queued)]
+
+    out = asyncio.run(scenario())
+    batcher.close()
+    served = [o for o in out if not isinstance(o, Exception)]
+    assert len(served) >= 2, out
+    assert max(fake.calls[2:]) <= 2, fake.calls  # no call of 3 or 4 that the deadline could not fit
