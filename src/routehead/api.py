@@ -15,12 +15,16 @@ A score is the method's attention score: the calibrated attention mass (query mi
 pays to the document's kept tokens, summed over the selected heads; it has the same units for every query
 of a method and model. With first-stage scores and a router that routes them, both are standardised over the
 list and added.
+
+Long documents: each is cut to ``max_doc_tokens`` (160) by default; with ``max_chunks_per_doc=k`` (> 1, on the
+Reranker or per call) a longer one is split into up to k chunks of ``max_doc_tokens`` tokens, each its own passage
+in the prompt, and scored by its best chunk (MaxP; :mod:`routehead.engine.prompt`). Results stay per document.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ import numpy as np
 
 from routehead.engine.aggregate import Head, combine, zscore
 from routehead.engine.evidence import document_evidence
+from routehead.engine.layers import stop_when
 from routehead.engine.model import DEFAULT_MODEL, LoadedModel, load_model
 from routehead.engine.order import passes, prompt_order
 from routehead.engine.prompt import layout_of
@@ -71,7 +76,7 @@ class Reranker:
                  max_prompt_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, doc_order: str = DEFAULT_ORDER,
                  retrieval_type: str = SCORING.retrieval_type, instruction: str | None = None,
-                 layout: str | None = None) -> None:
+                 layout: str | None = None, max_chunks_per_doc: int = SCORING.max_chunks_per_doc) -> None:
         passes(doc_order)  # validates
         self.lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -88,7 +93,8 @@ class Reranker:
             warnings.warn(f"the {self.method} heads were chosen under the {trained_layout!r} prompt layout, not "
                           f"{layout!r}; their scores are not what was measured", stacklevel=2)
         self.scorer = HeadScorer(self.lm, max_doc_tokens=max_doc_tokens, max_prompt_tokens=max_prompt_tokens,
-                                 retrieval_type=retrieval_type, instruction=instruction, layout=layout)
+                                 retrieval_type=retrieval_type, instruction=instruction, layout=layout,
+                                 max_chunks_per_doc=max_chunks_per_doc)
 
     @property
     def router(self) -> Router | None:
@@ -103,7 +109,8 @@ class Reranker:
     def info(self) -> dict[str, Any]:
         return {"model": self.lm.name, "method": self.method, "doc_order": self.doc_order,
                 **{k: v for k, v in self.lm.identity().items() if k != "model"},
-                "prompt": self.scorer.builder.settings(), **self.selector.info()}
+                "prompt": self.scorer.builder.settings(), "max_chunks_per_doc": self.scorer.builder.max_chunks_per_doc,
+                **self.selector.info()}
 
     def route(self, query: str) -> Routing:
         """The router's decision for ``query``: heads, their weights, and the first-stage score's weight."""
@@ -119,15 +126,33 @@ class Reranker:
         return self.selector.select(self._embedding(query))
 
     def rerank(self, query: str, documents: Sequence[str], first_stage_scores: Sequence[float] | None = None,
-               routed_heads: bool = False, evidence: int = 0) -> Ranking:
+               routed_heads: bool = False, evidence: int = 0, should_stop: Callable[[], bool] | None = None,
+               max_chunks_per_doc: int | None = None) -> Ranking:
         """Score and order ``documents`` (first-stage order) for ``query``. ``first_stage_scores`` feed routers
-        that route them; ``evidence`` > 0 adds each document's top words by their share of its score."""
-        return self.rerank_many([(query, documents, first_stage_scores)], evidence=evidence)[0]
+        that route them; ``evidence`` > 0 adds each document's top words by their share of its score (a chunked
+        document's: of its best chunk). ``should_stop``, ``max_chunks_per_doc``: see :meth:`rerank_many`."""
+        return self.rerank_many([(query, documents, first_stage_scores)], evidence=evidence,
+                                should_stop=should_stop, max_chunks_per_doc=max_chunks_per_doc)[0]
 
-    def rerank_many(self, items: Sequence[Item], batch_size: int = SCORING.rerank_batch_size, evidence: int = 0
+    def rerank_many(self, items: Sequence[Item], batch_size: int = SCORING.rerank_batch_size, evidence: int = 0,
+                    should_stop: Callable[[], bool] | None = None, max_chunks_per_doc: int | None = None
                     ) -> list[Ranking]:
         """:meth:`rerank` for many ``(query, documents[, first_stage_scores])``, ``batch_size`` prompts per forward
-        pass; the same rankings as one at a time."""
+        pass; the same rankings as one at a time.
+
+        ``max_chunks_per_doc``: this call's chunking of long documents (None: the Reranker's; 1: truncation to
+        ``max_doc_tokens``; k > 1: up to k chunks each, a document scored by its best chunk).
+
+        ``should_stop``: asked before every decoder layer of every pass of the call (the router's, each window's
+        and each order's); once it returns True the call raises :class:`routehead.errors.PassCancelled` at that
+        layer boundary, so a caller whose result nobody waits for any more (the service: a client gone, a
+        deadline passed) gets the model back within one layer's time. Rankings are unchanged while it is False.
+        """
+        with stop_when(self.scorer.layers, should_stop):
+            return self._rerank_many(items, batch_size, evidence, max_chunks_per_doc)
+
+    def _rerank_many(self, items: Sequence[Item], batch_size: int, evidence: int, max_chunks_per_doc: int | None
+                     ) -> list[Ranking]:
         norm = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]
         for _, docs, fs in norm:
             if fs is not None and len(fs) != len(docs):
@@ -144,7 +169,8 @@ class Reranker:
                 where.append((i, perm))
                 jobs.append((q, [docs[j] for j in perm]))
         results = self.scorer.score_many(jobs, heads=computed, batch_size=batch_size, sets=sets,
-                                         keep_tokens=evidence > 0, per_head=False)
+                                         keep_tokens=evidence > 0, per_head=False,
+                                         max_chunks_per_doc=max_chunks_per_doc)
         per_item: dict[int, list[tuple[list[int], HeadScores]]] = {}
         for (i, perm), S in zip(where, results):
             per_item.setdefault(i, []).append((perm, S))
@@ -172,31 +198,38 @@ class Reranker:
                                weights=None if hs.weights is None else [w for _, w in pairs], evidence=ev))
         return out
 
-    def prompt_tokens(self, query: str, documents: Sequence[str]) -> int:
+    def prompt_tokens(self, query: str, documents: Sequence[str], max_chunks_per_doc: int | None = None) -> int:
         """Prompt tokens :meth:`rerank` runs through the model for ``query`` and ``documents``, without a forward
-        pass: every window's prompt (template, instruction, documents cut to ``max_doc_tokens``, query) over every
-        ``doc_order`` pass, counted as the scorer plans its windows: an upper bound, over by the few tokens the
-        numbering and merges at segment boundaries save (about 2 a document a pass). Raises :class:`RouteheadError`
-        where :meth:`rerank` would refuse the input. Safe beside a running :meth:`rerank` (every encode holds the
-        tokenizer's lock, :func:`routehead.engine.prompt.tokenizer_lock`)."""
+        pass: every window's prompt (template, instruction, documents cut to ``max_doc_tokens`` or split into up
+        to ``max_chunks_per_doc`` chunks, query) over every ``doc_order`` pass, counted as the scorer plans its
+        windows: an upper bound, over by the few tokens the numbering and merges at segment boundaries save (about
+        2 a passage a pass). Raises :class:`RouteheadError` where :meth:`rerank` would refuse the input. Safe beside
+        a running :meth:`rerank` (every encode holds the tokenizer's lock,
+        :func:`routehead.engine.prompt.tokenizer_lock`)."""
         from routehead.engine.prompt import plan_windows
 
         builder = self.scorer.builder
         q = builder.prepare_query(query)
-        lengths = builder.prepare_documents(documents)[1]
+        chunks = builder.chunk_documents(documents, max_chunks_per_doc)
         fixed = builder.fixed_tokens(0, q)
-        per_doc = -(-(builder.fixed_tokens(len(lengths), q) - fixed) // len(lengths))
+        per_doc = -(-(builder.fixed_tokens(len(chunks.texts), q) - fixed) // len(chunks.texts))
+        of_doc: list[list[int]] = [[] for _ in documents]  # each document's chunk lengths
+        for n, d in zip(chunks.lengths, chunks.owner):
+            of_doc[d].append(n)
         total = 0
         for order in passes(self.doc_order):
-            perm = prompt_order(len(lengths), order, query)
-            for window in plan_windows([lengths[j] for j in perm], per_doc, fixed, self.scorer.budget):
-                total += fixed + sum(lengths[perm[j]] + per_doc for j in window)
+            perm = prompt_order(len(documents), order, query)
+            lengths = [n for j in perm for n in of_doc[j]]
+            groups = [i for i, j in enumerate(perm) for _ in of_doc[j]]
+            for window in plan_windows(lengths, per_doc, fixed, self.scorer.budget, groups=groups):
+                total += fixed + sum(lengths[j] + per_doc for j in window)
         return total
 
-    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = True
-             ) -> list[dict[str, Any]]:
-        """CrossEncoder.rank-style output: ``[{"corpus_id", "score", "text"?}, ...]`` best first."""
-        r = self.rerank(query, documents)
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = True,
+             max_chunks_per_doc: int | None = None) -> list[dict[str, Any]]:
+        """CrossEncoder.rank-style output: ``[{"corpus_id", "score", "text"?}, ...]`` best first (``text``: the
+        whole document, however it was cut or chunked)."""
+        r = self.rerank(query, documents, max_chunks_per_doc=max_chunks_per_doc)
         n = len(r.indices) if top_k is None else max(0, int(top_k))
         out = []
         for i, s in zip(r.indices[:n], r.scores[:n]):

@@ -219,3 +219,41 @@ def test_loader_warnings_are_printed_once(tmp_path):
     assert out.returncode == 0, out.stderr
     warnings = [ln for ln in out.stderr.splitlines() if ln.startswith("routehead: warning:")]
     assert len(warnings) == 1 and "not in corpus.jsonl" in warnings[0], out.stderr
+
+
+def test_max_chunks_per_doc_reaches_every_scoring_command():
+    from routehead.cli import build_parser
+
+    ap = build_parser()
+    for argv in (["rerank", "--query", "q", "--docs", "d.txt"], ["serve"], ["score", "--data", "x"],
+                 ["evaluate", "--data", "x"]):
+        assert ap.parse_args(argv).max_chunks_per_doc == 1  # truncation by default
+        assert ap.parse_args(argv + ["--max-chunks-per-doc", "3"]).max_chunks_per_doc == 3
+
+
+def test_chunked_rerank_and_evaluate_on_a_tiny_model(tmp_path):
+    """``rerank --max-chunks-per-doc``: one result per document, scores that differ from truncation where a document
+    is long; ``evaluate --max-chunks-per-doc``: its passes go to a store of their own, keyed by it."""
+    from routehead.testing import byte_tokenizer
+    from routehead.testing.tiny import tiny_model
+
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("Amylase digests starch.\n" + "Paris is the capital of France. " * 4 + "Amylase is an enzyme.\n"
+                    "The sky is blue.\n")
+    common = ["rerank", "--model", str(folder), "--query", "enzyme", "--docs", str(docs), "--json",
+              "--max-doc-tokens", "24"]
+    got = {k: run_cli(*common, "--max-chunks-per-doc", k) for k in ("1", "3")}
+    for out in got.values():
+        assert out.returncode == 0, out.stderr
+    res = {k: {r["index"]: r["score"] for r in json.loads(out.stdout)["results"]} for k, out in got.items()}
+    assert sorted(res["1"]) == sorted(res["3"]) == [0, 1, 2] and res["1"] != res["3"]
+    out = run_cli("evaluate", "--model", str(folder), "--data", "examples/scifact-mini", "--reranker", "icr",
+                  "--max-queries", "1", "--top-k", "3", "--max-doc-tokens", "64", "--max-chunks-per-doc", "2",
+                  "--no-progress", "--json", env={"ROUTEHEAD_STORE": str(tmp_path / "store")})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["n_queries"] == 1
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "store").rglob("meta.json")]
+    assert [m["settings"]["max_chunks_per_doc"] for m in metas] == [2]

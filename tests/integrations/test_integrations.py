@@ -123,3 +123,24 @@ def test_haystack_layout_survives_serialisation():
     data = RouteheadRanker(model="smollm2-135m", layout="v1").to_dict()
     assert data["init_parameters"]["layout"] == "v1"
     assert RouteheadRanker.from_dict(data).layout == "v1"
+
+
+@pytest.mark.parametrize("framework,module", [("langchain", "langchain_core"), ("llamaindex", "llama_index.core"),
+                                              ("haystack", "haystack"), ("rerankers", "rerankers")])
+def test_max_chunks_per_doc_reaches_the_prompt_through_every_adapter(framework, module):
+    pytest.importorskip(module)
+    lm = tiny_lm("llama")
+    assert _adapter(framework, model=lm, method="icr", max_chunks_per_doc=3).scorer.builder.max_chunks_per_doc == 3
+    assert _adapter(framework, model=lm, method="icr").scorer.builder.max_chunks_per_doc == 1
+    with pytest.raises(RouteheadError, match="max_chunks_per_doc"):
+        _adapter(framework, model=lm, method="icr", max_chunks_per_doc=0)
+
+
+def test_chunking_cannot_be_applied_to_a_built_reranker_and_survives_serialisation(rr):
+    with pytest.raises(RouteheadError, match="already built"):
+        load_reranker(rr, max_chunks_per_doc=2)
+    pytest.importorskip("haystack")
+    from routehead.integrations.haystack import RouteheadRanker
+
+    data = RouteheadRanker(model="smollm2-135m", max_chunks_per_doc=2).to_dict()
+    assert RouteheadRanker.from_dict(data).max_chunks_per_doc == 2

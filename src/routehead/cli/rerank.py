@@ -8,9 +8,9 @@ import sys
 from typing import Any
 
 from routehead.cli.inputs import highlight, read_documents
-from routehead.cli.options import model_args
+from routehead.cli.options import add_field, model_args
 from routehead.selection import DEFAULT_METHOD, METHODS
-from routehead.settings import DEFAULT_ORDER, LAYOUTS, ORDERS
+from routehead.settings import DEFAULT_ORDER, LAYOUTS, ORDERS, ScoringSettings
 
 
 def method_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def method_args(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_ORDER})")
     p.add_argument("--layout", default=None, choices=list(LAYOUTS),
                    help="prompt layout (default: the one the heads or router were chosen under; else reference)")
+    add_field(p, ScoringSettings, "max_chunks_per_doc")
 
 
 def register(sub: Any) -> None:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     rr = Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
                   max_doc_tokens=args.max_doc_tokens, device=args.device, dtype=args.dtype,
                   trust_remote_code=args.trust_remote_code, doc_order=args.doc_order,
-                  instruction=args.instruction, layout=args.layout)
+                  instruction=args.instruction, layout=args.layout, max_chunks_per_doc=args.max_chunks_per_doc)
     r = rr.rerank(args.query, docs, evidence=args.evidence)
     n = len(r.indices) if args.top_k is None else args.top_k
     results = [{"index": i, "score": s, "text": docs[i]} for i, s in zip(r.indices[:n], r.scores[:n])]

@@ -47,7 +47,7 @@ def serve(args: argparse.Namespace) -> None:
         """One replica per device, all behind the same queue (loaded after the socket opens: /ready is 503)."""
         return [Reranker(model=args.model, method=args.method, router=args.router, heads=args.heads,
                          device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                         doc_order=args.doc_order, layout=args.layout)
+                         doc_order=args.doc_order, layout=args.layout, max_chunks_per_doc=args.max_chunks_per_doc)
                 for device in devices]
 
     mode = args.batching if not args.no_batching else "off"

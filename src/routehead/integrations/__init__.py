@@ -63,31 +63,36 @@ def supports_instruction() -> bool:
 def load_reranker(model: ModelSpec = None, method: str | None = None, router: str | Path | None = None,
                   heads: Any = None, max_doc_tokens: int | None = None, instruction: str | None = None,
                   device: str | None = None, dtype: str | None = None, layout: str | None = None,
-                  **kwargs: Any) -> Reranker:
+                  max_chunks_per_doc: int | None = None, **kwargs: Any) -> Reranker:
     """Build the :class:`routehead.Reranker` an adapter scores with, from the adapter's settings.
 
     ``model`` may already be a Reranker (used as is, so several adapters can share one model in memory) or a
     zero-argument factory. ``layout`` names the prompt layout (None: the one the heads or router were chosen
-    under, else the reference). ``instruction`` is passed on only when given.
+    under, else the reference). ``instruction`` and ``max_chunks_per_doc`` (long documents: up to that many chunks
+    each, scored by the best; None: the Reranker's default, truncation) are passed on only when given.
     """
     from routehead.api import Reranker
 
     if callable(model) and not isinstance(model, (str, Path)):
         model = model()
     if _is_reranker(model):
-        for name, value in (("instruction", instruction), ("layout", layout)):
+        for name, value in (("instruction", instruction), ("layout", layout),
+                            ("max_chunks_per_doc", max_chunks_per_doc)):
             if value is not None:
                 raise RouteheadError(f"{name}= cannot be applied to an already built Reranker; "
                                      f"pass it to Reranker(..., {name}=...) instead")
         return model  # type: ignore[return-value]
     if instruction is not None:
         kwargs["instruction"] = instruction
+    if max_chunks_per_doc is not None:
+        kwargs["max_chunks_per_doc"] = max_chunks_per_doc
     return Reranker(model=model, method=method, router=router, heads=heads, max_doc_tokens=max_doc_tokens,
                     device=device, dtype=dtype, layout=layout, **kwargs)
 
 
 # the Reranker settings every adapter exposes under the same names (besides ``model``)
-SETTINGS = ("method", "router", "heads", "max_doc_tokens", "instruction", "device", "dtype", "layout")
+SETTINGS = ("method", "router", "heads", "max_doc_tokens", "instruction", "device", "dtype", "layout",
+            "max_chunks_per_doc")
 
 
 def reranker_for(adapter: Any) -> Reranker:

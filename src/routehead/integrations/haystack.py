@@ -37,7 +37,8 @@ class RouteheadRanker:
                  heads: str | list[list[int]] | None = None, max_doc_tokens: int | None = None,
                  instruction: str | None = None, device: str | None = None, dtype: str | None = None,
                  top_k: int = 10, score_threshold: float | None = None, scale_score: bool = True,
-                 calibration_factor: float = 1.0, layout: str | None = None) -> None:
+                 calibration_factor: float = 1.0, layout: str | None = None,
+                 max_chunks_per_doc: int | None = None) -> None:
         if top_k <= 0:
             raise ValueError(f"top_k must be > 0, but got {top_k}")
         if scale_score and calibration_factor is None:
@@ -51,6 +52,7 @@ class RouteheadRanker:
         self.device = device
         self.dtype = dtype
         self.layout = layout
+        self.max_chunks_per_doc = max_chunks_per_doc
         self.top_k = top_k
         self.score_threshold = score_threshold
         self.scale_score = scale_score
@@ -69,7 +71,7 @@ class RouteheadRanker:
                                max_doc_tokens=self.max_doc_tokens, instruction=self.instruction, device=self.device,
                                dtype=self.dtype, layout=self.layout, top_k=self.top_k,
                                score_threshold=self.score_threshold, scale_score=self.scale_score,
-                               calibration_factor=self.calibration_factor)
+                               calibration_factor=self.calibration_factor, max_chunks_per_doc=self.max_chunks_per_doc)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RouteheadRanker:

@@ -45,6 +45,7 @@ class RouteheadCompressor(BaseDocumentCompressor):
     device: str | None = None
     dtype: str | None = None
     layout: str | None = None
+    max_chunks_per_doc: int | None = None
     top_n: int | None = 3
     first_stage_key: str | None = "score"
 

@@ -47,6 +47,8 @@ class RouteheadRerank(BaseNodePostprocessor):
     device: str | None = Field(default=None)
     dtype: str | None = Field(default=None)
     layout: str | None = Field(default=None, description="prompt layout: reference | v1 (default: the heads' own)")
+    max_chunks_per_doc: int | None = Field(default=None, description="long documents: up to this many chunks of "
+                                           "max_doc_tokens each, scored by the best (default: truncation)")
     top_n: int = Field(default=2, description="number of nodes to return, best first")
     keep_retrieval_score: bool = Field(default=False, description="keep the retriever's score in metadata")
     _reranker: Any = PrivateAttr(default=None)

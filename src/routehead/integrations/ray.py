@@ -105,7 +105,8 @@ def rerank_dataset(ds: Any, model: str | Callable[[], Any] | None = None, method
                    concurrency: int = 1, num_gpus: float = 0, num_cpus: float | None = None,
                    batch_size: int = SCORING.rerank_batch_size,
                    router: str | Path | None = None, heads: Any = None, max_doc_tokens: int | None = None,
-                   instruction: str | None = None, device: str | None = None, dtype: str | None = None) -> Any:
+                   instruction: str | None = None, device: str | None = None, dtype: str | None = None,
+                   max_chunks_per_doc: int | None = None) -> Any:
     """Re-rank every row of a Ray Dataset with ``concurrency`` actors, each holding one model.
 
     ``model`` is a name, path or hub id (None: the embedded default) or a zero-argument factory returning a
@@ -117,7 +118,7 @@ def rerank_dataset(ds: Any, model: str | Callable[[], Any] | None = None, method
     if concurrency < 1 or batch_size < 1:
         raise RouteheadError(f"concurrency and batch_size must be >= 1, got {concurrency} and {batch_size}")
     settings = dict(model=model, method=method, router=router, heads=heads, max_doc_tokens=max_doc_tokens,
-                    instruction=instruction, device=device, dtype=dtype)
+                    instruction=instruction, device=device, dtype=dtype, max_chunks_per_doc=max_chunks_per_doc)
     remote: dict[str, Any] = {"num_gpus": num_gpus} if num_gpus else {}
     if num_cpus is not None:
         remote["num_cpus"] = num_cpus

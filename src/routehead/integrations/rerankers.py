@@ -43,7 +43,8 @@ class RouteheadRanker(BaseRanker):
     def __init__(self, model_name_or_path: str | None = None, verbose: int = 1, method: str | None = None,
                  router: str | None = None, heads: Any = None, max_doc_tokens: int | None = None,
                  instruction: str | None = None, device: str | None = None, dtype: str | None = None,
-                 model: Any = None, layout: str | None = None, **kwargs: Any) -> None:
+                 model: Any = None, layout: str | None = None, max_chunks_per_doc: int | None = None,
+                 **kwargs: Any) -> None:
         if kwargs:
             raise TypeError(f"RouteheadRanker got unexpected settings {sorted(kwargs)}")
         spec = model if model is not None else (
@@ -51,7 +52,7 @@ class RouteheadRanker(BaseRanker):
         self.verbose = verbose
         self.reranker = load_reranker(spec, method=method, router=router, heads=heads, max_doc_tokens=max_doc_tokens,
                                       instruction=instruction, device=device, dtype=dtype,
-                                      layout=layout)
+                                      layout=layout, max_chunks_per_doc=max_chunks_per_doc)
 
     def rank(self, query: str, docs: str | list[str] | Document | list[Document],
              doc_ids: list[str] | list[int] | None = None, metadata: list[dict] | None = None,
