@@ -19,15 +19,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from routehead.engine.aggregate import HeadSet, set_scores, spans_of
+from routehead.engine.aggregate import HeadSet
 from routehead.evaluation.runs import save_json
 from routehead.metrics import ndcg_at_k
 from routehead.offline.job import ScoreJob
-from routehead.offline.views import gains, head_rows, selection_scores, tokens_of
+from routehead.offline.views import gains, selection_scores
 from routehead.selection.base import Selection
-from routehead.training.detect import detect_core, detect_heads
+from routehead.training.detect import detect_core, detect_heads, window_ndcg
 
 TEMPERATURES = (0.001, 0.01, 0.1, 1.0)
 PRUNES = (0.0, 0.25, 0.5)
@@ -43,32 +42,13 @@ def heldout(sc, heads, qids) -> float:
     return float(np.mean(out))
 
 
-def window_ndcg(sc, qids, widths) -> dict[int, dict[str, np.ndarray]]:
-    """nDCG@10 of every window ``[s, s + w - 1]`` of every width, per query: the live ``layers`` method's score
-    (all heads of the window's layers, token rows summed, masked, summed), from per-layer sums of the token rows
-    (a window's summed rows are a difference of cumulative sums, so each query's rows are read once)."""
-    out: dict[int, dict[str, np.ndarray]] = {w: {} for w in widths}
-    for q in qids:
-        e = sc.entries[q]
-        L, H = e.calibrated.shape[:2]
-        g, ideal = gains(sc, q, e.doc_ids)
-        rows = head_rows(sc, q, [(lay, h) for lay in range(L) for h in range(H)])
-        cum = torch.cat([torch.zeros(1, rows.shape[1]), rows.view(L, H, -1).sum(1).cumsum(0)])
-        t = tokens_of(sc, q)
-        spans = spans_of(t.counts)
-        for w in widths:
-            s = t.document_max(np.stack([set_scores((cum[i + w] - cum[i])[None], spans) for i in range(L - w + 1)]))
-            out[w][q] = ndcg_at_k(s, g, ideal)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="../shared/data/scifact")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    job = ScoreJob(data=args.data, split="train", model=args.model, dtype="float32", stored_only=True,
+    job = ScoreJob(data=args.data, split="train", model=args.model, dtype="float32",
                    progress=False).with_options(doc_order="shuffle")
     sc, _ = job.run(compute=False)
     qids = sorted(sc.entries)
@@ -87,8 +67,10 @@ def main() -> None:
     for top in (1, 16):
         vals = [heldout(sc, detect_heads(sc, top=top, qids=a)[0], b) for a, b in (folds, folds[::-1])]
         res["static"][f"top{top}"] = float(np.mean(vals))
-    per_query = window_ndcg(sc, qids, [w for w in WIDTHS if w <= L])
-    for w, table in per_query.items():
+    widths = [w for w in WIDTHS if w <= L]
+    per_query = {q: window_ndcg(sc, q, widths) for q in qids}
+    for w in widths:
+        table = {q: per_query[q][w] for q in qids}
         vals, depth = [], []
         for a, b in (folds, folds[::-1]):
             start = int(np.argmax(np.mean([table[q] for q in a], axis=0)))  # ties: the shallowest

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--doc-order", default="shuffle")
     ap.add_argument("--seeds", type=int, default=10)
     args = ap.parse_args()
-    sc, _ = ScoreJob(data=args.data, split=args.split, model=args.model, dtype="float32", stored_only=True,
+    sc, _ = ScoreJob(data=args.data, split=args.split, model=args.model, dtype="float32",
                      progress=False).with_options(doc_order=args.doc_order).run(compute=False)
     asset = json.loads(default_heads_path(args.model).read_text())
     static = [tuple(h) for h in asset["heads"]]

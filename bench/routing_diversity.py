@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--doc-order", default="shuffle")
     ap.add_argument("--router", default=None)
     args = ap.parse_args()
-    sc, scorer = ScoreJob(data=args.data, split=args.split, model=args.model, dtype="float32", stored_only=True,
+    sc, scorer = ScoreJob(data=args.data, split=args.split, model=args.model, dtype="float32",
                           progress=False).with_options(doc_order=args.doc_order).run(compute=False)
     method = load_method("route", sc_identity(sc, scorer), router=args.router)
     chosen: dict = {}

@@ -15,7 +15,7 @@ by chance, so much of that "headroom" is selection noise no router could learn. 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,19 +69,25 @@ class Headroom:
         return cls(float(a.mean()), float(b.mean()), float((a - b).mean()), p, len(a))
 
 
+def _judged_twice(sc: ScoredCollection, baseline: Sequence[Head] | None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]]:
+    """Per stored query with two or more relevant candidates: every head's scores ``[heads, docs]``, the
+    baseline set's ``[docs]``, the candidates' gains and the query's judged grades."""
+    sel = Selection(HeadSet.of(baseline))
+    for qid in sorted(sc.entries):
+        e = sc.entries[qid]
+        g, ideal = gains(sc, qid, e.doc_ids)
+        if (g > 0).sum() >= 2:
+            L, H, D = e.calibrated.shape
+            yield e.calibrated.reshape(L * H, D), selection_scores(sc, qid, sel), g, ideal
+
+
 def split_judgment_headroom(sc: ScoredCollection, baseline: Sequence[Head] | None, seeds: int = 10,
                             k: int = 10) -> Headroom:
     """:func:`split_oracle` over every stored query with two or more relevant candidates, each query's values
     averaged over ``seeds`` random splits; ``baseline``: the fixed head set (None: every head, ICR)."""
-    sel = Selection(HeadSet.of(baseline))
     ours, theirs = [], []
-    for qid in sorted(sc.entries):
-        e = sc.entries[qid]
-        g, _ = gains(sc, qid, e.doc_ids)
-        if (g > 0).sum() < 2:
-            continue
-        L, H, D = e.calibrated.shape
-        per_head, base = e.calibrated.reshape(L * H, D), selection_scores(sc, qid, sel)
+    for per_head, base, g, _ in _judged_twice(sc, baseline):
         got = [split_oracle(per_head, base, g, np.random.default_rng([s, len(ours)]), k) for s in range(seeds)]
         ours.append(np.mean([x for x, _ in got]))
         theirs.append(np.mean([y for _, y in got]))
@@ -91,17 +97,10 @@ def split_judgment_headroom(sc: ScoredCollection, baseline: Sequence[Head] | Non
 def classic_headroom(sc: ScoredCollection, baseline: Sequence[Head] | None, k: int = 10) -> Headroom:
     """The in-sample oracle (each query's best single head, chosen and scored on all its judgments) against
     ``baseline``, over the same queries as :func:`split_judgment_headroom`: the optimistic bound."""
-    sel = Selection(HeadSet.of(baseline))
     ours, theirs = [], []
-    for qid in sorted(sc.entries):
-        e = sc.entries[qid]
-        g, ideal = gains(sc, qid, e.doc_ids)
-        if (g > 0).sum() < 2:
-            continue
-        L, H, D = e.calibrated.shape
-        q = ndcg_at_k(np.nan_to_num(e.calibrated.reshape(L * H, D), nan=-np.inf), g, ideal, k)
-        ours.append(float(np.max(q)))
-        theirs.append(float(ndcg_at_k(selection_scores(sc, qid, sel)[None], g, ideal, k)[0]))
+    for per_head, base, g, ideal in _judged_twice(sc, baseline):
+        ours.append(float(np.max(ndcg_at_k(np.nan_to_num(per_head, nan=-np.inf), g, ideal, k))))
+        theirs.append(float(ndcg_at_k(base[None], g, ideal, k)[0]))
     return Headroom.of(ours, theirs)
 
 

@@ -141,28 +141,31 @@ def default_width(num_layers: int) -> int:
     return max(1, round(num_layers * 4 / 28))
 
 
+def window_ndcg(sc: ScoredCollection, qid: str, widths: Sequence[int], k: int = 10) -> dict[int, np.ndarray]:
+    """One stored query's nDCG@k of every window ``[s, s + w - 1]`` of each width ``w``: ``{w: [layers - w + 1]}``,
+    each window scored as the live ``layers`` method scores it (the calibrated token rows of all its heads summed,
+    masked, summed). The query's rows are decoded once for all widths."""
+    e = sc.entries[qid]
+    L, H = e.calibrated.shape[:2]
+    g, ideal = gains(sc, qid, e.doc_ids)
+    rows = head_rows(sc, qid, [(lay, h) for lay in range(L) for h in range(H)])
+    t = tokens_of(sc, qid)
+    spans = spans_of(t.counts)  # chunked stores: a document's score is its best chunk's (document_max)
+    return {w: ndcg_at_k(t.document_max(np.stack([set_scores(rows[s * H:(s + w) * H], spans)
+                                                  for s in range(L - w + 1)])), g, ideal, k) for w in widths}
+
+
 def layer_analysis(sc: ScoredCollection, width: int, qids: Sequence[str] | None = None, k: int = 10
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Selective-ICR's per-layer analysis over the stored passes: mean nDCG@k ``[layers]`` of each layer's score
-    (the calibrated token rows of all its heads summed, masked, summed: the live ``layers`` method with the
-    window ``(l, l)``), and ``[layers - width + 1]`` of each window ``[s, s + width - 1]``'s own score."""
+    (the live ``layers`` method with the window ``(l, l)``), and ``[layers - width + 1]`` of each window
+    ``[s, s + width - 1]``'s own score (:func:`window_ndcg`)."""
     ids = list(qids) if qids is not None else sorted(sc.entries)
-    L, H = sc.entries[ids[0]].calibrated.shape[:2]
+    L = sc.entries[ids[0]].calibrated.shape[0]
     if not 1 <= width <= L:
         raise RouteheadError(f"the window width must be 1..{L}, got {width}")
-    per_layer, per_window = [], []
-    for qid in ids:
-        e = sc.entries[qid]
-        g, ideal = gains(sc, qid, e.doc_ids)
-        rows = head_rows(sc, qid, [(lay, h) for lay in range(L) for h in range(H)])
-        t = tokens_of(sc, qid)
-        spans = spans_of(t.counts)  # chunked stores: a document's score is its best chunk's (document_max)
-        layer_scores = t.document_max(np.stack([set_scores(rows[lay * H:(lay + 1) * H], spans) for lay in range(L)]))
-        window_scores = t.document_max(np.stack([set_scores(rows[s * H:(s + width) * H], spans)
-                                                 for s in range(L - width + 1)]))
-        per_layer.append(ndcg_at_k(layer_scores, g, ideal, k))
-        per_window.append(ndcg_at_k(window_scores, g, ideal, k))
-    return np.mean(per_layer, axis=0), np.mean(per_window, axis=0)
+    per_query = [window_ndcg(sc, qid, (1, width), k) for qid in ids]
+    return np.mean([q[1] for q in per_query], axis=0), np.mean([q[width] for q in per_query], axis=0)
 
 
 def detect_window(sc: ScoredCollection, width: int | None = None, qids: Sequence[str] | None = None, k: int = 10
