@@ -1,4 +1,5 @@
-"""A running pass nobody waits for any more (504, client gone) stops at the next layer boundary and frees the worker.
+"""A running pass nobody waits for any more (504, client gone, answered 503 by the SIGTERM drain) stops at the next
+layer boundary and frees the worker.
 
 The model is a tiny random Llama made 12 layers deep whose layers sleep ``LAYER_S`` each while ``SlowLayers.on``
 is set (a forward pre-hook, registered before the reranker's own check, so a layer's time comes before its
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from routehead.service import ServiceSettings, create_app
 from routehead.service.batching import Batcher, Work
 from routehead.service.metrics import Metrics
 from routehead.service.protocol import takes_should_stop
+from routehead.service.run import build_server
 from routehead.testing import byte_tokenizer
 from routehead.testing.tiny import tiny_config
 from tests.service.conftest import TEST_LIMITS, BatchFake, live_server
@@ -178,3 +181,77 @@ def test_a_batch_with_a_request_still_awaited_runs_on(slow_rr, slow: SlowLayers)
     expected = rr.rerank(waited.query, DOCS)
     assert got.ranking.indices == expected.indices
     np.testing.assert_allclose(got.ranking.scores, expected.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_sigterm_deadline_stops_the_running_pass_and_answers_json_503(slow_rr, slow: SlowLayers,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM while a pass longer than the grace runs (12 x ``LAYER_S`` = 2.4 s against 1 s): at the drain's
+    deadline (0.8 s after the signal) the running request and the one queued behind it get a JSON 503 with
+    Retry-After, the pass their answers left unawaited stops at its next layer boundary (counted, one log line),
+    the queued request never reaches the model, and the server exits within the grace with no traceback logged.
+
+    In-process: ``handle_exit`` is what uvicorn's SIGTERM handler calls (a subprocess would spend longer importing
+    torch and warming the model up than the whole test; ``test_sigterm.py`` covers the real signal on a fake)."""
+    rr, grace = slow_rr[0], 1.0
+    settings = ServiceSettings(graceful_shutdown_s=grace, batching=False)
+    app = create_app(rr, TEST_LIMITS, settings)
+    batcher = app.state.service.batcher
+    server = build_server(app, "127.0.0.1", 0, settings, log_level="warning", configure_logs=False)
+    uvicorn_logs = logging.getLogger("uvicorn")  # uvicorn's dictConfig (an earlier test's server) stops propagation
+    uvicorn_logs.addHandler(caplog.handler)
+    answers: list[tuple[int, dict, str | None] | str] = []
+
+    def post(query: str) -> None:
+        try:
+            r = httpx.post(f"{base}/rerank", json={"query": query, "documents": DOCS}, timeout=30, trust_env=False)
+            answers.append((r.status_code, r.json(), r.headers.get("retry-after")))  # .json(): plain text fails
+        except Exception as exc:  # a reset connection or a non-JSON body: reported by the assertion below
+            answers.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    try:
+        with caplog.at_level(logging.INFO):
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not (server.started and app.state.service.ready):
+                assert thread.is_alive() and time.monotonic() < deadline, "the server did not become ready"
+                time.sleep(0.01)
+            base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+            slow.passes.clear()
+            entered = slow.layer_calls
+            slow.on.set()
+            clients = [threading.Thread(target=post, args=(q,)) for q in ("which enzyme digests starch?",
+                                                                          "where is Paris?")]
+            for c in clients:
+                c.start()
+            while batcher.admitted < 2 or not slow.passes:  # one running, one queued behind it
+                assert time.monotonic() < deadline, "the requests were not admitted"
+                time.sleep(0.005)
+            signalled = time.monotonic()
+            server.handle_exit(signal.SIGTERM, None)
+            thread.join(10)
+            exited = time.monotonic() - signalled
+            for c in clients:
+                c.join(10)
+            batcher._threads[0].join(5)  # the worker: free once the pass stopped
+            entered = slow.layer_calls - entered
+    finally:
+        slow.on.clear()
+        uvicorn_logs.removeHandler(caplog.handler)
+        if thread.is_alive():
+            server.should_exit = True
+            thread.join(10)
+    assert not thread.is_alive() and exited < grace + 1.0, f"exited {exited:.2f} s after SIGTERM (grace {grace} s)"
+    assert len(answers) == 2, answers
+    for got in answers:
+        assert not isinstance(got, str), answers
+        code, body, retry_after = got
+        assert code == 503 and body["error"]["type"] == "not_ready", answers
+        assert "shutting down" in body["error"]["message"] and retry_after == "1", answers
+    assert len(slow.passes) == 1 and entered < LAYERS, f"{len(slow.passes)} pass(es), {entered} of {LAYERS} layers"
+    assert not batcher._threads[0].is_alive()
+    assert app.state.service.metrics.cancelled_passes._value.get() == 1
+    lines = _stop_lines(caplog)
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text and "Cancel" not in caplog.text, caplog.text

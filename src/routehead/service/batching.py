@@ -28,7 +28,11 @@ themselves.
   Requests still awaited keep their call running: a batch stops only when all of it is abandoned.
 - Drain (SIGTERM): :meth:`Batcher.drain` refuses new work; the replicas keep serving the queue, the queued
   requests they are not expected to reach before the drain's deadline get :class:`ShuttingDown` at once, and at
-  the deadline every request still waiting (queued or running) gets it: each is answered within the grace.
+  the deadline every request still waiting (queued or running) gets it: each is answered within the grace.  A
+  running call whose requests all got that 503 is awaited by nobody, so the Cancellation rule above stops it at its
+  next layer boundary (counted like any stopped call): the replica is free before :meth:`Batcher.close` waits for
+  it, rather than running a pass nobody will read to its end (tested on a tiny model:
+  ``tests/service/test_cancel.py``).
 - Shutdown: :meth:`Batcher.close` refuses new work, fails what is still queued with :class:`ShuttingDown`,
   and waits (up to its timeout) for each replica to finish the batch it is running.
 """
@@ -225,7 +229,9 @@ class Batcher:
         asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._expire)
 
     def _expire(self) -> None:
-        """The drain's deadline: every request still queued or running gets :class:`ShuttingDown`."""
+        """The drain's deadline: every request still queued or running gets :class:`ShuttingDown`.  Each waiter
+        then leaves (:meth:`submit` marks its job cancelled), so a running call stops at its next layer boundary
+        where its reranker takes ``should_stop``."""
         with self._cond:
             waiting = list(self._queue) + [job for _, _, batch in self._running.values() for job in batch]
             self._queue.clear()
@@ -396,9 +402,11 @@ class Batcher:
 
     def _stopped(self, replica: _Replica, jobs: list[_Job], t0: float) -> None:
         """A call stopped early because none of ``jobs`` is awaited: one log line, the metric; no answer to give
-        (each job's waiter has gone), and its partial time is not a throughput measurement."""
+        (each job's waiter has gone), and its partial time is not a throughput measurement.  The line names the
+        drain among the reasons: on SIGTERM the stopped calls are those its deadline answered 503."""
         logger.info("stopped a model call of %d request(s) on %s after %.0f ms: no request in it is still awaited "
-                    "(client gone or timed out)", len(jobs), replica.name, (time.perf_counter() - t0) * 1000.0)
+                    "(client gone, timed out, or answered 503 by the shutdown drain)", len(jobs), replica.name,
+                    (time.perf_counter() - t0) * 1000.0)
         if self.metrics is not None:
             self.metrics.cancelled_passes.inc()
         for job in jobs:  # their futures are already done (cancelled or failed); never leave one pending all the same

@@ -41,7 +41,8 @@ class Metrics:
         self.batch_retries = Counter("routehead_batch_retries", "Batches retried one request at a time after "
                                      "an error", registry=r)
         self.cancelled_passes = Counter("routehead_cancelled_passes", "Model calls stopped at a layer boundary "
-                                        "because no request in them was still awaited (client gone or timed out)",
+                                        "because no request in them was still awaited (client gone, timed out, or "
+                                        "answered 503 by the shutdown drain)",
                                         registry=r)
         self.queue_time = Histogram("routehead_queue_duration_seconds", "Time a request waited in the queue",
                                     buckets=_LATENCY_BUCKETS, registry=r)

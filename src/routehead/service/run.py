@@ -8,6 +8,10 @@ sending); the queue keeps being served, and every admitted request is answered b
 ranking, or 503 with Retry-After where the queue would not reach it in time:
 :meth:`~routehead.service.batching.Batcher.drain`); uvicorn closes the connections as their answers complete;
 the app's shutdown waits for the running batches only until ``exit_by``, and the process exits within the grace.
+A model call whose requests all got that 503 at ``answer_by`` is awaited by nobody, so it stops at its next layer
+boundary (the batcher's ``should_stop``, where the reranker takes it): the replica is idle by ``exit_by`` unless a
+single layer outlasts the gap between the two deadlines (two fifteenths of the grace, at most 1 s); even then the
+process exits on time, as the shutdown stops waiting at ``exit_by`` and the workers are daemon threads.
 """
 
 from __future__ import annotations
