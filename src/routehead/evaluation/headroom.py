@@ -9,6 +9,10 @@ by chance, so much of that "headroom" is selection noise no router could learn. 
   (A's left out), beside a fixed baseline selection scored on B the same way. Averaged over random splits.
 - domain oracle (:func:`domain_oracle`): the best static set (QRHead's rule, top 16) chosen on half of a
   collection's queries and scored on the other half, against a global set scored on the same half.
+- menu oracle (:func:`menu_headroom`): the split-judgment oracle choosing among a few whole head sets (the
+  published methods' selections), the headroom of a router that picks one of a few experts.
+- cluster oracle (:func:`cluster_oracle`): static sets per k-means cluster of the router's query embeddings, all
+  fitted on one half of the queries, scored on the other.
 
 "Gap closed" by a router is measured against these, never against the classic oracle.
 """
@@ -123,6 +127,62 @@ def domain_oracle(sc: ScoredCollection, global_heads: Sequence[Head], top: int =
             for q in held:
                 g, ideal = gains(sc, q, sc.entries[q].doc_ids)
                 ours[q].append(float(ndcg_at_k(selection_scores(sc, q, local)[None], g, ideal, k)[0]))
+                theirs[q].append(float(ndcg_at_k(selection_scores(sc, q, glob)[None], g, ideal, k)[0]))
+    keep = [q for q in qids if ours[q]]
+    return Headroom.of([np.mean(ours[q]) for q in keep], [np.mean(theirs[q]) for q in keep])
+
+
+def menu_headroom(sc: ScoredCollection, menu: Sequence[Selection], baseline: Selection, seeds: int = 10,
+                  k: int = 10) -> Headroom:
+    """The split-judgment oracle over a few whole selections instead of single heads: per query, the member of
+    ``menu`` (e.g. QRHead-16, CoRe-8, a layer window, the single best head, ICR) that ranks half A best, scored
+    on half B, against ``baseline`` on B. This is the headroom of a router that chooses among a few head-set
+    experts: sets are far less noisy than single heads, so less of their oracle is selection noise."""
+    ours, theirs = [], []
+    for qid in sorted(sc.entries):
+        g, _ = gains(sc, qid, sc.entries[qid].doc_ids)
+        if (g > 0).sum() < 2:
+            continue
+        options = np.stack([selection_scores(sc, qid, s) for s in menu])
+        base = selection_scores(sc, qid, baseline)
+        got = [split_oracle(options, base, g, np.random.default_rng([s, len(ours)]), k) for s in range(seeds)]
+        ours.append(np.mean([x for x, _ in got]))
+        theirs.append(np.mean([y for _, y in got]))
+    return Headroom.of(ours, theirs)
+
+
+def cluster_oracle(sc: ScoredCollection, embeddings: dict[str, np.ndarray], clusters: int, top: int = 16,
+                   seeds: int = 5, min_size: int = 10, k: int = 10) -> Headroom:
+    """Static sets per query cluster, out of sample (issue #35 item 1c): on a random half of the queries, k-means
+    on their router embeddings and one set per cluster (QRHead's rule, top ``top``; a cluster smaller than
+    ``min_size`` keeps the half's global set); each query of the other half takes its nearest cluster's set.
+    Against the global set detected on the same half, scored on the same queries (both out of sample). Every
+    query is scored once per seed and direction and its values averaged."""
+    from scipy.cluster.vq import kmeans2
+
+    from routehead.training.detect import detect_heads
+
+    qids = sorted(q for q in sc.entries if q in embeddings)
+    X = np.stack([np.asarray(embeddings[q], np.float64).reshape(-1) for q in qids])
+    X = (X - X.mean(0)) / (X.std(0) + 1e-6)  # every dimension on one scale before k-means
+    ours: dict[str, list[float]] = {q: [] for q in qids}
+    theirs: dict[str, list[float]] = {q: [] for q in qids}
+    for s in range(seeds):
+        perm = np.random.default_rng(s).permutation(len(qids))
+        halves = (perm[: len(perm) // 2], perm[len(perm) // 2:])
+        for fit, held in (halves, halves[::-1]):
+            glob = Selection(HeadSet.of(detect_heads(sc, top=top, qids=[qids[i] for i in fit])[0]))
+            centroids, label = kmeans2(X[fit], clusters, seed=s, minit="++")
+            local = {}
+            for c in range(clusters):
+                members = [qids[i] for i, lab in zip(fit, label) if lab == c]
+                local[c] = (Selection(HeadSet.of(detect_heads(sc, top=top, qids=members)[0]))
+                            if len(members) >= min_size else glob)
+            nearest = np.argmin(((X[held][:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+            for i, c in zip(held, nearest):
+                q = qids[i]
+                g, ideal = gains(sc, q, sc.entries[q].doc_ids)
+                ours[q].append(float(ndcg_at_k(selection_scores(sc, q, local[int(c)])[None], g, ideal, k)[0]))
                 theirs[q].append(float(ndcg_at_k(selection_scores(sc, q, glob)[None], g, ideal, k)[0]))
     keep = [q for q in qids if ours[q]]
     return Headroom.of([np.mean(ours[q]) for q in keep], [np.mean(theirs[q]) for q in keep])

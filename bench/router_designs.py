@@ -1,0 +1,198 @@
+"""Can a router route at this model size? Router designs against the strongest static selections, out of sample
+(issue #35, item 3).
+
+    python bench/router_designs.py --model smollm2-135m --train ../shared/data/scifact:train \
+        --test ../shared/data/adi:test
+
+Reads stored passes (shuffled lists) and the router's query embeddings (FIT's layer and pooling, cached next to
+the store); no forward pass. Every design is fitted on training queries only and scored on queries it did not
+see: 5-fold out-of-fold on the training collection, and fitted on all of it then scored on each ``--test``
+collection (a collection never trained on). Designs:
+
+- ``fixed:<m>``: each published selection alone (static = QRHead-16, core = CoRe-8, layers = the Selective-ICR
+  window, single, icr), their shipped assets; ``best fixed`` is the one with the best training mean, chosen
+  inside each fold (the strongest static selection, the baseline every router must beat).
+- ``expert gate``: a router choosing one of those selections per query (a mixture of head-set experts): ridge
+  regression from the PCA-reduced, standardised query embedding to each expert's nDCG@10 advantage over the
+  fold's best fixed one; the query takes the expert with the largest predicted advantage when it is positive,
+  else the best fixed one. ``--dims`` and ``--alphas`` are chosen inside each fold by an inner 4-fold split.
+- ``linear``: a learned signed linear combination of the ``--pool`` best heads (detected on the fold), aggregated
+  as inference aggregates (weighted token sum, outlier mask, sum), trained with ListNet on the fold's queries
+  with an L2 pull towards the static set (the "learned linear combination of all heads" baseline).
+
+Writes results/router-designs-<model>.json: per design, mean nDCG@10 and the paired p-value against best fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from routehead.engine.aggregate import kept
+from routehead.evaluation.runs import save_json, sc_identity
+from routehead.metrics import ndcg_at_k, paired_p_value
+from routehead.offline.job import ScoreJob
+from routehead.offline.views import gains, queries_for, query_embeddings, selection_scores
+from routehead.selection import load_method
+from routehead.settings import FIT
+from routehead.training.detect import detect_heads
+from routehead.training.objectives import padded
+
+MENU = ("static", "core", "layers", "single", "icr")
+
+
+def load(spec: str, model: str):
+    data, split = spec.rsplit(":", 1)
+    sc, scorer = ScoreJob(data=data, split=split, model=model, dtype="float32",
+                          progress=False).with_options(doc_order="shuffle").run(compute=False)
+    qids = sorted(sc.entries)
+    ident = sc_identity(sc, scorer)
+    sels = [load_method(m, ident).select() for m in MENU]
+    Y = np.zeros((len(qids), len(MENU)))
+    for i, q in enumerate(qids):
+        g, ideal = gains(sc, q, sc.entries[q].doc_ids)
+        Y[i] = [ndcg_at_k(selection_scores(sc, q, s)[None], g, ideal, 10)[0] for s in sels]
+    emb = query_embeddings(sc, scorer, FIT.embed_layer, FIT.pooling, qids)
+    X = torch.cat([emb[q] for q in qids]).double().numpy()
+    return sc, qids, X, Y
+
+
+def folds(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return [(np.setdiff1d(perm, perm[i::k]), np.sort(perm[i::k])) for i in range(k)]
+
+
+def gate_fit(X: np.ndarray, Y: np.ndarray, dim: int, alpha: float):
+    """Ridge from the top-``dim`` principal components of the standardised embedding to each expert's advantage
+    over the best fixed expert; returns (predict(X) -> chosen expert, best fixed index)."""
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    _, _, Vt = np.linalg.svd(Z, full_matrices=False)
+    V = Vt[:dim].T
+    F = np.hstack([Z @ V, np.ones((len(Z), 1))])
+    fixed = int(Y.mean(0).argmax())
+    T = Y - Y[:, [fixed]]
+    W = np.linalg.solve(F.T @ F + alpha * np.diag([1.0] * dim + [0.0]), F.T @ T)
+
+    def choose(Xn: np.ndarray) -> np.ndarray:
+        p = np.hstack([((Xn - mu) / sd) @ V, np.ones((len(Xn), 1))]) @ W
+        return np.where(p.max(1) > 0, p.argmax(1), fixed)
+
+    return choose, fixed
+
+
+def gate(X: np.ndarray, Y: np.ndarray, dims: list[int], alphas: list[float]):
+    """The gate with (dim, alpha) chosen by an inner 4-fold split of the training queries."""
+    best, arg = -1.0, (dims[0], alphas[0])
+    for d in dims:
+        for a in alphas:
+            vals = []
+            for tr, te in folds(len(X), 4, seed=1):
+                choose, _ = gate_fit(X[tr], Y[tr], min(d, len(tr) - 1), a)
+                vals.append(Y[te, choose(X[te])])
+            v = float(np.concatenate(vals).mean())
+            if v > best + 1e-12:
+                best, arg = v, (d, a)
+    return gate_fit(X, Y, *arg)[0], arg
+
+
+def linear_fit(sc, qids: list[str], static: list, pool_size: int, l2: float, steps: int = 150):
+    """Signed weights over the fold's ``pool_size`` best heads, ListNet through the aggregation; starts at (and
+    is pulled towards) the static set's equal weights."""
+    pool, _ = detect_heads(sc, top=pool_size, qids=qids)
+    b = padded(queries_for(sc, pool, False, qids))
+    w0 = torch.tensor([1.0 if tuple(h) in {tuple(s) for s in static} else 0.0 for h in pool])
+    w = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.Adam([w], lr=0.02)
+    G = b.G * b.M
+    target = G / G.sum(1, keepdim=True).clamp_min(1e-9)
+    for _ in range(steps):
+        tok = torch.einsum("n,qnt->qt", w, b.X)
+        x = torch.gather(tok, 1, b.idx.flatten(1)).view(b.idx.shape)
+        with torch.no_grad():
+            keep = kept(x, b.valid)
+        s = (x * keep).sum(-1)
+        mean = (s * b.M).sum(1, keepdim=True) / b.M.sum(1, keepdim=True)
+        sd = (((s - mean) * b.M) ** 2).sum(1, keepdim=True).div(b.M.sum(1, keepdim=True)).sqrt().clamp_min(1e-6)
+        logp = torch.log_softmax((3.0 * (s - mean) / sd).masked_fill(~b.M, float("-inf")), 1)
+        loss = -torch.where(b.M, target * logp, torch.zeros_like(logp)).sum(1).mean() + l2 * ((w - w0) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pool, w.detach().numpy()
+
+
+def linear_score(sc, qids: list[str], pool: list, w: np.ndarray) -> np.ndarray:
+    from routehead.engine.aggregate import HeadSet
+    from routehead.selection.base import Selection
+
+    keep = np.abs(w) > 1e-6
+    sel = Selection(HeadSet.of([tuple(h) for h, k in zip(pool, keep) if k], list(w[keep])))
+    out = []
+    for q in qids:
+        g, ideal = gains(sc, q, sc.entries[q].doc_ids)
+        out.append(float(ndcg_at_k(selection_scores(sc, q, sel)[None], g, ideal, 10)[0]))
+    return np.array(out)
+
+
+def summary(vals: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    base = vals["best fixed"]
+    return {k: {"ndcg@10": round(float(v.mean()), 4), "vs_best_fixed": round(float((v - base).mean()), 4),
+                "p": round(float(paired_p_value(v, base)), 4) if k != "best fixed" else 1.0}
+            for k, v in vals.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--train", default="../shared/data/scifact:train")
+    ap.add_argument("--test", nargs="*", default=[])
+    ap.add_argument("--dims", type=int, nargs="*", default=[4, 16, 64])
+    ap.add_argument("--alphas", type=float, nargs="*", default=[10.0, 1000.0])
+    ap.add_argument("--pool", type=int, default=64)
+    ap.add_argument("--l2", type=float, default=0.01)
+    ap.add_argument("--no-linear", action="store_true")
+    args = ap.parse_args()
+    sc, qids, X, Y = load(args.train, args.model)
+    static = [tuple(h) for h in load_method("static", sc_identity(sc)).select().heads.heads]
+    oof = {f"fixed:{m}": Y[:, i] for i, m in enumerate(MENU)}
+    oof["best fixed"], oof["expert gate"] = np.zeros(len(qids)), np.zeros(len(qids))
+    if not args.no_linear:
+        oof["linear"] = np.zeros(len(qids))
+    picks = []
+    for tr, te in folds(len(qids), 5):
+        choose, arg = gate(X[tr], Y[tr], args.dims, args.alphas)
+        fixed = int(Y[tr].mean(0).argmax())
+        ch = choose(X[te])
+        picks.append({"fixed": MENU[fixed], "gate": list(arg), "chosen": np.bincount(ch, minlength=len(MENU)).tolist()})
+        oof["best fixed"][te], oof["expert gate"][te] = Y[te, fixed], Y[te, ch]
+        if not args.no_linear:
+            pool, w = linear_fit(sc, [qids[i] for i in tr], static, args.pool, args.l2)
+            oof["linear"][te] = linear_score(sc, [qids[i] for i in te], pool, w)
+        print("fold", picks[-1], flush=True)
+    res = {"model": args.model, "train": args.train, "queries": len(qids), "date": datetime.date.today().isoformat(),
+           "order": "shuffle", "menu": list(MENU), "out_of_fold": summary(oof), "folds": picks, "tests": {}}
+    print(json.dumps(res["out_of_fold"], indent=1), flush=True)
+    choose, arg = gate(X, Y, args.dims, args.alphas)
+    fixed = int(Y.mean(0).argmax())
+    lin = None if args.no_linear else linear_fit(sc, qids, static, args.pool, args.l2)
+    for spec in args.test:
+        tsc, tq, tX, tY = load(spec, args.model)
+        ch = choose(tX)
+        vals = {f"fixed:{m}": tY[:, i] for i, m in enumerate(MENU)}
+        vals["best fixed"], vals["expert gate"] = tY[:, fixed], tY[np.arange(len(tq)), ch]
+        if lin is not None:
+            vals["linear"] = linear_score(tsc, tq, *lin)
+        res["tests"][spec] = {"queries": len(tq), "best_fixed": MENU[fixed], "gate": list(arg),
+                              "chosen": np.bincount(ch, minlength=len(MENU)).tolist(), **summary(vals)}
+        print(spec, json.dumps(res["tests"][spec], indent=1), flush=True)
+    save_json(res, Path("results") / f"router-designs-{args.model}.json")
+
+
+if __name__ == "__main__":
+    main()
