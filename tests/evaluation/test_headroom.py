@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -53,3 +54,45 @@ def test_routing_diversity_by_hand():
     assert same["distinct_sets"] == 1 and same["mean_jaccard_distance"] == 0.0
     fs = routing_diversity({"q1": a, "q2": Selection(a.heads, first_stage_weight=0.5)})
     assert fs["distinct_sets"] == 2
+
+
+@pytest.fixture(scope="module")
+def mini_store(tmp_path_factory):
+    """All ten scifact-mini queries scored by the tiny llama in shuffled order (top 10), in a temporary store."""
+    from routehead.engine.scorer import HeadScorer
+    from routehead.offline.collect import score_collection
+    from routehead.offline.data import load_collection
+    from routehead.testing.tiny import tiny_lm
+
+    scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=24)
+    return score_collection(load_collection("examples/scifact-mini", "test"), scorer, scorer.settings(), top_k=10,
+                            progress=False, doc_order="shuffle", root=tmp_path_factory.mktemp("store"))
+
+
+def test_menu_oracle_of_the_baseline_alone_gains_nothing(mini_store):
+    from routehead.engine.aggregate import HeadSet
+    from routehead.evaluation.headroom import menu_headroom
+    from routehead.selection.base import Selection
+
+    # scifact-mini has no query with two relevant candidates in its top 10: judge each query's first three
+    sc = copy.copy(mini_store)
+    sc.collection = copy.copy(mini_store.collection)
+    sc.collection.qrels = {q: {d: 1 for d in e.doc_ids[:3]} for q, e in mini_store.entries.items()}
+    base = Selection(HeadSet.of([(0, 0), (1, 1)]))
+    h = menu_headroom(sc, [base], base, seeds=3)
+    assert h.queries >= 1 and h.gain == 0.0
+    # a menu holding the baseline can only choose something at least as good on half A, never score NaN
+    h2 = menu_headroom(sc, [base, Selection(HeadSet.of(None)), Selection(HeadSet.of([(0, 1)]))], base, 3)
+    assert h2.queries == h.queries and np.isfinite(h2.oracle)
+
+
+def test_cluster_oracle_with_one_cluster_is_the_global_set(mini_store):
+    from routehead.evaluation.headroom import cluster_oracle
+
+    rng = np.random.default_rng(0)
+    emb = {q: rng.normal(size=8) for q in mini_store.entries}
+    one = cluster_oracle(mini_store, emb, clusters=1, top=2, seeds=2, min_size=1)
+    assert one.queries == len(mini_store.entries) and one.gain == pytest.approx(0.0, abs=1e-12)
+    # clusters too small to fit their own set fall back to the global one
+    small = cluster_oracle(mini_store, emb, clusters=2, top=2, seeds=2, min_size=100)
+    assert small.gain == pytest.approx(0.0, abs=1e-12)
