@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request, Response
@@ -120,12 +120,14 @@ async def parse_body(request: Request, limits: Limits, tei_allowed: bool
     return req, ignored
 
 
-def check_lengths(query: str, texts: Sequence[str], limits: Limits) -> None:
-    """``max_query_chars`` and ``max_document_chars``, or :class:`Refused` (422 ``limit_exceeded``)."""
+def check_lengths(query: str, texts: Sequence[str], limits: Limits, joined: Collection[int] = ()) -> None:
+    """``max_query_chars`` and ``max_document_chars`` (on the text ranked: ``joined`` names the documents whose
+    text is their ``rank_fields`` as ``field: value`` lines), or :class:`Refused` (422 ``limit_exceeded``)."""
     if len(query) > limits.max_query_chars:
         raise limit_exceeded(f"query has {len(query)} characters; the limit is "
                              f"max_query_chars={limits.max_query_chars}")
     for i, text in enumerate(texts):
         if len(text) > limits.max_document_chars:
-            raise limit_exceeded(f"documents[{i}] has {len(text)} characters; the limit is "
+            what = " (its rank_fields as 'field: value' lines)" if i in joined else ""
+            raise limit_exceeded(f"documents[{i}]{what} has {len(text)} characters; the limit is "
                                  f"max_document_chars={limits.max_document_chars}")

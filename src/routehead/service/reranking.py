@@ -207,7 +207,7 @@ async def _answer(state: ServiceState, request: Request, started: float, request
     _check_ready(state)
     req, ignored = await parse_body(request, state.limits, tei_allowed)
     texts = list(req.texts) if isinstance(req, TEIRequest) else req.texts()
-    check_lengths(req.query, texts, state.limits)
+    check_lengths(req.query, texts, state.limits, () if isinstance(req, TEIRequest) else req.joined())
     texts, tokens = await _fit(state, req, texts)
     warnings = _ignored(state, req)
     if isinstance(req, TEIRequest) and req.max_chunks_per_doc is not None and not _chunks(state, req):

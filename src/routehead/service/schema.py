@@ -4,8 +4,10 @@ The re-rank endpoints read their body themselves (for precise errors), so FastAP
 :func:`request_body` puts the schema into the operation's entry.  The schema must describe what is accepted
 (schemathesis checks both ways: what it declares valid is answered, what it declares invalid is refused), so the
 limits that cost nothing to check are in it: ``maxItems`` (``max_documents``) and ``maxLength``
-(``max_query_chars``, ``max_document_chars``).  What no JSON Schema can state stays in the descriptions: the
-prompt token limit (the reranker counts), ``max_request_bytes``, and ``first_stage_scores`` having one score per
+(``max_query_chars``, and ``max_document_chars`` on the text ranked where the schema can name it: a string
+document, and an object's ``text`` without ``rank_fields``).  What no JSON Schema can state stays in the
+descriptions: the prompt token limit (the reranker counts), ``max_request_bytes``, ``max_document_chars`` on the
+text ranked with ``rank_fields`` (the named fields, joined), and ``first_stage_scores`` having one score per
 document (``x-same-length-as``).
 """
 
@@ -36,24 +38,30 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     return walk(schema)
 
 
-def _cap_document(item: dict[str, Any], max_chars: int) -> None:
-    """``maxLength`` on a document: a string, or an object's ``text``."""
+def _cap_document(item: dict[str, Any], max_chars: int, text: bool) -> None:
+    """``maxLength`` on a document: a string, and (``text``) an object's ``text``."""
     for branch in item.get("anyOf", [item]):
         if branch.get("type") == "string":
             branch["maxLength"] = max_chars
-        elif branch.get("type") == "object" and "text" in branch.get("properties", {}):
+        elif text and branch.get("type") == "object" and "text" in branch.get("properties", {}):
             branch["properties"]["text"]["maxLength"] = max_chars
 
 
 def with_limits(schema: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """``schema`` (a request model's) with the limits it can state."""
+    """``schema`` (a request model's) with the limits it can state.
+
+    An object document's ``text`` is capped only in the branch without ``rank_fields`` (the model's ``else``):
+    with ``rank_fields`` it is ranked only if named, and a field not ranked is not limited."""
     props = schema.get("properties", {})
     if "query" in props:
         props["query"]["maxLength"] = limits.max_query_chars
     for name in ("documents", "texts"):
         if name in props:
             props[name]["maxItems"] = limits.max_documents
-            _cap_document(props[name]["items"], limits.max_document_chars)
+            _cap_document(props[name]["items"], limits.max_document_chars, text=False)
+    ranked_text = schema.get("else", {}).get("properties", {}).get("documents")
+    if ranked_text is not None:
+        _cap_document(ranked_text["items"], limits.max_document_chars, text=True)
     return schema
 
 

@@ -21,8 +21,11 @@ attention score.  Extras, opt-in on every shape: ``return_heads`` (routed heads 
 ``return_evidence: k`` (the k words of each document that carried its score, with their share).
 
 The JSON Schema of each request says what the validators check, cross-field rules included where JSON Schema
-can say them (an object document needs ``text`` unless ``rank_fields`` names fields); the one it cannot
-(``first_stage_scores`` has one score per document) is in its description and ``x-same-length-as``.
+can say them (without ``rank_fields`` an object document needs ``text``, and ``max_document_chars`` caps that
+``text``); the ones it cannot are in the descriptions: ``first_stage_scores`` has one score per document (also
+``x-same-length-as``), and with ``rank_fields`` ``max_document_chars`` caps the text ranked (the named fields as
+``field: value`` lines), whichever fields those are, while the fields not named (``text`` included) are ignored,
+as Cohere ignores them, whatever their length.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from __future__ import annotations
 import json
 import math
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -50,7 +55,7 @@ from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from routehead.calibration import Calibration
-from routehead.service.errors import check_unicode, clip, json_type
+from routehead.service.errors import check_unicode, clip, is_valid_unicode, json_type
 
 MAX_EVIDENCE = 64
 
@@ -75,13 +80,18 @@ def _check_document(value: object) -> object:
 _DOCUMENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
                                                     "additionalProperties": True}],
                     "description": 'A string, or an object with "text" (other keys allowed; with rank_fields, '
-                                   'the named fields instead of "text": "text" is then optional).'}
-# without rank_fields (absent, null or empty), an object document needs "text": the validator's rule, in the schema
+                                   'the named fields instead of "text": "text" is then optional, and ignored '
+                                   'unless named). max_document_chars caps the text ranked: the string, the '
+                                   'object\'s "text", or with rank_fields the named fields as "field: value" '
+                                   'lines (that one no JSON Schema can state).'}
+# without rank_fields (absent, null or empty), an object document needs "text", and "text" is what is ranked (its
+# maxLength, max_document_chars, goes here: schema.with_limits): the validator's rule, in the schema.  With
+# rank_fields, "text" is one more field, ranked only if named, so no maxLength applies to it as such.
 # (if/else rather than anyOf: a generator such as schemathesis's mis-merges an anyOf nested in /rerank's anyOf)
 _TEXT_UNLESS_RANK_FIELDS = {
     "if": {"properties": {"rank_fields": {"type": "array", "minItems": 1}}, "required": ["rank_fields"]},
-    "else": {"properties": {"documents": {"items": {"anyOf": [{"type": "string"},
-                                                               {"type": "object", "required": ["text"]}]}}}},
+    "else": {"properties": {"documents": {"items": {"anyOf": [
+        {"type": "string"}, {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}]}}}},
 }
 Document = Annotated[StrictStr | dict[str, Any], BeforeValidator(_check_document), WithJsonSchema(_DOCUMENT_SCHEMA)]
 # the schema says what the validator checks: a character that is not str.isspace() (spelled out: JSON Schema's
@@ -94,6 +104,17 @@ def _integral(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _finite(value: float) -> float:
+    """A float's range: JSON's ``1e400`` decodes to ``inf``, and an integer past it cannot become a float."""
+    if not -sys.float_info.max <= value <= sys.float_info.max:
+        raise PydanticCustomError("not_finite", "must be a finite number (at most {max} in magnitude)",
+                                  {"max": sys.float_info.max})
+    return value
+
+
+# the range in the schema too: a number past it is refused (422), never a crash converting it
+FiniteNumber = Annotated[StrictFloat | StrictInt, AfterValidator(_finite), WithJsonSchema(
+    {"type": "number", "minimum": -sys.float_info.max, "maximum": sys.float_info.max})]
 Integer = Annotated[StrictInt, BeforeValidator(_integral)]  # constraints go before the validator (else the schema
 PositiveInt = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]  # says "ge", not "minimum")
 EvidenceK = Annotated[StrictInt, Field(ge=0, le=MAX_EVIDENCE), BeforeValidator(_integral)]
@@ -136,14 +157,15 @@ class RerankRequest(Extras):
     rank_fields: list[StrictStr] | None = Field(default=None, description="Object documents: the fields to "
                                                 "rank on, joined as 'field: value' lines (default: text); a "
                                                 "document with none of them is ranked as an empty text (and "
-                                                "meta.warnings says so).")
+                                                "meta.warnings says so). max_document_chars caps those lines "
+                                                "(422 past it); the fields not named are ignored.")
     max_tokens_per_doc: PositiveInt | None = Field(default=None, description="Cut each document to this many "
                                                    "tokens (the engine's own cap still applies).")
     priority: Integer | None = Field(default=None, description="Accepted and ignored.")
     relevant_spans: dict[str, Any] | None = Field(default=None, description="Accepted and ignored; use "
                                                   "return_evidence.")
     raw_scores: StrictBool = Field(default=False, description="Also return each result's raw attention score.")
-    first_stage_scores: list[StrictFloat | StrictInt] | None = Field(
+    first_stage_scores: list[FiniteNumber] | None = Field(
         default=None, description="One first-stage score per document (as many as documents: 422 otherwise), "
         "for routers that use them.", json_schema_extra={"x-same-length-as": "documents"})
 
@@ -152,19 +174,17 @@ class RerankRequest(Extras):
     def _query_ok(cls, value: str) -> str:
         return _query_not_blank(value)
 
-    @field_validator("first_stage_scores")
-    @classmethod
-    def _finite(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and not all(math.isfinite(float(v)) for v in value):
-            raise PydanticCustomError("not_finite", "must be finite numbers")
-        return value
-
     @model_validator(mode="after")
     def _documents_have_text(self) -> RerankRequest:
         for i, doc in enumerate(self.documents):
             if isinstance(doc, dict) and not self.rank_fields and "text" not in doc:
                 raise PydanticCustomError("document_text_missing", 'documents[{i}]: object has no "text" '
                                           'field (send "text", or name the fields in rank_fields)', {"i": i})
+            if isinstance(doc, dict) and self.rank_fields and not is_valid_unicode(self._ranked(doc)):
+                # a lone surrogate in a named field's name or value (\ud800 escapes are legal JSON) would
+                # crash the tokenizer and the echo of the text (return_documents); "text" has _check_document
+                raise PydanticCustomError("invalid_unicode", "documents[{i}]: the fields named in rank_fields "
+                                          "contain invalid Unicode (a lone surrogate)", {"i": i})
         if self.first_stage_scores is not None and len(self.first_stage_scores) != len(self.documents):
             raise PydanticCustomError("first_stage_length", "first_stage_scores has {n} scores for {m} documents",
                                       {"n": len(self.first_stage_scores), "m": len(self.documents)})
@@ -177,6 +197,12 @@ class RerankRequest(Extras):
         return [i for i, doc in enumerate(self.documents)
                 if isinstance(doc, dict) and not any(f in doc for f in self.rank_fields)]
 
+    def joined(self) -> set[int]:
+        """The object documents ranked on their ``rank_fields`` (as ``field: value`` lines)."""
+        if not self.rank_fields:
+            return set()
+        return {i for i, doc in enumerate(self.documents) if isinstance(doc, dict)}
+
     def texts(self) -> list[str]:
         """The text the model ranks for each document."""
         out = []
@@ -184,10 +210,14 @@ class RerankRequest(Extras):
             if isinstance(doc, str):
                 out.append(doc)
             elif self.rank_fields:
-                out.append("\n".join(f"{f}: {_field_text(doc[f])}" for f in self.rank_fields if f in doc))
+                out.append(self._ranked(doc))
             else:
                 out.append(doc["text"])
         return out
+
+    def _ranked(self, doc: dict[str, Any]) -> str:
+        """An object document's text under ``rank_fields``: the named fields it has, as ``field: value`` lines."""
+        return "\n".join(f"{f}: {_field_text(doc[f])}" for f in self.rank_fields or () if f in doc)
 
 
 def _field_text(value: Any) -> str:
