@@ -8,7 +8,9 @@
 
 Methods, each timed per query (tokenization included) on the same prompt:
 
-- ``bare``: :meth:`HeadScorer.bare_forward`, one plain SDPA pass over prefix + query, all layers: the floor.
+- ``bare``: :meth:`HeadScorer.bare_forward`, one plain SDPA pass over prefix + query, all layers: the floor. A
+  list over the model's budget is scored in windows (``window_tokens``, one entry per window); ``bare`` then runs
+  one plain pass per window, as the scoring methods do (``eager`` alone runs the whole prompt in one pass).
 - ``full``: ICR as ``Reranker(method="icr")`` runs it (:func:`rerank_pass`: all heads, one pass over prefix +
   query + "N/A", the heads' token scores summed, masked, summed; no per-head scores).
 - ``full_per_head``: the same pass that also gives every head's own masked score (``HeadScorer.score``: what
@@ -167,10 +169,12 @@ def throughput(cfg: dict[str, Any], lm: LoadedModel, scorer: HeadScorer, sf: Sci
     return out
 
 
-def add_flops(run: dict[str, Any], lm: LoadedModel, n_tok: int, device: str, cfg: dict[str, Any]) -> None:
-    """The pass's useful work, the GFLOP/s bare and full achieve with it (full does a little more: the "N/A"
-    rows and span rows), and on CPU the cores' peak: how far the pass is from the physical limit."""
-    flops = pass_flops(lm, n_tok)
+def add_flops(run: dict[str, Any], lm: LoadedModel, windows: list[int], device: str, cfg: dict[str, Any]) -> None:
+    """The passes' useful work (one plain pass per window of ``windows`` tokens), the GFLOP/s bare and full
+    achieve with it (full does a little more: the "N/A" rows and span rows), and on CPU the cores' peak: how far
+    the pass is from the physical limit."""
+    per = [pass_flops(lm, t) for t in windows]
+    flops = {k: sum(f[k] for f in per) for k in per[0]}
     run["flops"] = flops
     run["gflops"] = {m: round(flops["total"] / run[f"{m}_s"] / 1e9, 1) for m in ("bare", "full")
                      if isinstance(run.get(f"{m}_s"), float)}
@@ -184,6 +188,9 @@ def format_table(result: dict[str, Any]) -> str:
              f"torch {result['machine']['torch']}  transformers {result['machine']['transformers']}"]
     for run in result["runs"]:
         lines.append(f"\nprompt {run['prompt_tokens']} tokens, {run['n_docs']} docs ({run['docs_source']})")
+        if len(run.get("window_tokens") or []) > 1:
+            lines.append(f"scored in {len(run['window_tokens'])} windows of {run['window_tokens']} tokens "
+                         f"(over the budget); bare runs the same windows")
         lines.append(f"{'method':<10}{'median s':>10}{'x bare':>9}{'peak MB':>10}{'mem x bare':>12}")
         for m in result["config"]["methods"]:
             s = run.get(f"{m}_s")
@@ -325,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def record(per: dict[str, dict[str, Any]], case: tuple) -> dict[str, Any]:
         _, q, docs, source, n_tok = case
         run = summarize(per, n_tok, len(docs), source, L, H)
-        add_flops(run, lm, n_tok, device, cfg)
+        # the prompts every method but eager runs: one, or one per window when the list exceeds the budget
+        run["window_tokens"] = [p.length for p in scorer.window_prompts(q, docs)]
+        add_flops(run, lm, run["window_tokens"], device, cfg)
         run["heads"]["routed"] = routed_source(scorer, routed, q, cfg["router"])
         return run
 

@@ -387,10 +387,23 @@ class HeadScorer:
             return h[-1].cpu()
         raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'last'")
 
+    def window_prompts(self, query: str, documents: Sequence[str], max_chunks_per_doc: int | None = None
+                       ) -> list[Prompt]:
+        """The prompts :meth:`score` runs for ``documents``: one, or one per window when the list does not fit
+        the budget (:meth:`plan`)."""
+        q, chunks, windows, _, _ = self.plan(query, documents, max_chunks_per_doc)
+        return [self.builder.build(q, [chunks.texts[j] for j in win], [chunks.cut[j] for j in win])
+                for win in windows]
+
     @torch.inference_mode()
-    def bare_forward(self, query: str, documents: Sequence[str]) -> int:
-        """One plain pass over the whole prompt, all layers, no capture: the speed floor. Returns its length."""
-        prompt = self.builder.prompt(query, documents)
-        ids = prompt.prefix_ids + prompt.query_ids
-        self.base(input_ids=torch.tensor([ids], device=self.lm.device), use_cache=False)
-        return len(ids)
+    def bare_forward(self, query: str, documents: Sequence[str]) -> list[int]:
+        """Plain passes (all layers, no capture, SDPA with ``is_causal``) over prefix + query of every prompt
+        :meth:`score` runs for ``documents`` (:meth:`window_prompts`): the speed floor of scoring them. A list
+        that does not fit the budget is scored in windows, and one plain pass over the whole list would then do
+        more attention work than scoring it (quadratic in the length). Returns each pass's length."""
+        lengths = []
+        for prompt in self.window_prompts(query, documents):
+            ids = prompt.prefix_ids + prompt.query_ids
+            self.base(input_ids=torch.tensor([ids], device=self.lm.device), use_cache=False)
+            lengths.append(len(ids))
+        return lengths
