@@ -140,6 +140,25 @@ def linear_score(sc, qids: list[str], pool: list, w: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
+def separability(X: np.ndarray, Xt: np.ndarray) -> dict[str, float]:
+    """How different two collections' query embeddings are (can a router see the domain?): mean cosine within
+    each and between them (standardised on both), and the balanced accuracy of a nearest-centroid domain
+    classifier, 5-fold."""
+    Z = np.vstack([X, Xt])
+    Z = (Z - Z.mean(0)) / (Z.std(0) + 1e-6)
+    y = np.r_[np.zeros(len(X)), np.ones(len(Xt))]
+    U = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    A, B = U[y == 0], U[y == 1]
+    hits = np.zeros(len(Z))
+    for tr, te in folds(len(Z), 5):
+        c0, c1 = Z[tr][y[tr] == 0].mean(0), Z[tr][y[tr] == 1].mean(0)
+        pred = (((Z[te] - c1) ** 2).sum(1) < ((Z[te] - c0) ** 2).sum(1)).astype(float)
+        hits[te] = pred == y[te]
+    return {"cos_within_train": round(float((A @ A.T).mean()), 3), "cos_within_test": round(float((B @ B.T).mean()), 3),
+            "cos_between": round(float((A @ B.T).mean()), 3),
+            "domain_balanced_accuracy": round(float((hits[y == 0].mean() + hits[y == 1].mean()) / 2), 3)}
+
+
 def summary(vals: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     base = vals["best fixed"]
     return {k: {"ndcg@10": round(float(v.mean()), 4), "vs_best_fixed": round(float((v - base).mean()), 4),
@@ -189,6 +208,7 @@ def main() -> None:
         if lin is not None:
             vals["linear"] = linear_score(tsc, tq, *lin)
         res["tests"][spec] = {"queries": len(tq), "best_fixed": MENU[fixed], "gate": list(arg),
+                              "embeddings": separability(X, tX),
                               "chosen": np.bincount(ch, minlength=len(MENU)).tolist(), **summary(vals)}
         print(spec, json.dumps(res["tests"][spec], indent=1), flush=True)
     save_json(res, Path("results") / f"router-designs-{args.model}.json")
