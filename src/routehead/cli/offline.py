@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from routehead.cli.options import add_field, data_args, job_from, print_warnings
+from routehead.cli.options import add_field, data_args, job_from, jobs_from, print_warnings
 from routehead.settings import FitSettings
 
 
@@ -115,10 +115,17 @@ def label(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
+    """A router from one collection split's stored passes, or from several together (``--data A:train B:test``:
+    one view over their stores, :func:`routehead.offline.collect.merge_scored`; the model loads once)."""
+    from routehead.offline.collect import merge_scored
     from routehead.training.fit import fit_router
 
-    sc, scorer = job_from(args).run()
-    print_warnings(sc.collection)
+    scs, scorer = [], None
+    for job in jobs_from(args):
+        sc, scorer = job.run(scorer=scorer)
+        print_warnings(sc.collection)
+        scs.append(sc)
+    sc = scs[0] if len(scs) == 1 else merge_scored(scs)
     settings = FitSettings(**{f.name: getattr(args, f.name) for f in fields(FitSettings)})
     router, _ = fit_router(sc, scorer, settings)
     router.save(args.out)
@@ -126,7 +133,8 @@ def train(args: argparse.Namespace) -> None:
     held_out = f"out-of-fold ({settings.folds} folds)" if settings.folds > 1 else "dev"
     layers = t.get("layers_run_train", t.get("dev_layers_run"))
     print(f"router -> {args.out}: {held_out} nDCG@10 {t['dev_ndcg@10']:.4f}, routed passes run {layers:.0%} of the "
-          f"layers, threshold {router.config.threshold}, {t['train_queries']} training queries")
+          f"layers, threshold {router.config.threshold}, {t['train_queries']} training queries"
+          + (f" of {', '.join(router.config.trained_on)}" if len(scs) > 1 else ""))
 
 
 def register(sub: Any) -> None:
@@ -164,8 +172,9 @@ def register(sub: Any) -> None:
         add_field(p, FitSettings, name)
     p.set_defaults(func=label)
 
-    p = sub.add_parser("train", help="pseudo labels + router training on a train split (dev carved from it)")
-    data_args(p, "train")
+    p = sub.add_parser("train", help="pseudo labels + router training on a train split (dev carved from it), or "
+                       "on several collection splits together")
+    data_args(p, "train", several=True)
     p.add_argument("--out", required=True, help="router .safetensors")
     for f in fields(FitSettings):
         add_field(p, FitSettings, f.name)

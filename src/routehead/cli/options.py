@@ -38,9 +38,16 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
 
-def data_args(p: argparse.ArgumentParser, split: str) -> None:
-    """A collection split scored into the store (:class:`ScoreJob`)."""
-    p.add_argument("--data", required=True, help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/)")
+def data_args(p: argparse.ArgumentParser, split: str, several: bool = False) -> None:
+    """A collection split scored into the store (:class:`ScoreJob`); ``several``: one or more, each
+    ``PATH[:SPLIT]`` (:func:`jobs_from`)."""
+    if several:
+        p.add_argument("--data", required=True, nargs="+", metavar="PATH[:SPLIT]",
+                       help="one or more BEIR-layout folders (corpus.jsonl, queries.jsonl, qrels/), each with its "
+                       "split after a colon (default --split); several are used together, their query ids "
+                       "namespaced <collection>/<split>/<id>")
+    else:
+        p.add_argument("--data", required=True, help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/)")
     p.add_argument("--split", default=split)
     p.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick runs)")
     for name in ("top_k", "max_doc_tokens", "max_chunks_per_doc", "retrieval_type", "layout", "batch_size"):
@@ -61,6 +68,23 @@ def job_from(args: argparse.Namespace) -> ScoreJob:
                     trust_remote_code=args.trust_remote_code, max_queries=args.max_queries, scoring=scoring,
                     shard=tuple(getattr(args, "shard", (0, 1))), stored_only=args.stored_only,
                     progress=not args.no_progress)
+
+
+def data_spec(spec: str, split: str) -> tuple[str, str]:
+    """``PATH[:SPLIT]`` as (path, split), ``split`` when none is given (a colon followed by a path is the path's)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path and tail and "/" not in tail and "\\" not in tail:
+        return path, tail
+    return spec, split
+
+
+def jobs_from(args: argparse.Namespace) -> list[ScoreJob]:
+    """One :class:`ScoreJob` per ``--data PATH[:SPLIT]``, each with the command's other options."""
+    from dataclasses import replace
+
+    job = job_from(argparse.Namespace(**{**vars(args), "data": None}))
+    specs = args.data if isinstance(args.data, list) else [args.data]
+    return [replace(job, data=path, split=split) for path, split in (data_spec(d, args.split) for d in specs)]
 
 
 def print_warnings(collection: Any) -> None:

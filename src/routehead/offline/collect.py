@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from routehead.engine.order import prompt_order
 from routehead.engine.scorer import HeadScorer, HeadScores
+from routehead.errors import RouteheadError
 from routehead.offline.bm25 import first_stage
 from routehead.offline.data import Collection
 from routehead.offline.store import Entry, HeadScoreStore, Tokens, shard_filter
@@ -30,12 +31,80 @@ def store_root() -> Path:
 
 @dataclass
 class ScoredCollection:
-    """A collection split with its first stage (depth ``depth``) and the stored S of its top ``top_k``."""
+    """A collection split with its first stage (depth ``depth``) and the stored S of its top ``top_k``.
+
+    ``members``: empty for one store; for a view over several (:func:`merge_scored`), the stores it merges, so
+    that what is kept per store (the query embeddings' cache) stays with each."""
 
     collection: Collection
     first_stage: dict[str, list[tuple[str, float]]]
     entries: dict[str, Entry]
     settings: dict[str, Any]
+    members: list[ScoredCollection] = field(default_factory=list)
+
+
+PER_STORE = ("collection", "split", "first_stage")  # settings that may differ between the stores of one merge
+
+
+def namespace(sc: ScoredCollection) -> str:
+    """The prefix of a store's query and document ids in a merged view: ``<collection>/<split>/`` (neither may
+    hold a ``/``, as both name store folders)."""
+    return f"{sc.collection.name}/{sc.collection.split}/"
+
+
+def merge_scored(scs: Sequence[ScoredCollection]) -> ScoredCollection:
+    """One read-only view over the stored passes of several collection splits, to train on them together.
+
+    Query and document ids become ``<collection>/<split>/<id>``, so two collections' ids (cranfield's "1" and
+    cisi's "1") never meet; queries, judgments, first stages and entries are the members' under those ids (the
+    arrays are shared, not copied), and everything that reads one store (detection, label search, router
+    training, selection scores) reads the view unchanged. The stores must hold passes of one model under one
+    prompt, dtype, prompt order and top-k, of whole documents: a router learns what heads do in such passes, and
+    one mixing several would learn their differences instead. The view has no folder of its own: query
+    embeddings stay cached with each member (:func:`routehead.offline.views.query_embeddings`).
+    """
+    if not scs:
+        raise RouteheadError("merge_scored needs at least one stored collection")
+    first = scs[0]
+    common = {k: v for k, v in first.settings.items() if k not in PER_STORE}
+    seen: set[str] = set()
+    for sc in scs:
+        name = namespace(sc).rstrip("/")
+        if sc.members:
+            raise RouteheadError(f"{name} is already a merged view; merge its stores instead")
+        if name in seen:
+            raise RouteheadError(f"{name} is given twice; a collection split can be merged once")
+        seen.add(name)
+        if not sc.entries:
+            raise RouteheadError(f"{name} has no stored passes (score it first, or leave it out)")
+        if sc.settings.get("max_chunks_per_doc", 1) > 1:
+            raise RouteheadError(f"{name} was scored with max_chunks_per_doc > 1 (chunked documents); router "
+                                 f"training reads stores of whole (truncated) documents")
+        own = {k: v for k, v in sc.settings.items() if k not in PER_STORE}
+        differ = sorted(k for k in set(own) | set(common) if own.get(k) != common.get(k))
+        if differ:
+            here = ", ".join(f"{k}={own.get(k)!r}" for k in differ[:4])
+            there = ", ".join(f"{k}={common.get(k)!r}" for k in differ[:4])
+            raise RouteheadError(f"cannot merge stores made under different settings: {name} has {here}, "
+                                 f"{namespace(first).rstrip('/')} has {there} (one model, prompt, dtype, prompt "
+                                 f"order and top-k for all)")
+    queries, qrels, corpus, fs, entries, warnings = {}, {}, {}, {}, {}, []
+    for sc in scs:
+        p, c = namespace(sc), sc.collection
+        queries.update({p + q: text for q, text in c.queries.items()})
+        qrels.update({p + q: {p + d: g for d, g in judged.items()} for q, judged in c.qrels.items()})
+        corpus.update({p + d: doc for d, doc in c.corpus.items()})
+        fs.update({p + q: [(p + d, s) for d, s in cands] for q, cands in sc.first_stage.items()})
+        entries.update({p + q: replace(e, doc_ids=[p + d for d in e.doc_ids]) for q, e in sc.entries.items()})
+        warnings += [f"{p}: {w}" for w in c.warnings]
+    name, split = "+".join(sc.collection.name for sc in scs), "+".join(sc.collection.split for sc in scs)
+    # no folder and no first-stage source of its own: the view is never scored, only read
+    coll = Collection(name=name, corpus=corpus, queries=queries, qrels=qrels, candidates=None, path=Path(),
+                      split=split, warnings=warnings)
+    members = [{"collection": sc.collection.name, "split": sc.collection.split,
+                "first_stage": sc.settings.get("first_stage"), "queries": len(sc.entries)} for sc in scs]
+    settings = {**common, "collection": name, "split": split, "members": members}
+    return ScoredCollection(coll, fs, entries, settings, list(scs))
 
 
 def store_settings(scorer_settings: dict[str, Any], collection: Collection, top_k: int,

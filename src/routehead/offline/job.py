@@ -43,19 +43,22 @@ class ScoreJob:
             raise RouteheadError(f"routehead score has no option --{unknown[0].replace('_', '-')} to set here")
         return replace(self, scoring=replace(self.scoring, **scoring), **own)
 
-    def run(self, compute: bool = True) -> tuple[ScoredCollection, HeadScorer]:
+    def run(self, compute: bool = True, scorer: HeadScorer | None = None) -> tuple[ScoredCollection, HeadScorer]:
         """Load the collection and the model, score the missing queries of this shard (unless ``compute`` is
-        False or ``stored_only``), and return everything stored with the scorer."""
+        False or ``stored_only``), and return everything stored with the scorer. ``scorer``: the one an earlier
+        job with the same model and scoring settings returned, so that several collections load the model once."""
         from routehead.engine.model import load_model
         from routehead.engine.scorer import HeadScorer
         from routehead.offline.collect import score_collection
         from routehead.offline.data import load_collection
 
         coll = load_collection(self.data, self.split)
-        lm = load_model(self.model, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         s = self.scoring
-        scorer = HeadScorer(lm, max_doc_tokens=s.max_doc_tokens, retrieval_type=s.retrieval_type, layout=s.layout,
-                            max_chunks_per_doc=s.max_chunks_per_doc)
+        if scorer is None:
+            lm = load_model(self.model, device=self.device, dtype=self.dtype,
+                            trust_remote_code=self.trust_remote_code)
+            scorer = HeadScorer(lm, max_doc_tokens=s.max_doc_tokens, retrieval_type=s.retrieval_type,
+                                layout=s.layout, max_chunks_per_doc=s.max_chunks_per_doc)
         compute = compute and not self.stored_only
         sc = score_collection(coll, scorer if compute else None, scorer.settings(), top_k=s.top_k,
                               max_queries=self.max_queries, shard=self.shard[0], num_shards=self.shard[1],

@@ -17,7 +17,7 @@ import torch
 
 from routehead.engine.aggregate import Head, SpanIndex, combine, set_scores, spans_of, zscore
 from routehead.errors import RouteheadError
-from routehead.offline.collect import ScoredCollection, store_root
+from routehead.offline.collect import ScoredCollection, namespace, store_root
 from routehead.offline.store import Tokens
 from routehead.selection.base import Selection
 
@@ -107,13 +107,23 @@ def icr_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
 
 def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str = "mean",
                      qids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Router inputs for the stored queries, cached next to the store (a short pass per query)."""
+    """Router inputs for the stored queries, cached next to the store (a short pass per query). A merged view
+    (:func:`routehead.offline.collect.merge_scored`) reads and fills each member's own cache, under the member's
+    query ids, so an embedding is computed once whichever collections it is trained with."""
     from safetensors.torch import load_file, save_file
 
+    want = list(qids) if qids is not None else sorted(sc.entries)
+    if sc.members:
+        got: dict[str, torch.Tensor] = {}
+        for m in sc.members:
+            p = namespace(m)
+            mine = [q[len(p):] for q in want if q.startswith(p)]
+            if mine:
+                got.update({p + q: e for q, e in query_embeddings(m, scorer, layer, pooling, mine).items()})
+        return {q: got[q] for q in want}
     name = f"emb-{scorer.lm.name}-L{layer}-{pooling}.safetensors".replace("/", "_")
     path = store_root() / sc.collection.name / sc.collection.split / name
     cached = load_file(str(path)) if path.is_file() else {}
-    want = list(qids) if qids is not None else sorted(sc.entries)
     missing = [q for q in want if q not in cached]
     if missing:
         for q in missing:

@@ -74,6 +74,15 @@ class RouterConfig:
     def hidden_size(self) -> int:
         return int(self.identity["hidden_size"])
 
+    @property
+    def trained_on(self) -> list[str]:
+        """The collection splits (``<collection>/<split>``) whose judged queries trained this router, as its
+        fitting recorded them: its figures on those are training figures, never test ones. Empty when unknown."""
+        t = self.training
+        if "members" in t:
+            return [str(m) for m in t["members"]]
+        return [f"{t['collection']}/{t['split']}"] if "collection" in t and "split" in t else []
+
 
 @dataclass
 class Routing:

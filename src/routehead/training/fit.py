@@ -158,7 +158,9 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
 def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tuple[Router, dict[str, Any]]:
     """The whole recipe on a scored training split: pool, carve dev, prior, pseudo labels, embeddings, training.
 
-    Every choice is a field of ``settings`` (:class:`routehead.settings.FitSettings`).
+    Every choice is a field of ``settings`` (:class:`routehead.settings.FitSettings`). ``sc`` is one stored
+    collection split or several merged (:func:`routehead.offline.collect.merge_scored`): pool, folds and dev split
+    are then drawn over all their queries together, and the router records them all as seen.
     ``pool_size``: the routable pool is the ``pool_size`` heads best alone (QRHead detection) on the training
     queries, plus the first stage if used; the router, its labels and its training see only the pool.
     ``max_layer``: the pool holds heads of layers ``<= max_layer`` only, so every routed pass can stop after that
@@ -191,7 +193,7 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
                           prompt=scorer.builder.settings(),
                           training={"collection": sc.collection.name, "split": sc.collection.split,
                                     "doc_order": sc.settings.get("doc_order"), "label_max_heads": s.label_max_heads,
-                                    "labels": s.labels, "max_layer": s.max_layer})
+                                    "labels": s.labels, "max_layer": s.max_layer, **trained_members(sc)})
     members, infos, oof = [], [], {}
     for tr_ids, dev_ids in parts:
         router, info = _fit_split(copy.deepcopy(config), [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids],
@@ -224,6 +226,13 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
     return merged, {"history": [i["history"] for i in infos], "labels": [i["labels"] for i in infos],
                     "dev_ids": [i["dev_ids"] for i in infos],
                     "oof_ndcg@10": dict(zip(ids, oof_vals.tolist()))}  # per query, for paired comparisons
+
+
+def trained_members(sc: Any) -> dict[str, Any]:
+    """A merged view's collection splits (``<collection>/<split>``), for the router's record of what it has seen
+    (:attr:`routehead.selection.router.RouterConfig.trained_on`); nothing for one store, whose name says it."""
+    members = sc.settings.get("members")
+    return {"members": [f"{m['collection']}/{m['split']}" for m in members]} if members else {}
 
 
 def residual_start(prior: np.ndarray, config: RouterConfig, depth_cost: float = 0.0) -> np.ndarray:
