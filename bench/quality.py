@@ -12,7 +12,9 @@ reverse (the references' published order, best first-stage candidate last), inpu
 shuffle (a fixed random order per query: the content signal). Paired t-tests on nDCG@10 against bm25, icr,
 static and single. Writes results/quality-<model>.json and prints a markdown table. Queries not yet in the
 store are scored first (slow on CPU: seconds a query for the default model). ``--router NAME=PATH`` adds a
-router that is not shipped (e.g. one trained in another order or with a depth budget) as one more column.
+router that is not shipped (e.g. one trained in another order or with a depth budget) as one more column. A
+router is never evaluated on a collection split it was trained on (its ``trained_on``; e.g. the ``multi`` router
+of bench/loco.py): its cell there says "seen".
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ from routehead.evaluation.runs import evaluate, report, run_of
 from routehead.offline.collect import score_collection
 from routehead.offline.data import load_collection
 from routehead.offline.dense import dense_scores
+from routehead.selection import load_method
 from routehead.selection.heads import load_heads
 from routehead.settings import DEFAULT_MAX_DOC_TOKENS
 
 JOBS = ["scifact:test", "trec-dl19-passage:test", "cranfield:test", "cisi:test", "med:test", "adi:test"]
 ORDER = ["bm25", "position", "dense", "icr", "single", "static", "route-bce", "route", "route+fs", "route-fast",
-         "oracle"]
+         "route-multi", "oracle"]
 
 
 def method_columns(model: str, extra: list[str]) -> dict[str, tuple[str, str | None]]:
     """Column name -> (registered method, its router): the shipped heads and router of ``model``, each shipped
-    router variant (``route-bce``, ``route+fs``, ``route-fast``) and every ``--router NAME=PATH``."""
+    router variant (``route-bce``, ``route+fs``, ``route-fast``, ``route-multi``) and every
+    ``--router NAME=PATH``."""
     cols: dict[str, tuple[str, str | None]] = {"icr": ("icr", None), "single": ("single", None),
                                                "static": ("static", None), "route": ("route", None)}
     for variant in ROUTER_VARIANTS:
@@ -78,6 +82,8 @@ def main() -> None:
     scorer = HeadScorer(lm, max_doc_tokens=args.max_doc_tokens, layout=args.layout)
     _, hbody = load_heads(default_heads_path(lm.name), lm.identity())
     columns = method_columns(lm.name, args.router)
+    seen = {col: load_method(m, lm.identity(), router=a).router.config.trained_on
+            for col, (m, a) in columns.items() if m == "route"}
     results = []
     for job in args.jobs:
         name, split, *cap = job.split(":")
@@ -97,6 +103,8 @@ def main() -> None:
                 runs["dense"] = run_of(sc, dense.__getitem__)
             sizes = {}
             for col, (method, asset) in columns.items():  # every column a registered method and its asset
+                if f"{coll.name}/{split}" in seen.get(col, ()):  # trained on it: no test figure
+                    continue
                 col_runs, extra = evaluate(sc, [method], scorer, router=asset)
                 runs[col] = col_runs[method]
                 if f"{method}_mean_heads" in extra:
@@ -129,13 +137,16 @@ MARK = {"bm25": "b", "icr": "i", "static": "s", "single": "1"}
 def markdown(out: dict) -> str:
     """nDCG@10 table; superscripts +b/+i/+s/+1 (-b...): significantly above (below) bm25/icr/static/single
     (paired t-test, p < 0.05)."""
-    present = out["results"][0]["rerankers"]
+    present = {c: None for rep in out["results"] for c in rep["rerankers"]}
     cols = [c for c in ORDER if c in present] + [c for c in present if c not in ORDER]
     lines = ["| collection | order | n | " + " | ".join(cols) + " | heads routed |",
              "|---|---|---|" + "---|" * len(cols) + "---|"]
     for rep in out["results"]:
         cells = []
         for c in cols:
+            if c not in rep["rerankers"]:  # a router trained on this collection split
+                cells.append("seen")
+                continue
             r = rep["rerankers"][c]
             marks = "".join(("+" if v["better"] else "-") + MARK[b] for b, v in r["vs"].items()
                             if v["better"] or v["worse"])

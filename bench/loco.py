@@ -1,0 +1,244 @@
+"""Leave one collection out (issue #35, item 2): does a router trained on several collections route better on one
+it has never seen than the router trained on scifact alone?
+
+    python bench/loco.py --model smollm2-135m --doc-order shuffle --no-compute \
+        --base ../shared/data/scifact:train \
+        --collections ../shared/data/scifact:test ../shared/data/trec-dl19-passage:test \
+                      ../shared/data/cranfield:test ../shared/data/cisi:test ../shared/data/med:test \
+                      ../shared/data/adi:test
+
+For each held-out collection H of ``--collections`` (``PATH[:SPLIT]``, split test by default) with stored passes:
+a router fitted on the base (scifact train) plus every other collection's stored queries (one merged view,
+:func:`routehead.offline.collect.merge_scored`), evaluated on H's stored passes beside the router fitted on the
+base alone (``route-base``), the shipped static set (QRHead), CoRe (``core``), the Selective-ICR layer window
+(``layers``) and ICR: per method nDCG@10, paired p-values of both routers against every other method (t-test and
+randomization, per query), and each router's routing diversity on H. ``pooled``: the same over all held-out
+queries together (each query scored by a router that never saw its collection). Every router is fitted with the
+shipped router's recipe (its :class:`FitSettings`, read from the router file, see bench/train_router.py), so the
+routers differ only in the queries they saw; ``--set KEY=VALUE`` changes a field (quick runs, tiny models).
+
+A collection a router has seen is never reported as a test figure for it: each router's record of its training
+collections (``RouterConfig.trained_on``) is checked against H before H is evaluated. Finally a router is fitted on
+the base and all collections (``--all-out``; ``--ship`` copies it into the package as the ``multi`` router
+variant); its out-of-fold nDCG@10 is a training figure, and it has no test figure on these collections.
+
+Reads stored passes only with ``--no-compute`` (a collection without them is skipped and named), plus the query
+embeddings (cached next to each store; a short pass per query not yet cached). Writes
+results/loco-<model>-<order>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from routehead.assets import router_path
+from routehead.cli.options import data_spec
+from routehead.errors import RouteheadError
+from routehead.evaluation.analysis import routing_diversity
+from routehead.evaluation.runs import save_json, sc_identity
+from routehead.evaluation.scores import method_scores
+from routehead.metrics import ndcg_at_k, paired_p_value
+from routehead.offline.collect import ScoredCollection, merge_scored, namespace
+from routehead.offline.job import ScoreJob
+from routehead.offline.views import gains
+from routehead.selection import load_method
+from routehead.selection.base import Method
+from routehead.selection.route import Route
+from routehead.selection.router import Router, load_router
+from routehead.settings import SCORING, FitSettings
+from routehead.training.fit import fit_router
+
+COLLECTIONS = [f"../shared/data/{c}:test" for c in ("scifact", "trec-dl19-passage", "cranfield", "cisi", "med",
+                                                    "adi")]
+FIXED = ("static", "core", "layers", "icr")  # beside the two routers; an asset the model lacks is skipped
+
+
+def name_of(sc: ScoredCollection) -> str:
+    return namespace(sc).rstrip("/")
+
+
+def recipe(router_file: str | None, model: str, identity: dict[str, Any], overrides: list[str]) -> FitSettings:
+    """The FitSettings the shipped router (or ``router_file``) was fitted with, as its file records them (its
+    training record; what older routers did not record there, from their config: the pool's size, the embedding
+    and the routing rule), then ``overrides`` (``KEY=VALUE``, the value read as JSON, else as a string). A model
+    without a shipped router starts from the defaults."""
+    path, _ = router_path(model, router_file)
+    values: dict[str, Any] = {}
+    if path.is_file():
+        cfg = load_router(path, identity).config
+        known = {f.name for f in fields(FitSettings)}
+        folds = int(cfg.training.get("folds", 1))  # K cross-fitted routers merge into one of K times the size
+        values = {"embed_layer": cfg.embed_layer, "pooling": cfg.pooling, "use_first_stage": cfg.use_first_stage,
+                  "pool_size": len(cfg.pool), "route_max": cfg.max_heads, "dim": cfg.dim // max(folds, 1)}
+        values.update({k: v for k, v in cfg.training.items() if k in known})  # all of them, in newer routers
+    else:
+        print(f"note: no router file {path}; fitting with the default FitSettings", file=sys.stderr)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in {f.name for f in fields(FitSettings)}:
+            raise SystemExit(f"--set wants FIELD=VALUE with a FitSettings field, got {item!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return FitSettings(**values)
+
+
+def load_store(spec: str, args: argparse.Namespace, scorer: Any, split: str = "test"
+               ) -> tuple[ScoredCollection | None, Any, str | None]:
+    """A collection split's stored passes (scored first unless ``--no-compute``), the scorer, and why it is
+    missing when it is (no folder, or no stored passes)."""
+    path, split = data_spec(spec, split)
+    if not Path(path).is_dir():
+        return None, scorer, f"no collection folder {path}"
+    job = ScoreJob(data=path, split=split, model=args.model, dtype=args.dtype, progress=False,
+                   max_queries=args.max_queries).with_options(doc_order=args.doc_order, top_k=args.top_k,
+                                                              max_doc_tokens=args.max_doc_tokens)
+    sc, scorer = job.run(compute=not args.no_compute, scorer=scorer)
+    if not sc.entries:
+        return None, scorer, f"no stored passes for {sc.collection.name}/{split} ({args.doc_order} order)"
+    return sc, scorer, None
+
+
+def per_query(sc: ScoredCollection, method: Method, scorer: Any, qids: list[str],
+              chosen: dict | None = None) -> np.ndarray:
+    """nDCG@10 of each stored query under ``method`` (its selection aggregated as the live pass does)."""
+    scores = method_scores(sc, method, scorer, qids, selections=chosen)
+    return np.array([float(ndcg_at_k(scores[q], *gains(sc, q, sc.entries[q].doc_ids), 10)) for q in qids])
+
+
+def compare(vals: dict[str, np.ndarray], routers: tuple[str, ...]) -> dict[str, Any]:
+    """Mean nDCG@10 of every method, and each router against every other method, paired over the same
+    queries."""
+    out: dict[str, Any] = {"ndcg@10": {k: round(float(v.mean()), 4) for k, v in vals.items()}, "vs": {}}
+    for a in routers:
+        out["vs"][a] = {b: {"delta": round(float((vals[a] - vals[b]).mean()), 4),
+                            "p": float(f"{paired_p_value(vals[a], vals[b]):.3g}"),
+                            "p_randomization": float(f"{paired_p_value(vals[a], vals[b], 'fisher'):.3g}")}
+                        for b in vals if b != a}
+    return out
+
+
+def fitted(router: Router, info: dict[str, Any]) -> dict[str, Any]:
+    """What a fitted router saw and its training figure (out of fold: not a test figure)."""
+    t = router.config.training
+    return {"trained_on": router.config.trained_on, "train_queries": t.get("train_queries"),
+            "oof_ndcg@10": round(float(t["dev_ndcg@10"]), 4), "threshold": router.config.threshold}
+
+
+def unseen(router: Router, held: str) -> None:
+    """Refuse a test figure on a collection the router was trained on."""
+    if held in router.config.trained_on:
+        raise RouteheadError(f"{held} is among the router's training collections {router.config.trained_on}; "
+                             f"its figure there is no test figure")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32", help="the stores' dtype (default float32, as they were scored)")
+    ap.add_argument("--doc-order", default="shuffle", help="the stores' prompt order (one order a run)")
+    ap.add_argument("--base", default="../shared/data/scifact:train", help="PATH[:SPLIT] every router trains on")
+    ap.add_argument("--collections", nargs="+", default=COLLECTIONS, metavar="PATH[:SPLIT]",
+                    help="each is held out once and trained on otherwise (split test unless given)")
+    ap.add_argument("--top-k", type=int, default=SCORING.top_k)
+    ap.add_argument("--max-doc-tokens", type=int, default=SCORING.max_doc_tokens)
+    ap.add_argument("--max-queries", type=int, default=None, help="only the first N queries of each (quick runs)")
+    ap.add_argument("--no-compute", action="store_true", help="stored passes only (skip collections without)")
+    ap.add_argument("--recipe", default=None, help="the router file whose FitSettings every router is fitted with "
+                    "(default the model's shipped router)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="change a FitSettings field")
+    ap.add_argument("--assets", nargs="*", default=[], metavar="METHOD=PATH",
+                    help="the asset of a fixed method (static, core: heads; layers: a window) other than the shipped")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the CPU)")
+    ap.add_argument("--out", default=None, help="default results/loco-<model>-<order>.json")
+    ap.add_argument("--all-out", default=None, help="the router fitted on everything (default "
+                    "results/router-<model>-multi-<order>.safetensors)")
+    ap.add_argument("--ship", action="store_true", help="copy the router fitted on everything into the package "
+                    "(router-<model>-multi.safetensors)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    base, scorer, why = load_store(args.base, args, None, split="train")
+    if base is None:
+        raise SystemExit(f"the base {args.base}: {why}")
+    held: list[ScoredCollection] = []
+    skipped: dict[str, str] = {}
+    for spec in args.collections:
+        sc, scorer, why = load_store(spec, args, scorer)
+        if sc is None:
+            skipped[spec] = why
+            print(f"skipped {spec}: {why}", flush=True)
+        elif name_of(sc) == name_of(base):
+            raise SystemExit(f"{spec} is the base; hold out other collections")
+        else:
+            held.append(sc)
+    model = Path(scorer.lm.name).name  # a model folder's name, not its path, names the results
+    ident = sc_identity(base, scorer)
+    settings = recipe(args.recipe, scorer.lm.name, ident, args.set)
+    assets = dict(a.split("=", 1) for a in args.assets)
+    fixed: dict[str, Method] = {}
+    for m in FIXED:
+        try:
+            fixed[m] = load_method(m, ident, heads=assets.get(m))
+        except RouteheadError as exc:
+            skipped[m] = str(exc)
+            print(f"skipped method {m}: {exc}", flush=True)
+    base_router, info = fit_router(base, scorer, settings)
+    out: dict[str, Any] = {"model": model, "doc_order": args.doc_order, "date": time.strftime("%Y-%m-%d"),
+                           "command": "python bench/loco.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           "base": name_of(base), "recipe": asdict(settings),
+                           "collections": {name_of(sc): len(sc.entries) for sc in [base, *held]},
+                           "skipped": skipped, "route-base": fitted(base_router, info), "held_out": {},
+                           "note": "route-loco: fitted on the base and every other collection; route-base: on the "
+                                   "base alone; static/core/layers: the shipped assets; oof_ndcg@10 are training "
+                                   "figures (out of fold), every held-out figure a test figure of a router that "
+                                   "never saw the collection"}
+    routers = ("route-loco", "route-base")
+    pooled: dict[str, list[np.ndarray]] = {}
+    for h in held:
+        name = name_of(h)
+        router, info = fit_router(merge_scored([base, *(sc for sc in held if sc is not h)]), scorer, settings)
+        for r in (router, base_router):
+            unseen(r, name)
+        qids = sorted(h.entries)
+        vals, chosen = {}, {r: {} for r in routers}
+        for col, method in (("route-loco", Route(router)), ("route-base", Route(base_router)), *fixed.items()):
+            vals[col] = per_query(h, method, scorer, qids, chosen.get(col))
+            pooled.setdefault(col, []).append(vals[col])
+        out["held_out"][name] = {"queries": len(qids), "route-loco": fitted(router, info), **compare(vals, routers),
+                                 "routing": {r: routing_diversity(chosen[r]) for r in routers}}
+        print(json.dumps({"held_out": name, "queries": len(qids), **out["held_out"][name]["ndcg@10"]}), flush=True)
+    if held:
+        out["pooled"] = {"queries": sum(len(h.entries) for h in held),
+                         **compare({k: np.concatenate(v) for k, v in pooled.items()}, routers)}
+        print(json.dumps({"pooled": out["pooled"]["queries"], **out["pooled"]["ndcg@10"]}), flush=True)
+        everything, info = fit_router(merge_scored([base, *held]), scorer, settings)
+        path = Path(args.all_out or f"results/router-{model}-multi-{args.doc_order}.safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        everything.save(path)
+        out["route-multi"] = {**fitted(everything, info), "saved": str(path), "test_figures": "none: it has seen "
+                              "every collection here"}
+        if args.ship:
+            shipped = router_path(scorer.lm.name, "multi")[0]
+            shutil.copyfile(path, shipped)
+            out["route-multi"]["shipped"] = shipped.name
+        print(f"router fitted on {len(everything.config.trained_on)} collection splits -> {path}", flush=True)
+    out["seconds"] = round(time.time() - t0, 1)
+    save_json(out, Path(args.out or f"results/loco-{model}-{args.doc_order}.json"))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""bench/loco.py end to end on tiny stores: three collections of a tiny llama's passes (a base with a train split,
+two held out in turn), the JSON it writes, the guard against test figures on seen collections, and a stores-only
+rerun that skips what has no store and reproduces every figure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from routehead.errors import RouteheadError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the many small ops of router fitting slow down by an order of magnitude when their threads
+    share the CPU with other work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_loco", ROOT / "bench" / "loco.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loco_on_tiny_stores(tmp_path, monkeypatch):
+    from routehead.engine.model import load_model
+    from routehead.selection.heads import save_heads
+    from routehead.selection.layers import save_window
+    from routehead.selection.router import load_router
+    from routehead.testing import byte_tokenizer
+    from routehead.testing.tiny import tiny_model
+
+    loco = bench()
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    mini = ROOT / "examples" / "scifact-mini"
+    for name in ("mini-base", "mini-b", "mini-c"):
+        shutil.copytree(mini, tmp_path / name)
+    shutil.copy(mini / "qrels" / "test.tsv", tmp_path / "mini-base" / "qrels" / "train.tsv")
+    ident = load_model(str(folder)).identity()
+    save_heads(tmp_path / "static.json", [(0, 1), (2, 3), (3, 0)], ident)
+    save_heads(tmp_path / "core.json", [(1, 1), (3, 2)], ident)
+    save_window(tmp_path / "layers.json", (1, 2), ident)
+    monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path / "store"))
+    common = ["--model", str(folder), "--base", f"{tmp_path / 'mini-base'}:train", "--top-k", "5",
+              "--max-doc-tokens", "24", "--max-queries", "5", "--assets", f"static={tmp_path / 'static.json'}",
+              f"core={tmp_path / 'core.json'}", f"layers={tmp_path / 'layers.json'}",
+              "--all-out", str(tmp_path / "multi.safetensors")]
+    held = [f"{mini}:test", str(tmp_path / "mini-b")]
+    got = loco.main([*common, "--collections", *held, str(tmp_path / "absent"), "--out", str(tmp_path / "a.json"),
+                     "--set", "embed_layer=1", "pool_size=8", "folds=2", "epochs=20"])
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads(json.dumps(got))
+    assert got["model"] == "tiny-llama" and got["base"] == "mini-base/train" and got["doc_order"] == "shuffle"
+    assert got["collections"] == {"mini-base/train": 5, "scifact-mini/test": 5, "mini-b/test": 5}
+    absent = str(tmp_path / "absent")
+    assert list(got["skipped"]) == [absent] and "no collection folder" in got["skipped"][absent]
+    r = got["recipe"]
+    assert (r["embed_layer"], r["pool_size"], r["folds"], r["objective"]) == (1, 8, 2, "listwise")
+    assert got["route-base"]["trained_on"] == ["mini-base/train"]
+    methods = {"route-loco", "route-base", "static", "core", "layers", "icr"}
+    for name, other in (("scifact-mini/test", "mini-b/test"), ("mini-b/test", "scifact-mini/test")):
+        h = got["held_out"][name]
+        assert h["queries"] == 5 and h["route-loco"]["trained_on"] == ["mini-base/train", other]
+        assert set(h["ndcg@10"]) == methods and all(0.0 <= v <= 1.0 for v in h["ndcg@10"].values())
+        for router in ("route-loco", "route-base"):
+            assert set(h["vs"][router]) == methods - {router}
+            assert all(0.0 <= c["p"] <= 1.0 and 0.0 <= c["p_randomization"] <= 1.0 for c in h["vs"][router].values())
+            assert h["routing"][router]["queries"] == 5
+    assert got["pooled"]["queries"] == 10 and set(got["pooled"]["ndcg@10"]) == methods
+    multi = load_router(tmp_path / "multi.safetensors").config
+    assert multi.trained_on == ["mini-base/train", "scifact-mini/test", "mini-b/test"]
+    assert got["route-multi"]["trained_on"] == multi.trained_on and "test_figures" in got["route-multi"]
+
+    # stores only, the recipe read back from a fitted router's file: a collection without a store is skipped and
+    # named, every figure is the same
+    again = loco.main([*common, "--collections", *held, str(tmp_path / "mini-c"), "--out", str(tmp_path / "b.json"),
+                       "--no-compute", "--recipe", str(tmp_path / "multi.safetensors")])
+    assert "no stored passes for mini-c/test" in again["skipped"][str(tmp_path / "mini-c")]
+    assert again["recipe"] == got["recipe"]
+    for key in ("collections", "route-base", "held_out", "pooled"):
+        assert again[key] == got[key], key
+
+    # a router is never scored on a collection it was trained on
+    with pytest.raises(RouteheadError, match="no test figure"):
+        loco.unseen(load_router(tmp_path / "multi.safetensors"), "mini-b/test")
+
+
+def test_recipe_is_the_shipped_routers():
+    """The shipped router's FitSettings, read back from its file: what bench/train_router.py chose for SmolLM2
+    (listwise, layer-8 embedding, a pool of 32, 5 folds of dim 64 merged into one of 320)."""
+    from routehead.assets import default_router_path
+    from routehead.selection.router import load_router
+
+    loco = bench()
+    cfg = load_router(default_router_path("smollm2-135m")).config
+    s = loco.recipe(None, "smollm2-135m", cfg.identity, [])
+    assert (s.objective, s.embed_layer, s.pool_size, s.folds, s.dim, s.lr, s.label_max_heads, s.use_first_stage) == (
+        "listwise", 8, 32, 5, 64, 3e-3, 4, False)
+    assert loco.recipe(None, "smollm2-135m", cfg.identity, ["folds=2", "objective=bce"]).folds == 2
+    with pytest.raises(SystemExit, match="FitSettings field"):
+        loco.recipe(None, "smollm2-135m", cfg.identity, ["nope=1"])
