@@ -6,7 +6,8 @@
     python bench/speed.py --model random:llama-3.1-8b --device cuda --throughput --no-methods --batch-sizes 1 4
     python bench/speed.py --model random:tiny --tokens 256 --no-isolate    # seconds, for tests
 
-Methods, each timed per query (tokenization included) on the same prompt:
+Methods, each timed per query (tokenization included) on the same prompt, with the decoder layers its scoring
+pass runs (``layers_run``: the deepest layer it reads + 1, of ``num_layers``; the pass exits after that layer):
 
 - ``bare``: :meth:`HeadScorer.bare_forward`, one plain SDPA pass over prefix + query, all layers: the floor. A
   list over the model's budget is scored in windows (``window_tokens``, one entry per window); ``bare`` then runs
@@ -21,12 +22,24 @@ Methods, each timed per query (tokenization included) on the same prompt:
   ``[(l, h) for l in range(L // 2) for h in range(H)]`` (layers ``0 .. L/2 - 1``) and the 16 heads are
   ``pool[round(i * (len(pool) - 1) / 15)]`` for ``i = 0..15`` (evenly spread, first and last included; the
   whole pool if it has fewer than 16). Exit after layer ``L/2 - 1``.
+- ``static``, ``single``, ``core``, ``layers``: the registered methods of those names with the asset shipped for
+  the model, run by :func:`rerank_pass` as ``static16``: ``static`` the QRHead set
+  (``assets/heads-<model>.json``), ``single`` its best head alone, ``core`` the CoRe set
+  (``heads-<model>-core.json``), ``layers`` every head of the Selective-ICR layer window
+  (``layers-<model>.json``). Each exits after the deepest layer it reads (SmolLM2, 30 layers: 24, 18, 22 and 19
+  layers run); the heads (and window) are in ``heads.<mode>``. Like ``routed`` they score the bench's prompt
+  (``--max-doc-tokens``), not the prompt settings stored with the asset that ``Reranker`` would apply, so every
+  mode reads the same tokens. A model without the asset (any ``random:`` model;
+  Gemma-3-270M has no ``core`` or ``layers`` asset today) records ``"skipped"`` as the time, no ratio, and the
+  reason in ``notes``.
 - ``routed``: for a model with a shipped router (SmolLM2, Gemma-3-270M), RouteHead's real path: the
   query-embedding pass, routing, then :func:`rerank_pass` with the routed heads only (exit after the deepest); the
   heads it routed are in ``heads.routed``. For other models a routed-style set of 4 heads whose deepest
   layer sits at 2/3 of the depth. Rule: ``d = round(2 L / 3)``; layers ``round(j * (d - 1) / 3)`` and heads
   ``(j * H) // 4`` for ``j = 0..3`` (so the deepest head is in layer ``d - 1`` and ``d`` of ``L`` layers run).
   SmolLM2 (30 x 9): ``(0,0) (6,2) (13,4) (19,6)``; Llama-3.1-8B (32 x 32): ``(0,0) (7,8) (13,16) (20,24)``.
+  Its ``layers_run`` is that of the heads routed for the prompt's query (the short query-embedding pass before
+  it, over the query alone up to the router's ``embed_layer``, is timed but not counted).
 - ``eager``: the naive way: the same weights switched to ``attn_implementation="eager"``, the whole prompt
   (prefix + query) in one pass with ``output_attentions=True``, then the query rows of every head and the same
   per-document masking and sum. One pass only (ICR's calibration pass with "N/A" would double it), so
@@ -42,9 +55,10 @@ processes, whose import + model load would cost ~15 s each). Use the default run
 Threads (``--threads auto``, the default): torch's default, lowered on CPU to the cores the 1-minute load
 average leaves free (at least 1); the count and the reason are in ``config``. See :func:`auto_threads`.
 
-Times: median over ``--repeats`` after ``--warmup`` untimed calls (CUDA synchronised). Ratios:
-``full_over_bare``, ``full_per_head_over_bare``, ``full_torch_over_bare``, ``routed_over_full``,
-``routed_over_bare``, ``static16_over_bare``, ``eager_over_bare``.
+Times: median over ``--repeats`` after ``--warmup`` untimed calls (CUDA synchronised), in ``<mode>_s``. Ratios:
+every mode's median over ``full``'s and over ``bare``'s in ``over_full_by_method`` and ``over_bare_by_method``
+(None where either did not run), and as named keys ``full_over_bare``, ``full_per_head_over_bare``,
+``full_torch_over_bare``, ``routed_over_full``, ``routed_over_bare``, ``static16_over_bare``, ``eager_over_bare``.
 
 Peak memory (``peak_mem_mb``: the peak during the timed repeats *above* what was held after the warm-up,
 i.e. above the weights and any one-time allocations; ``peak_mem_over_bare`` is ``full``'s over ``bare``'s,
@@ -126,7 +140,15 @@ from routehead.testing.measure import (  # noqa: E402
     summarize,
     sync,
 )
-from routehead.testing.passes import MODES, mode_method, rerank_pass, routed_source  # noqa: E402
+from routehead.testing.passes import (  # noqa: E402
+    MODES,
+    SHIPPED_MODES,
+    Skipped,
+    layers_run,
+    mode_method,
+    rerank_pass,
+    routed_source,
+)
 from routehead.testing.random_models import RANDOM_SHAPES, model_shape  # noqa: E402
 from routehead.testing.workload import SYNTH_QUERY, SciFact, sized_docs  # noqa: E402
 
@@ -182,6 +204,23 @@ def add_flops(run: dict[str, Any], lm: LoadedModel, windows: list[int], device: 
         run["peak"] = cpu_peak_gflops(cfg["threads"], cfg["dtype"])
 
 
+def add_depth(run: dict[str, Any], scorer: HeadScorer, query: str, cfg: dict[str, Any]) -> None:
+    """Each method's ``layers_run`` for ``query`` (of ``num_layers``; None for a skipped mode, whose reason is in
+    ``notes``) and the heads (and window) of the shipped-asset modes."""
+    run["num_layers"], run["layers_run"] = scorer.lm.num_layers, {}
+    for m in cfg["methods"]:
+        try:
+            run["layers_run"][m] = layers_run(m, scorer, query, cfg["router"])
+        except Skipped:
+            run["layers_run"][m] = None
+        if m in SHIPPED_MODES:
+            try:
+                info = mode_method(m, scorer.lm).info()
+                run["heads"][m] = {k: info[k] for k in ("heads", "window") if k in info}
+            except Skipped:
+                run["heads"][m] = None
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"model {result['config']['model']}  device {result['config']['device']}  "
              f"threads {result['machine']['torch_threads']}  {result['machine']['cpu']}  "
@@ -191,14 +230,17 @@ def format_table(result: dict[str, Any]) -> str:
         if len(run.get("window_tokens") or []) > 1:
             lines.append(f"scored in {len(run['window_tokens'])} windows of {run['window_tokens']} tokens "
                          f"(over the budget); bare runs the same windows")
-        lines.append(f"{'method':<10}{'median s':>10}{'x bare':>9}{'peak MB':>10}{'mem x bare':>12}")
+        lines.append(f"{'method':<14}{'median s':>10}{'layers':>8}{'x full':>8}{'x bare':>8}{'peak MB':>10}"
+                     f"{'mem x bare':>12}")
         for m in result["config"]["methods"]:
             s = run.get(f"{m}_s")
-            xb = ratio(s, run.get("bare_s"))
+            lay = run.get("layers_run", {}).get(m)
+            layers = f"{lay}/{run['num_layers']}" if isinstance(lay, int) else "-"
+            xf, xb = ratio(s, run.get("full_s")), ratio(s, run.get("bare_s"))
             mem = run["peak_mem_mb"].get(m)
             mx = run["peak_mem_over_bare_by_method"].get(m)
-            lines.append(f"{m:<10}{cell(s, '.3f'):>10}{cell(xb, '.2f'):>9}{cell(mem, '.0f'):>10}"
-                         f"{cell(mx, '.2f'):>12}")
+            lines.append(f"{m:<14}{cell(s, '.3f'):>10}{layers:>8}{cell(xf, '.2f'):>8}{cell(xb, '.2f'):>8}"
+                         f"{cell(mem, '.0f'):>10}{cell(mx, '.2f'):>12}")
         lines.append("  ".join(f"{k.replace('_over_', '/')} {fmt(run[k])}" for k in
                                ("full_over_bare", "routed_over_full", "static16_over_bare", "eager_over_bare"))
                      + f"  peak mem full/bare {fmt(run['peak_mem_over_bare'])}")
@@ -336,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run["window_tokens"] = [p.length for p in scorer.window_prompts(q, docs)]
         add_flops(run, lm, run["window_tokens"], device, cfg)
         run["heads"]["routed"] = routed_source(scorer, routed, q, cfg["router"])
+        add_depth(run, scorer, q, cfg)
         return run
 
     # Phase 1, times (and memory) under glibc's defaults; phase 2 (CPU), memory alone with fixed thresholds.

@@ -70,6 +70,40 @@ def test_modes_are_registered_methods(tiny_scorer):
             assert float((a.sets - b.sets).abs().max()) <= 1e-5 * float(a.sets.abs().max())
 
 
+def test_shipped_modes_run_with_their_asset_and_stop_at_its_deepest_layer(tiny_scorer, tmp_path, monkeypatch):
+    """static, single, core and layers load the asset shipped for the model (here: files for the tiny model put
+    where the shipped ones are looked up), run through rerank_pass and count the layers up to the deepest one read;
+    without an asset they are Skipped, which measure() records as "skipped"."""
+    from routehead.selection.heads import save_heads
+    from routehead.selection.layers import save_window
+    from routehead.testing.measure import measure
+    from routehead.testing.passes import SHIPPED_MODES, Skipped, layers_run, mode_method
+    from routehead.testing.workload import SYNTH_QUERY, sized_docs
+
+    lm, docs = tiny_scorer.lm, sized_docs(tiny_scorer, 2, 30, seed=0)
+    for mode in SHIPPED_MODES:  # random:tiny has no shipped asset
+        with pytest.raises(Skipped):
+            mode_method(mode, lm)
+        r = measure(mode, tiny_scorer, SYNTH_QUERY, docs, 0, 1, None, 0)
+        assert r["status"] == "skipped" and "skipped: no " in r["note"], r
+    ident = lm.identity()
+    save_heads(tmp_path / "qr.json", [(2, 1), (0, 3), (1, 0)], ident)
+    save_heads(tmp_path / "core.json", [(1, 2), (3, 0)], ident)
+    save_window(tmp_path / "win.json", (1, 2), ident)
+    monkeypatch.setattr("routehead.selection.static.default_heads_path", lambda _: tmp_path / "qr.json")
+    monkeypatch.setattr("routehead.selection.core.default_core_heads_path", lambda _: tmp_path / "core.json")
+    monkeypatch.setattr("routehead.selection.layers.default_window_path", lambda _: tmp_path / "win.json")
+    want = {"static": (3, 3), "single": (1, 3), "core": (2, 4), "layers": (8, 3)}  # (heads, layers run)
+    for mode, (n_heads, depth) in want.items():
+        method = mode_method(mode, lm)
+        assert method.name == mode and len(method.select().heads.heads) == n_heads
+        assert layers_run(mode, tiny_scorer, SYNTH_QUERY) == depth
+        r = measure(mode, tiny_scorer, SYNTH_QUERY, docs, 0, 1, None, 0)
+        assert r["status"] == "ok" and _positive(r["median_s"]), r
+    assert layers_run("full", tiny_scorer, SYNTH_QUERY) == layers_run("bare", tiny_scorer, SYNTH_QUERY) == 6
+    assert layers_run("static16", tiny_scorer, SYNTH_QUERY) == 3
+
+
 def test_quick_json_on_tiny_random_model(tmp_path):
     out = tmp_path / "speed.json"
     printed, stored = run_speed("--model", "random:tiny", "--device", "cpu", "--tokens", "384", "--docs", "4",
@@ -92,6 +126,17 @@ def test_quick_json_on_tiny_random_model(tmp_path):
     assert stored["peak_mem_over_bare"] is None or _positive(stored["peak_mem_over_bare"])
     assert all(v >= 0 for v in stored["peak_mem_mb"].values())
     assert stored["heads"]["routed"] == {"source": "synthetic", "heads": [[0, 0], [1, 1], [2, 2], [3, 3]]}
+    # depth: every layer for the all-head passes, the deepest read + 1 for a head set (tiny: 6 layers)
+    assert stored["num_layers"] == 6
+    assert stored["layers_run"] == {"bare": 6, "full": 6, "full_per_head": 6, "static16": 3, "static": None,
+                                    "single": None, "core": None, "layers": None, "routed": 4, "eager": 6}
+    # a random model has no shipped asset: those modes are skipped with the reason, not run, no ratio
+    for m in ("static", "single", "core", "layers"):
+        assert stored[f"{m}_s"] == "skipped" and stored["notes"][m].startswith("skipped: no "), m
+        assert stored["over_full_by_method"][m] is None and stored["heads"][m] is None
+    assert stored["over_full_by_method"]["full"] == 1.0 and stored["over_bare_by_method"]["bare"] == 1.0
+    assert stored["over_full_by_method"]["routed"] == stored["routed_over_full"]
+    assert _positive(stored["over_bare_by_method"]["static16"])
     for c in ("2", "4"):
         for m in ("full", "routed"):
             assert _positive(stored["throughput"][c][m]["qps"])

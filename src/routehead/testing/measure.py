@@ -28,7 +28,7 @@ import torch
 from routehead.engine import capture
 from routehead.engine.model import LoadedModel
 from routehead.engine.scorer import HeadScorer
-from routehead.testing.passes import eager_bytes, mode_call, routed_heads, static16_heads
+from routehead.testing.passes import Skipped, eager_bytes, mode_call, routed_heads, static16_heads
 from routehead.testing.random_models import build_lm
 from routehead.testing.workload import SYNTH_QUERY, SciFact, docs_for_tokens, sized_docs
 
@@ -100,7 +100,8 @@ def reset_peak_rss() -> bool:
 def measure(mode: str, scorer: HeadScorer, query: str, docs: list[str], warmup: int, repeats: int,
             eager_max_bytes: int | None, prompt_tokens: int, router: str | None = None) -> dict[str, Any]:
     """Warm-up, timed repeats and peak memory of one mode, in this process. On CPU the eager pass is not started
-    when its predicted attentions exceed ``eager_max_bytes`` (recorded as ``OOM``)."""
+    when its predicted attentions exceed ``eager_max_bytes`` (recorded as ``OOM``); a mode the model has no
+    shipped asset for is recorded as ``skipped`` with the reason in ``note``."""
     lm = scorer.lm
     res: dict[str, Any] = {"method": mode}
     if mode == "eager" and lm.device.type == "cpu" and eager_max_bytes is not None:
@@ -109,7 +110,11 @@ def measure(mode: str, scorer: HeadScorer, query: str, docs: list[str], warmup: 
             res.update(status="OOM", note=f"not run: predicted {need / 2**30:.1f} GiB of attentions > "
                                           f"{eager_max_bytes / 2**30:.1f} GiB allowed (--eager-max-gb)")
             return res
-    fn = mode_call(mode, scorer, query, docs, router)
+    try:
+        fn = mode_call(mode, scorer, query, docs, router)
+    except Skipped as exc:
+        res.update(status="skipped", note=f"skipped: {exc}")
+        return res
     cuda = lm.device.type == "cuda"
     if mode == "eager":
         lm.model.set_attn_implementation("eager")
@@ -229,6 +234,8 @@ def summarize(per: dict[str, dict[str, Any]], n_tokens: int, n_docs: int, source
     for a, b in (("full", "bare"), ("full_torch", "bare"), ("full_per_head", "bare"), ("routed", "full"),
                  ("routed", "bare"), ("static16", "bare"), ("eager", "bare")):
         run[f"{a}_over_{b}"] = ratio(run.get(f"{a}_s"), run.get(f"{b}_s"))
+    for b in ("full", "bare"):  # every mode's median over full's and over bare's (None where either did not run)
+        run[f"over_{b}_by_method"] = {m: ratio(run[f"{m}_s"], run.get(f"{b}_s")) for m in per}
     run["peak_mem_mb"] = mem
     run["mem_before_mb"] = {m: r["mem_before_mb"] for m, r in per.items() if r.get("status") == "ok"}
     run["peak_mem_over_bare"] = ratio(mem.get("full"), mem.get("bare"))

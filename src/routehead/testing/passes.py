@@ -2,9 +2,12 @@
 
 Modes: ``bare`` (a plain pass, the floor), ``full`` (ICR: every head, sets only), ``full_per_head`` (every head
 with each head's own score, as head detection and the store run), ``full_torch`` (``full`` with the span rows by
-torch ops), ``static16`` (a fixed set of 16 heads, :func:`static16_heads`), ``routed`` (RouteHead with the router
-shipped for the model, or a routed-style set of 4 heads, :func:`routed_heads`, for a model without one) and
-``eager`` (the naive way: ``output_attentions=True``).
+torch ops), ``static16`` (a fixed set of 16 heads, :func:`static16_heads`), the registered methods with their
+shipped assets (:data:`SHIPPED_MODES`: ``static``, the QRHead set; ``single``, its best head; ``core``, the CoRe
+set; ``layers``, the Selective-ICR window; a model without the asset skips them, :class:`Skipped`), ``routed``
+(RouteHead with the router shipped for the model, or a routed-style set of 4 heads, :func:`routed_heads`, for a
+model without one) and ``eager`` (the naive way: ``output_attentions=True``). :func:`layers_run` says how deep
+each mode's pass goes.
 """
 
 from __future__ import annotations
@@ -19,11 +22,19 @@ from routehead.engine import capture
 from routehead.engine.aggregate import Head, mask_outliers_and_sum
 from routehead.engine.model import LoadedModel
 from routehead.engine.scorer import HeadScorer, HeadScores
+from routehead.errors import RouteheadError
 from routehead.selection import load_method
 from routehead.selection.base import Method, Selection
 
-MODES = ("bare", "full", "full_per_head", "full_torch", "static16", "routed", "eager")
+# the registered methods timed with the asset shipped for the model (a model without it skips them)
+SHIPPED_MODES = ("static", "single", "core", "layers")
+MODES = ("bare", "full", "full_per_head", "full_torch", "static16", *SHIPPED_MODES, "routed", "eager")
+ALL_LAYER_MODES = ("bare", "full", "full_per_head", "full_torch", "eager")  # passes that run every layer
 Item = tuple[str, Sequence[str]]
+
+
+class Skipped(RouteheadError):
+    """A mode this model cannot run (no shipped asset for it); the bench records it as ``"skipped"``."""
 
 
 def static16_heads(num_layers: int, num_heads: int, k: int = 16) -> list[Head]:
@@ -49,19 +60,36 @@ def eager_bytes(num_layers: int, num_heads: int, tokens: int, elem: int) -> int:
 
 def mode_method(mode: str, lm: LoadedModel, router: str | None = None) -> Method:
     """The registered method a timed mode runs: ``full``/``full_torch``: ``icr``; ``static16``: ``static`` over
-    :func:`static16_heads`; ``routed``: ``route`` with ``router`` (a path or a shipped variant) or the router
-    shipped for the model, else ``static`` over :func:`routed_heads`."""
+    :func:`static16_heads`; ``static``, ``single``, ``core``, ``layers``: that method with the asset shipped for
+    the model (:class:`Skipped` when there is none); ``routed``: ``route`` with ``router`` (a path or a shipped
+    variant) or the router shipped for the model, else ``static`` over :func:`routed_heads`."""
     ident, L, H = lm.identity(), lm.num_layers, lm.num_heads
     if mode in ("full", "full_torch"):
         return load_method("icr", ident)
     if mode == "static16":
         return load_method("static", ident, heads=static16_heads(L, H))
+    if mode in SHIPPED_MODES:
+        try:
+            return load_method(mode, ident)
+        except RouteheadError as exc:
+            raise Skipped(f"{exc}") from exc
     if mode == "routed":
         path, _ = router_path(lm.name, router)
         if path.is_file():
             return load_method("route", ident, router=path)
         return load_method("static", ident, heads=routed_heads(L, H))
     raise ValueError(f"mode {mode!r} runs no head selection")
+
+
+def layers_run(mode: str, scorer: HeadScorer, query: str, router: str | None = None) -> int:
+    """Decoder layers the mode's scoring pass runs for ``query``: every layer for the all-head and plain passes,
+    else the deepest layer its selection reads + 1 (the pass exits after it; a routed mode's query-embedding
+    pass, over the query alone, is not counted). Raises :class:`Skipped` as :func:`mode_method` does."""
+    if mode in ALL_LAYER_MODES:
+        return scorer.lm.num_layers
+    method = mode_method(mode, scorer.lm, router)
+    sel = method.select(None if method.embedding is None else scorer.query_embedding(query, *method.embedding))
+    return scorer.lm.num_layers if sel.deepest_layer is None else sel.deepest_layer + 1
 
 
 def routed_source(scorer: HeadScorer, method: Method, query: str, router: str | None = None) -> dict[str, Any]:
