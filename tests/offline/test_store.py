@@ -256,3 +256,29 @@ def test_chunked_store_aggregates_as_inference(tmp_path: Path) -> None:
     assert chunked > 0  # the test reads chunked documents
     with pytest.raises(RouteheadError, match="max_chunks_per_doc"):
         queries_for(sc, static)
+
+
+def test_a_store_scored_in_another_order_is_refused(tmp_path):
+    """A store folder renamed under another order's key (its passes in shuffled order, its setting reversed) is
+    refused on load instead of being read as reversed passes."""
+    import shutil
+
+    from routehead.engine.scorer import HeadScorer
+    from routehead.errors import RouteheadError
+    from routehead.offline.collect import score_collection
+    from routehead.offline.data import load_collection
+    from routehead.offline.store import HeadScoreStore
+    from routehead.testing.tiny import tiny_lm
+
+    scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=24)
+    coll = load_collection("examples/scifact-mini", "test")
+    kw = dict(top_k=5, max_queries=2, progress=False, root=tmp_path)
+    shuffled = score_collection(coll, scorer, scorer.settings(), doc_order="shuffle", **kw)
+    reverse = score_collection(coll, None, scorer.settings(), doc_order="reverse", **kw)  # an empty store
+    assert len(shuffled.entries) == 2 and not reverse.entries
+    src = HeadScoreStore(tmp_path, shuffled.settings).path
+    dst = HeadScoreStore(tmp_path, reverse.settings).path
+    for f in src.glob("shard-*"):
+        shutil.copy(f, dst / f.name)
+    with pytest.raises(RouteheadError, match="another prompt order"):
+        score_collection(coll, None, scorer.settings(), doc_order="reverse", **kw)

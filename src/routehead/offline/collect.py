@@ -181,6 +181,17 @@ def score_collection(collection: Collection, scorer: HeadScorer | None, scorer_s
                 bar.update(len(chunk))
     keep = set(qids)
     entries = {q: e for q, e in store.load().items() if q in keep}
+    check_order(entries, doc_order, store.path)
     fs = {q: c for q, c in fs.items() if q in keep}
     return ScoredCollection(collection=collection, first_stage=fs, entries=entries, settings=settings)
+
+
+def check_order(entries: dict[str, Entry], doc_order: str, where: object) -> None:
+    """Refuse stored passes whose documents did not stand in the store's order (a store folder copied or renamed
+    under another setting's key): read as if they did, every comparison across orders would be silently wrong."""
+    for qid, e in entries.items():
+        if e.tokens is not None and list(np.argsort(e.tokens.positions, kind="stable")) != prompt_order(
+                len(e.doc_ids), doc_order, qid):
+            raise RouteheadError(f"the store {where} holds query {qid!r} scored in another prompt order than its "
+                                 f"setting ({doc_order!r}); was the folder copied or renamed? score it again")
 
