@@ -29,9 +29,8 @@ pass runs (``layers_run``: the deepest layer it reads + 1, of ``num_layers``; th
   (``layers-<model>.json``). Each exits after the deepest layer it reads (SmolLM2, 30 layers: 24, 18, 22 and 19
   layers run); the heads (and window) are in ``heads.<mode>``. Like ``routed`` they score the bench's prompt
   (``--max-doc-tokens``), not the prompt settings stored with the asset that ``Reranker`` would apply, so every
-  mode reads the same tokens. A model without the asset (any ``random:`` model;
-  Gemma-3-270M has no ``core`` or ``layers`` asset today) records ``"skipped"`` as the time, no ratio, and the
-  reason in ``notes``.
+  mode reads the same tokens. A model without the asset (any ``random:`` model) records ``"skipped"`` as the
+  time, no ratio, and the reason in ``notes``.
 - ``routed``: for a model with a shipped router (SmolLM2, Gemma-3-270M), RouteHead's real path: the
   query-embedding pass, routing, then :func:`rerank_pass` with the routed heads only (exit after the deepest); the
   heads it routed are in ``heads.routed``. For other models a routed-style set of 4 heads whose deepest

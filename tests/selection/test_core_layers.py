@@ -294,21 +294,23 @@ def test_assets_refused_and_missing(tmp_path: Path):
     assert m.select().deepest_layer == 3 and len(m.select().heads.heads) == 2 * llama["num_heads"]
 
 
-def test_shipped_smollm2_assets_load_as_their_methods():
-    """The CoRe head set and the layer window shipped for the default model load through the registry with the
-    default model's identity, and say how they were chosen (on scifact train only)."""
+@pytest.mark.parametrize(("model", "layers", "pruned"), [("smollm2-135m", 30, 0.25), ("gemma3-270m", 18, 0.0)])
+def test_shipped_assets_load_as_their_methods(model, layers, pruned):
+    """The CoRe head set and the layer window shipped for each embedded model load through the registry with that
+    model's identity, and say how they were chosen (on scifact train only)."""
     import json
 
     from routehead.assets import default_core_heads_path, default_window_path
     from routehead.selection import load_method
 
-    core = json.loads(default_core_heads_path("smollm2-135m").read_text())
-    window = json.loads(default_window_path("smollm2-135m").read_text())
+    core = json.loads(default_core_heads_path(model).read_text())
+    window = json.loads(default_window_path(model).read_text())
     identity = core["model"]
-    assert window["model"] == identity and identity["num_layers"] == 30
+    assert window["model"] == identity and identity["num_layers"] == layers
     assert core["detected_on"] == window["detected_on"] == "scifact/train"
+    assert core["detection"]["prune"] == pruned and "chosen" in core["detection"] and "chosen" in window["detection"]
     sel = load_method("core", identity).select(None)
-    assert len(sel.heads.heads) == 8 and sel.deepest_layer < 30 * 0.75  # CoRe's pruning: the last quarter left out
+    assert len(sel.heads.heads) == 8 and sel.deepest_layer < layers * (1 - pruned)  # CoRe's pruning
     sel = load_method("layers", identity).select(None)
     s, e = window["window"]
     assert {a for a, _ in sel.heads.heads} == set(range(s, e + 1)) and sel.deepest_layer == e
