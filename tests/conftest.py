@@ -32,3 +32,15 @@ def tiny_router_reranker(tmp_path_factory):
     path = tmp_path_factory.mktemp("r") / "router.safetensors"
     Router(cfg, prior=np.linspace(0.1, 0.9, lm.num_layers * lm.num_heads)).save(path)
     return Reranker(model=lm, method="route", router=path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the many small ops of
+    router fitting slow down by an order of magnitude when their threads share the CPU with other work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

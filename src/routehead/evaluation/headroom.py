@@ -19,7 +19,7 @@ by chance, so much of that "headroom" is selection noise no router could learn. 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,36 +73,44 @@ class Headroom:
         return cls(float(a.mean()), float(b.mean()), float((a - b).mean()), p, len(a))
 
 
-def _judged_twice(sc: ScoredCollection, baseline: Sequence[Head] | None
+def _judged_twice(sc: ScoredCollection, baseline: Selection,
+                  options: Callable[[str], np.ndarray] | None = None
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]]:
-    """Per stored query with two or more relevant candidates: every head's scores ``[heads, docs]``, the
-    baseline set's ``[docs]``, the candidates' gains and the query's judged grades."""
-    sel = Selection(HeadSet.of(baseline))
+    """Per stored query with two or more relevant candidates: the options' scores ``[n, docs]`` (``options(qid)``;
+    default every head's), the baseline selection's ``[docs]``, the candidates' gains and the query's judged
+    grades."""
     for qid in sorted(sc.entries):
         e = sc.entries[qid]
         g, ideal = gains(sc, qid, e.doc_ids)
         if (g > 0).sum() >= 2:
             L, H, D = e.calibrated.shape
-            yield e.calibrated.reshape(L * H, D), selection_scores(sc, qid, sel), g, ideal
+            per = e.calibrated.reshape(L * H, D) if options is None else options(qid)
+            yield per, selection_scores(sc, qid, baseline), g, ideal
+
+
+def _split_over(judged: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]], seeds: int,
+                k: int) -> Headroom:
+    """:func:`split_oracle` over ``judged`` queries, each query's values averaged over ``seeds`` random splits."""
+    ours, theirs = [], []
+    for per, base, g, _ in judged:
+        got = [split_oracle(per, base, g, np.random.default_rng([s, len(ours)]), k) for s in range(seeds)]
+        ours.append(np.mean([x for x, _ in got]))
+        theirs.append(np.mean([y for _, y in got]))
+    return Headroom.of(ours, theirs)
 
 
 def split_judgment_headroom(sc: ScoredCollection, baseline: Sequence[Head] | None, seeds: int = 10,
                             k: int = 10) -> Headroom:
     """:func:`split_oracle` over every stored query with two or more relevant candidates, each query's values
     averaged over ``seeds`` random splits; ``baseline``: the fixed head set (None: every head, ICR)."""
-    ours, theirs = [], []
-    for per_head, base, g, _ in _judged_twice(sc, baseline):
-        got = [split_oracle(per_head, base, g, np.random.default_rng([s, len(ours)]), k) for s in range(seeds)]
-        ours.append(np.mean([x for x, _ in got]))
-        theirs.append(np.mean([y for _, y in got]))
-    return Headroom.of(ours, theirs)
+    return _split_over(_judged_twice(sc, Selection(HeadSet.of(baseline))), seeds, k)
 
 
 def classic_headroom(sc: ScoredCollection, baseline: Sequence[Head] | None, k: int = 10) -> Headroom:
     """The in-sample oracle (each query's best single head, chosen and scored on all its judgments) against
     ``baseline``, over the same queries as :func:`split_judgment_headroom`: the optimistic bound."""
     ours, theirs = [], []
-    for per_head, base, g, ideal in _judged_twice(sc, baseline):
+    for per_head, base, g, ideal in _judged_twice(sc, Selection(HeadSet.of(baseline))):
         ours.append(float(np.max(ndcg_at_k(np.nan_to_num(per_head, nan=-np.inf), g, ideal, k))))
         theirs.append(float(ndcg_at_k(base[None], g, ideal, k)[0]))
     return Headroom.of(ours, theirs)
@@ -138,17 +146,8 @@ def menu_headroom(sc: ScoredCollection, menu: Sequence[Selection], baseline: Sel
     ``menu`` (e.g. QRHead-16, CoRe-8, a layer window, the single best head, ICR) that ranks half A best, scored
     on half B, against ``baseline`` on B. This is the headroom of a router that chooses among a few head-set
     experts: sets are far less noisy than single heads, so less of their oracle is selection noise."""
-    ours, theirs = [], []
-    for qid in sorted(sc.entries):
-        g, _ = gains(sc, qid, sc.entries[qid].doc_ids)
-        if (g > 0).sum() < 2:
-            continue
-        options = np.stack([selection_scores(sc, qid, s) for s in menu])
-        base = selection_scores(sc, qid, baseline)
-        got = [split_oracle(options, base, g, np.random.default_rng([s, len(ours)]), k) for s in range(seeds)]
-        ours.append(np.mean([x for x, _ in got]))
-        theirs.append(np.mean([y for _, y in got]))
-    return Headroom.of(ours, theirs)
+    return _split_over(_judged_twice(sc, baseline, lambda q: np.stack([selection_scores(sc, q, m) for m in menu])),
+                       seeds, k)
 
 
 def cluster_oracle(sc: ScoredCollection, embeddings: dict[str, np.ndarray], clusters: int, top: int = 16,
