@@ -73,6 +73,8 @@ class FitSettings:
     eval_every: int = _opt(10, "epochs between dev evaluations")
     patience: int = _opt(8, "dev evaluations without improvement before stopping")
     seed: int = _opt(0, "random seed")
+    restarts: int = _opt(1, "routers fitted per fold from seeds seed, seed+1, ... and merged (mean logits): one "
+                         "seed's router can settle in a different mode (a shallow head or a deep set)")
 
 
 SCORING = ScoringSettings()

@@ -5,11 +5,13 @@ per member."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from routehead.engine.aggregate import HeadSet
 from routehead.errors import RouteheadError
@@ -123,3 +125,20 @@ def test_fit_router_on_a_merged_view(two_stores, tmp_path, monkeypatch):
     # one store is not a merged view: its router names it alone, as before
     single, _ = fit_router(a, scorer, FitSettings(embed_layer=1, pool_size=8, folds=1, epochs=10))
     assert single.config.trained_on == ["scifact-mini/test"] and "members" not in single.config.training
+
+
+def test_restarts_merge_the_seeds_routers(two_stores, tmp_path, monkeypatch):
+    """restarts=2 is the merge (mean logits) of the routers seeds 0 and 1 give alone, on the same split; the
+    record keeps each seed's dev figure."""
+    from routehead.settings import FitSettings
+    from routehead.training.fit import fit_router
+
+    monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path))
+    (a, _), scorer = two_stores
+    base = FitSettings(embed_layer=1, pool_size=8, folds=1, epochs=20, eval_every=5)
+    alone = [fit_router(a, scorer, dataclasses.replace(base, seed=s))[0] for s in (0, 1)]
+    both, _ = fit_router(a, scorer, dataclasses.replace(base, restarts=2))
+    emb = torch.randn(4, alone[0].proj.in_features)
+    want = torch.stack([r(emb) for r in alone]).mean(0)
+    assert torch.allclose(both(emb), want, atol=1e-5)
+    assert both.config.training["restart_dev_ndcg@10"] == [r.config.training["dev_ndcg@10"] for r in alone]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -196,8 +196,7 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
                                     "labels": s.labels, "max_layer": s.max_layer, **trained_members(sc)})
     members, infos, oof = [], [], {}
     for tr_ids, dev_ids in parts:
-        router, info = _fit_split(copy.deepcopy(config), [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids],
-                                  emb, s)
+        router, info = _fit_restarts(config, [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids], emb, s)
         members.append(router)
         infos.append(info)
         for q in dev_ids:
@@ -226,6 +225,25 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
     return merged, {"history": [i["history"] for i in infos], "labels": [i["labels"] for i in infos],
                     "dev_ids": [i["dev_ids"] for i in infos],
                     "oof_ndcg@10": dict(zip(ids, oof_vals.tolist()))}  # per query, for paired comparisons
+
+
+def _fit_restarts(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
+                  s: FitSettings) -> tuple[Router, dict[str, Any]]:
+    """``s.restarts`` routers on one split, seeds ``s.seed + r``, merged into one (mean logits), the threshold
+    re-chosen on dev for the merge. One restart is :func:`_fit_split` itself."""
+    if s.restarts <= 1:
+        return _fit_split(copy.deepcopy(config), train_q, dev_q, emb, s)
+    runs = [_fit_split(copy.deepcopy(config), train_q, dev_q, emb, replace(s, seed=s.seed + r))
+            for r in range(s.restarts)]
+    merged = merge_routers([r for r, _ in runs])
+    dev_emb = torch.cat([emb[q.qid] for q in dev_q])
+    t, d, _, depth = best_threshold(merged, merged.probabilities(dev_emb), dev_q, s.depth_cost)
+    merged.config.threshold = t
+    first = runs[0][1]
+    merged.config.training = {**runs[0][0].config.training, "dev_ndcg@10": d, "dev_layers_run": depth,
+                              "restart_dev_ndcg@10": [r.config.training["dev_ndcg@10"] for r, _ in runs],
+                              "best_epoch": [r.config.training["best_epoch"] for r, _ in runs]}
+    return merged, first
 
 
 def trained_members(sc: Any) -> dict[str, Any]:
