@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from routehead.engine.aggregate import Head, combine, zscore
+from routehead.engine.aggregate import Head, combine, first_stage_signal
 from routehead.engine.evidence import document_evidence
 from routehead.engine.layers import stop_when
 from routehead.engine.model import DEFAULT_MODEL, LoadedModel, load_model
@@ -53,7 +53,7 @@ class Ranking:
     scores: list[float]
     heads: list[Head] | None = None
     weights: list[float] | None = None  # routed heads' aggregation weights (route only), aligned with heads
-    first_stage: bool = False  # whether the first-stage score was one of the routed signals
+    first_stage: bool = False  # whether the first stage (its scores, else the documents' order) was a routed signal
     evidence: list[list[dict[str, Any]]] | None = None  # per ranked document: top words and their share
 
 
@@ -129,7 +129,8 @@ class Reranker:
                routed_heads: bool = False, evidence: int = 0, should_stop: Callable[[], bool] | None = None,
                max_chunks_per_doc: int | None = None) -> Ranking:
         """Score and order ``documents`` (first-stage order) for ``query``. ``first_stage_scores`` feed routers
-        that route them; ``evidence`` > 0 adds each document's top words by their share of its score (a chunked
+        that route the first stage (without them such a router reads the documents' order as the first stage's
+        ranking); ``evidence`` > 0 adds each document's top words by their share of its score (a chunked
         document's: of its best chunk). ``should_stop``, ``max_chunks_per_doc``: see :meth:`rerank_many`."""
         return self.rerank_many([(query, documents, first_stage_scores)], evidence=evidence,
                                 should_stop=should_stop, max_chunks_per_doc=max_chunks_per_doc)[0]
@@ -180,9 +181,9 @@ class Reranker:
             scores = np.zeros(len(docs))
             for perm, S in per_item[i]:
                 scores[perm] += S.sets[which[i]].double().numpy() / len(per_item[i])
-            use_fs = fs is not None and fs_weight > 0
+            use_fs = fs_weight > 0
             if use_fs:
-                scores = combine(scores, zscore(np.asarray(fs, dtype=np.float64)[None])[0], fs_weight)
+                scores = combine(scores, first_stage_signal(fs, len(docs)), fs_weight)
             order = np.argsort(-scores, kind="stable")
             ev = None
             if evidence > 0:

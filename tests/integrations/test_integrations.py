@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+import numpy as np
 import pytest
 
 from routehead.errors import RouteheadError
@@ -144,3 +145,13 @@ def test_chunking_cannot_be_applied_to_a_built_reranker_and_survives_serialisati
 
     data = RouteheadRanker(model="smollm2-135m", max_chunks_per_doc=2).to_dict()
     assert RouteheadRanker.from_dict(data).max_chunks_per_doc == 2
+
+
+def test_without_first_stage_scores_the_order_is_the_first_stage(rr):
+    """A router that routes the first stage reads the documents' order as its ranking when no scores come: the
+    same ranking as scores falling linearly with the rank (their z-scores are equal), not the heads alone."""
+    linear = rr.rerank(QUERY, DOCS, first_stage_scores=[10.0 - 2 * i for i in range(len(DOCS))])
+    bare = rr.rerank(QUERY, DOCS)
+    assert bare.first_stage and bare.indices == linear.indices
+    np.testing.assert_allclose(bare.scores, linear.scores, rtol=1e-12)
+    assert bare.scores != rr.rerank(QUERY, DOCS, first_stage_scores=FIRST_STAGE).scores

@@ -30,11 +30,11 @@ def test_compressor_matches_the_reranker_and_routes_the_retriever_score(rr):
     assert "relevance_score" not in docs[0].metadata  # inputs are not modified
 
 
-def test_without_retriever_scores_the_heads_alone_decide(rr):
+def test_without_retriever_scores_the_order_stands_in(rr):
     out = RouteheadCompressor(model=rr, top_n=None).compress_documents(_docs([None] * len(DOCS)), QUERY)
     want = expected(rr)
     assert [d.metadata["relevance_score"] for d in out] == want.scores and len(out) == len(DOCS)
-    assert out[0].metadata["first_stage_used"] is False
+    assert out[0].metadata["first_stage_used"] is True  # the retriever's order, as the Reranker reads it
     assert RouteheadCompressor(model=rr).compress_documents([], QUERY) == []
 
 

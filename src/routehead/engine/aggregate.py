@@ -100,6 +100,14 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return np.where(sd > 0, (x - mu) / np.where(sd > 0, sd, 1.0), 0.0)
 
 
+def first_stage_signal(scores: Sequence[float] | None, n: int) -> np.ndarray:
+    """The first-stage signal a router routes, z-scored over the candidates: the first stage's scores, or, when a
+    caller gives none, the candidates' order (they arrive in first-stage order, best first, so the order is the
+    first stage's ranking: minus the rank, which scores as BM25's own scores do on stored passes; BENCHMARKS.md)."""
+    x = np.asarray(scores, dtype=np.float64) if scores is not None else -np.arange(n, dtype=np.float64)
+    return zscore(x[None])[0]
+
+
 def combine(attn: np.ndarray | None, first_stage: np.ndarray | None, fs_weight: float) -> np.ndarray:
     """A head set's scores plus the (z-scored) first-stage score: both standardised over the candidates, then
     added (``fs_weight`` on the first stage), since attention mass and BM25 have no common scale."""
