@@ -50,7 +50,7 @@ from routehead.evaluation.scores import method_scores
 from routehead.metrics import ndcg_at_k, paired_p_value
 from routehead.offline.collect import ScoredCollection, merge_scored, namespace
 from routehead.offline.job import ScoreJob
-from routehead.offline.views import gains
+from routehead.offline.views import first_stage_scores, gains
 from routehead.selection import load_method
 from routehead.selection.base import Method
 from routehead.selection.route import Route
@@ -60,7 +60,8 @@ from routehead.training.fit import fit_router
 
 COLLECTIONS = [f"../shared/data/{c}:test" for c in ("scifact", "trec-dl19-passage", "cranfield", "cisi", "med",
                                                     "adi")]
-FIXED = ("static", "core", "layers", "icr")  # beside the two routers; an asset the model lacks is skipped
+FIXED = ("static", "core", "layers", "single", "icr")  # beside the routers; an asset the model lacks is skipped
+STATIC = ("static", "core", "layers", "single")  # the static selections the routers must not fall below
 
 
 def name_of(sc: ScoredCollection) -> str:
@@ -117,10 +118,20 @@ def per_query(sc: ScoredCollection, method: Method, scorer: Any, qids: list[str]
     return np.array([float(ndcg_at_k(scores[q], *gains(sc, q, sc.entries[q].doc_ids), 10)) for q in qids])
 
 
+def first_stage(sc: ScoredCollection, qids: list[str]) -> np.ndarray:
+    """nDCG@10 of each stored query's first-stage (BM25) order: the reference every re-ranker starts from."""
+    return np.array([float(ndcg_at_k(first_stage_scores(sc, q), *gains(sc, q, sc.entries[q].doc_ids), 10))
+                     for q in qids])
+
+
 def compare(vals: dict[str, np.ndarray], routers: tuple[str, ...]) -> dict[str, Any]:
     """Mean nDCG@10 of every method, and each router against every other method, paired over the same
-    queries."""
+    queries; ``strongest_static``: the best static selection on these very queries (an oracle choice among
+    them, so the comparison favours the static side)."""
     out: dict[str, Any] = {"ndcg@10": {k: round(float(v.mean()), 4) for k, v in vals.items()}, "vs": {}}
+    statics = [k for k in STATIC if k in vals]
+    if statics:
+        out["strongest_static"] = max(statics, key=lambda k: float(vals[k].mean()))
     for a in routers:
         out["vs"][a] = {b: {"delta": round(float((vals[a] - vals[b]).mean()), 4),
                             "p": float(f"{paired_p_value(vals[a], vals[b]):.3g}"),
@@ -216,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         vals, chosen = {}, {r: {} for r in routers}
         for col, method in (("route-loco", Route(router)), ("route-base", Route(base_router)), *fixed.items()):
             vals[col] = per_query(h, method, scorer, qids, chosen.get(col))
+        vals["bm25"] = first_stage(h, qids)
+        for col in vals:
             pooled.setdefault(col, []).append(vals[col])
         out["held_out"][name] = {"queries": len(qids), "route-loco": fitted(router, info), **compare(vals, routers),
                                  "routing": {r: routing_diversity(chosen[r]) for r in routers}}

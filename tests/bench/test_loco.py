@@ -50,6 +50,7 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     common = ["--model", str(folder), "--base", f"{tmp_path / 'mini-base'}:train", "--top-k", "5",
               "--max-doc-tokens", "24", "--max-queries", "5", "--assets", f"static={tmp_path / 'static.json'}",
               f"core={tmp_path / 'core.json'}", f"layers={tmp_path / 'layers.json'}",
+              f"single={tmp_path / 'static.json'}",
               "--all-out", str(tmp_path / "multi.safetensors")]
     held = [f"{mini}:test", str(tmp_path / "mini-b")]
     got = loco.main([*common, "--collections", *held, str(tmp_path / "absent"), "--out", str(tmp_path / "a.json"),
@@ -62,7 +63,7 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     r = got["recipe"]
     assert (r["embed_layer"], r["pool_size"], r["folds"], r["objective"]) == (1, 8, 2, "listwise")
     assert got["route-base"]["trained_on"] == ["mini-base/train"]
-    methods = {"route-loco", "route-base", "static", "core", "layers", "icr"}
+    methods = {"route-loco", "route-base", "static", "core", "layers", "single", "icr", "bm25"}
     for name, other in (("scifact-mini/test", "mini-b/test"), ("mini-b/test", "scifact-mini/test")):
         h = got["held_out"][name]
         assert h["queries"] == 5 and h["route-loco"]["trained_on"] == ["mini-base/train", other]
@@ -71,6 +72,8 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
             assert set(h["vs"][router]) == methods - {router}
             assert all(0.0 <= c["p"] <= 1.0 and 0.0 <= c["p_randomization"] <= 1.0 for c in h["vs"][router].values())
             assert h["routing"][router]["queries"] == 5
+        statics = ("static", "core", "layers", "single")
+        assert h["ndcg@10"][h["strongest_static"]] == max(h["ndcg@10"][k] for k in statics)
     assert got["pooled"]["queries"] == 10 and set(got["pooled"]["ndcg@10"]) == methods
     multi = load_router(tmp_path / "multi.safetensors").config
     assert multi.trained_on == ["mini-base/train", "scifact-mini/test", "mini-b/test"]
