@@ -124,6 +124,15 @@ def first_stage(sc: ScoredCollection, qids: list[str]) -> np.ndarray:
                      for q in qids])
 
 
+def score_all(sc: ScoredCollection, methods: dict[str, Method], scorer: Any,
+              chosen: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+    """Per-query nDCG@10 of every method on one store, and BM25's order (``chosen`` collects routings)."""
+    qids = sorted(sc.entries)
+    vals = {col: per_query(sc, m, scorer, qids, (chosen or {}).get(col)) for col, m in methods.items()}
+    vals["bm25"] = first_stage(sc, qids)
+    return vals
+
+
 def compare(vals: dict[str, np.ndarray], routers: tuple[str, ...]) -> dict[str, Any]:
     """Mean nDCG@10 of every method, and each router against every other method, paired over the same
     queries; ``strongest_static``: the best static selection on these very queries (an oracle choice among
@@ -154,6 +163,27 @@ def unseen(router: Router, held: str) -> None:
                              f"its figure there is no test figure")
 
 
+def other_orders(args: argparse.Namespace, spec: str, name: str, methods: dict[str, Method], scorer: Any,
+                 out: dict[str, Any], by_order: dict[str, dict[str, list[np.ndarray]]],
+                 routers: tuple[str, ...]) -> Any:
+    """The same methods (routers included, as fitted) on the held-out collection's stores in ``--eval-orders``,
+    into ``out["orders"][order][name]`` and the per-order pools; a missing store is named in
+    ``out["skipped_orders"]``."""
+    for order in args.eval_orders:
+        other, scorer, why = load_store(spec, argparse.Namespace(**{**vars(args), "doc_order": order}), scorer)
+        if other is None:
+            out.setdefault("skipped_orders", {})[f"{name} {order}"] = why
+            continue
+        vals = score_all(other, methods, scorer)
+        for col in vals:
+            by_order.setdefault(order, {}).setdefault(col, []).append(vals[col])
+        out.setdefault("orders", {}).setdefault(order, {})[name] = {"queries": len(other.entries),
+                                                                    **compare(vals, routers)}
+        print(json.dumps({"held_out": name, "order": order, "queries": len(other.entries),
+                          **out["orders"][order][name]["ndcg@10"]}), flush=True)
+    return scorer
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -162,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--base", default="../shared/data/scifact:train", help="PATH[:SPLIT] every router trains on")
     ap.add_argument("--collections", nargs="+", default=COLLECTIONS, metavar="PATH[:SPLIT]",
                     help="each is held out once and trained on otherwise (split test unless given)")
+    ap.add_argument("--eval-orders", nargs="*", default=[], metavar="ORDER",
+                    help="also score every held-out collection's stored passes in these prompt orders (reverse, "
+                         "input) with the same routers, fitted on --doc-order passes (a method is served in any "
+                         "order; collections without such a store are skipped)")
     ap.add_argument("--top-k", type=int, default=SCORING.top_k)
     ap.add_argument("--max-doc-tokens", type=int, default=SCORING.max_doc_tokens)
     ap.add_argument("--max-queries", type=int, default=None, help="only the first N queries of each (quick runs)")
@@ -185,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if base is None:
         raise SystemExit(f"the base {args.base}: {why}")
     held: list[ScoredCollection] = []
+    spec_of: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for spec in args.collections:
         sc, scorer, why = load_store(spec, args, scorer)
@@ -195,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{spec} is the base; hold out other collections")
         else:
             held.append(sc)
+            spec_of[name_of(sc)] = spec
     model = Path(scorer.lm.name).name  # a model folder's name, not its path, names the results
     ident = sc_identity(base, scorer)
     settings = recipe(args.recipe, scorer.lm.name, ident, args.set)
@@ -218,25 +254,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    "never saw the collection"}
     routers = ("route-loco", "route-base")
     pooled: dict[str, list[np.ndarray]] = {}
+    by_order: dict[str, dict[str, list[np.ndarray]]] = {}
     for h in held:
         name = name_of(h)
         router, info = fit_router(merge_scored([base, *(sc for sc in held if sc is not h)]), scorer, settings)
         for r in (router, base_router):
             unseen(r, name)
+        methods = {"route-loco": Route(router), "route-base": Route(base_router), **fixed}
+        chosen: dict[str, dict] = {r: {} for r in routers}
+        vals = score_all(h, methods, scorer, chosen)
         qids = sorted(h.entries)
-        vals, chosen = {}, {r: {} for r in routers}
-        for col, method in (("route-loco", Route(router)), ("route-base", Route(base_router)), *fixed.items()):
-            vals[col] = per_query(h, method, scorer, qids, chosen.get(col))
-        vals["bm25"] = first_stage(h, qids)
         for col in vals:
             pooled.setdefault(col, []).append(vals[col])
         out["held_out"][name] = {"queries": len(qids), "route-loco": fitted(router, info), **compare(vals, routers),
                                  "routing": {r: routing_diversity(chosen[r]) for r in routers}}
         print(json.dumps({"held_out": name, "queries": len(qids), **out["held_out"][name]["ndcg@10"]}), flush=True)
+        scorer = other_orders(args, spec_of[name], name, methods, scorer, out, by_order, routers)
     if held:
         out["pooled"] = {"queries": sum(len(h.entries) for h in held),
                          **compare({k: np.concatenate(v) for k, v in pooled.items()}, routers)}
         print(json.dumps({"pooled": out["pooled"]["queries"], **out["pooled"]["ndcg@10"]}), flush=True)
+        for order, cols in by_order.items():
+            out["orders"][order]["pooled"] = {"queries": int(sum(len(v) for v in cols["bm25"])),
+                                              **compare({k: np.concatenate(v) for k, v in cols.items()}, routers)}
         everything, info = fit_router(merge_scored([base, *held]), scorer, settings)
         path = Path(args.all_out or f"results/router-{model}-multi-{args.doc_order}.safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)

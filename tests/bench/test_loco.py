@@ -54,7 +54,7 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
               "--all-out", str(tmp_path / "multi.safetensors")]
     held = [f"{mini}:test", str(tmp_path / "mini-b")]
     got = loco.main([*common, "--collections", *held, str(tmp_path / "absent"), "--out", str(tmp_path / "a.json"),
-                     "--set", "embed_layer=1", "pool_size=8", "folds=2", "epochs=20"])
+                     "--set", "embed_layer=1", "pool_size=8", "folds=2", "epochs=20", "--eval-orders", "reverse"])
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads(json.dumps(got))
     assert got["model"] == "tiny-llama" and got["base"] == "mini-base/train" and got["doc_order"] == "shuffle"
     assert got["collections"] == {"mini-base/train": 5, "scifact-mini/test": 5, "mini-b/test": 5}
@@ -75,6 +75,10 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
         statics = ("static", "core", "layers", "single")
         assert h["ndcg@10"][h["strongest_static"]] == max(h["ndcg@10"][k] for k in statics)
     assert got["pooled"]["queries"] == 10 and set(got["pooled"]["ndcg@10"]) == methods
+    # the same routers on the reversed passes: every method, each collection and pooled
+    rev = got["orders"]["reverse"]
+    assert set(rev) == {"scifact-mini/test", "mini-b/test", "pooled"} and rev["pooled"]["queries"] == 10
+    assert all(set(rev[k]["ndcg@10"]) == methods for k in rev)
     multi = load_router(tmp_path / "multi.safetensors").config
     assert multi.trained_on == ["mini-base/train", "scifact-mini/test", "mini-b/test"]
     assert got["route-multi"]["trained_on"] == multi.trained_on and "test_figures" in got["route-multi"]
