@@ -24,9 +24,9 @@ def default_router_path(model_name: str) -> Path:
 def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]:
     """The router file a caller means, and whether it is a shipped asset: ``None`` is the default router, a
     variant name (``"bce"``: the paper's recipe; ``"fs"``: may route the first-stage score; ``"fast"``: a priced,
-    shallower router, shipped only where one meets bench/train_router.py's rule, none today; ``"multi"``: trained
-    on several collections' test queries by bench/loco.py, none today) the one shipped under it, anything else a
-    path."""
+    shallower router, shipped only where one meets bench/train_router.py's rule, none today; ``"multi"``: the
+    first-stage router's recipe trained on scifact train and five other collections' test queries by
+    bench/loco.py, SmolLM2 only: never evaluate it on those five) the one shipped under it, anything else a path."""
     if router is None:
         return default_router_path(model_name), True
     if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():

@@ -158,3 +158,17 @@ def test_router_variant_names_resolve_to_shipped_assets(tmp_path, monkeypatch):
     assert router_path("x", "fast") == (Path("fast"), False)
     with pytest.raises(RouteheadError, match="fast is not a valid routehead router"):
         Reranker(model=tiny_lm("llama"), router="fast")
+
+
+def test_shipped_multi_router_never_saw_scifact_test():
+    """The multi-collection router (bench/loco.py): trained on scifact train and the five other collections, never
+    on scifact test (its one test collection), with the first-stage recipe it was registered with."""
+    from routehead.assets import router_path
+    from routehead.selection.router import load_router
+
+    path, shipped = router_path("smollm2-135m", "multi")
+    cfg = load_router(path).config
+    assert shipped and cfg.identity["model"] == "smollm2-135m" and cfg.use_first_stage
+    assert cfg.trained_on[0] == "scifact/train" and "scifact/test" not in cfg.trained_on
+    assert sorted(cfg.trained_on[1:]) == ["adi/test", "cisi/test", "cranfield/test", "med/test",
+                                          "trec-dl19-passage/test"]
