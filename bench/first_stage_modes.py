@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from routehead.cli.options import data_spec
+from routehead.engine.aggregate import combine, first_stage_signal
 from routehead.evaluation.runs import save_json
 from routehead.metrics import ndcg_at_k, paired_p_value
-from routehead.offline import views
 from routehead.offline.collect import ScoredCollection
 from routehead.offline.job import ScoreJob
 from routehead.offline.views import gains, query_embeddings, selection_scores
@@ -32,30 +32,23 @@ def ndcg_of(sc: ScoredCollection, ids: list[str], score_of: Callable[[str], np.n
     return np.array([float(ndcg_at_k(score_of(q), *gains(sc, q, sc.entries[q].doc_ids))) for q in ids])
 
 
-def by_rank(sc: ScoredCollection, qid: str) -> np.ndarray:
-    """Minus the rank as the first stage's scores: stored candidates are in first-stage order."""
-    return -np.arange(len(sc.entries[qid].doc_ids), dtype=np.float64)
-
-
 def modes(sc: ScoredCollection, scorer: Any, router: str) -> dict[str, np.ndarray]:
-    """Per-query nDCG@10 of the static set, CoRe-8 and the router's three ways of reading the first stage."""
+    """Per-query nDCG@10 of the static set, CoRe-8 and the router's three ways of reading the first stage: the
+    store's BM25 scores, the candidates' order (stored in first-stage order: what ``Reranker.rerank`` reads when
+    no scores come, the same :func:`first_stage_signal`), and none."""
     ids, ident = sorted(sc.entries), scorer.lm.identity()
     route = load_method("route", ident, router)
     emb = query_embeddings(sc, scorer, *route.embedding, qids=ids)
     sel = {q: route.select(emb[q]) for q in ids}
+    attn = {q: selection_scores(sc, q, dataclasses.replace(sel[q], first_stage_weight=0.0)) for q in ids}
     vals = {}
     for m in ("static", "core"):
         fixed = load_method(m, ident).select(None)
         vals[m] = ndcg_of(sc, ids, lambda q, s=fixed: selection_scores(sc, q, s))
     vals["route, BM25 scores"] = ndcg_of(sc, ids, lambda q: selection_scores(sc, q, sel[q]))
-    vals["route, heads alone"] = ndcg_of(sc, ids, lambda q: selection_scores(
-        sc, q, dataclasses.replace(sel[q], first_stage_weight=0.0)))
-    real = views.first_stage_scores
-    views.first_stage_scores = by_rank
-    try:
-        vals["route, the order"] = ndcg_of(sc, ids, lambda q: selection_scores(sc, q, sel[q]))
-    finally:
-        views.first_stage_scores = real
+    vals["route, heads alone"] = ndcg_of(sc, ids, lambda q: attn[q])
+    vals["route, the order"] = ndcg_of(sc, ids, lambda q: combine(
+        attn[q], first_stage_signal(None, len(attn[q])), sel[q].first_stage_weight))
     return vals
 
 

@@ -166,12 +166,12 @@ def unseen(router: Router, held: str) -> None:
 
 def other_orders(args: argparse.Namespace, spec: str, name: str, methods: dict[str, Method], scorer: Any,
                  out: dict[str, Any], by_order: dict[str, dict[str, list[np.ndarray]]],
-                 routers: tuple[str, ...]) -> Any:
+                 routers: tuple[str, ...]) -> None:
     """The same methods (routers included, as fitted) on the held-out collection's stores in ``--eval-orders``,
     into ``out["orders"][order][name]`` and the per-order pools; a missing store is named in
     ``out["skipped_orders"]``."""
     for order in args.eval_orders:
-        other, scorer, why = load_store(spec, argparse.Namespace(**{**vars(args), "doc_order": order}), scorer)
+        other, _, why = load_store(spec, argparse.Namespace(**{**vars(args), "doc_order": order}), scorer)
         if other is None:
             out.setdefault("skipped_orders", {})[f"{name} {order}"] = why
             continue
@@ -182,7 +182,6 @@ def other_orders(args: argparse.Namespace, spec: str, name: str, methods: dict[s
                                                                     **compare(vals, routers)}
         print(json.dumps({"held_out": name, "order": order, "queries": len(other.entries),
                           **out["orders"][order][name]["ndcg@10"]}), flush=True)
-    return scorer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["held_out"][name] = {"queries": len(qids), "route-loco": fitted(router, info), **compare(vals, routers),
                                  "routing": {r: routing_diversity(chosen[r]) for r in routers}}
         print(json.dumps({"held_out": name, "queries": len(qids), **out["held_out"][name]["ndcg@10"]}), flush=True)
-        scorer = other_orders(args, spec_of[name], name, methods, scorer, out, by_order, routers)
+        other_orders(args, spec_of[name], name, methods, scorer, out, by_order, routers)
     if held:
         out["pooled"] = {"queries": sum(len(h.entries) for h in held),
                          **compare({k: np.concatenate(v) for k, v in pooled.items()}, routers)}
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                               **compare({k: np.concatenate(v) for k, v in cols.items()}, routers)}
         # the base collection's own test split stays its test: the shipped router never sees it
         train_all = [sc for sc in held if sc.collection.name != base.collection.name]
-        kept = [name_of(sc) for sc in held if sc not in train_all]
+        kept = [name_of(sc) for sc in held if sc.collection.name == base.collection.name]
         everything, info = fit_router(merge_scored([base, *train_all]), scorer, settings)
         path = Path(args.all_out or f"results/router-{model}-multi-{args.doc_order}.safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from routehead.engine.aggregate import Head, SpanIndex, combine, set_scores, spans_of, zscore
+from routehead.engine.aggregate import Head, SpanIndex, combine, first_stage_signal, set_scores, spans_of
 from routehead.errors import RouteheadError
 from routehead.offline.collect import ScoredCollection, namespace, store_root
 from routehead.offline.store import Tokens
@@ -93,7 +93,7 @@ def queries_for(sc: ScoredCollection, pool: Sequence[Head], use_first_stage: boo
                                  "search, router training and the oracle read stores of whole (truncated) documents; "
                                  "evaluate methods on it, and train on a store scored with max_chunks_per_doc 1")
         g, ideal = gains(sc, qid, e.doc_ids)
-        fs = zscore(first_stage_scores(sc, qid)[None])[0] if use_first_stage else None
+        fs = first_stage_signal(first_stage_scores(sc, qid), len(e.doc_ids)) if use_first_stage else None
         single = np.stack([e.calibrated[lay, h] for lay, h in pool]).astype(np.float64)
         out.append(Query(qid, head_rows(sc, qid, pool), spans_of(tokens_of(sc, qid).counts), single, g, ideal,
                          fs))
@@ -146,5 +146,7 @@ def selection_scores(sc: ScoredCollection, qid: str, sel: Selection) -> np.ndarr
         attn = t.document_max(set_scores(head_rows(sc, qid, sel.heads.heads), spans_of(t.counts), sel.heads.weights))
     else:
         attn = None
-    fs = zscore(first_stage_scores(sc, qid)[None])[0] if sel.first_stage_weight else None
+    fs = None
+    if sel.first_stage_weight:
+        fs = first_stage_signal(first_stage_scores(sc, qid), len(sc.entries[qid].doc_ids))
     return combine(attn, fs, sel.first_stage_weight)
