@@ -112,18 +112,27 @@ class Reranker:
                 "prompt": self.scorer.builder.settings(), "max_chunks_per_doc": self.scorer.builder.max_chunks_per_doc,
                 **self.selector.info()}
 
-    def route(self, query: str) -> Routing:
-        """The router's decision for ``query``: heads, their weights, and the first-stage score's weight."""
+    def route(self, query: str, documents: Sequence[str] | None = None) -> Routing:
+        """The router's decision for ``query``: heads, their weights, and the first-stage score's weight. A router
+        that reads the query in the re-ranking prompt (pooling ``prompt-*``) needs the ``documents`` too."""
         if self.router is None:
             raise RouteheadError(f"method {self.method!r} routes nothing")
-        return self.router.route(self._embedding(query))
+        return self.router.route(self._embedding(query, documents))
 
-    def _embedding(self, query: str) -> Any:
+    def _embedding(self, query: str, documents: Sequence[str] | None = None) -> Any:
         spec = self.selector.embedding
-        return None if spec is None else self.scorer.query_embedding(query, *spec)
+        if spec is None:
+            return None
+        if not spec[1].startswith("prompt-"):
+            return self.scorer.query_embedding(query, *spec)
+        if documents is None:
+            raise RouteheadError(f"this router reads the query in the re-ranking prompt ({spec[1]}): pass the "
+                                 "documents")
+        perm = prompt_order(len(documents), passes(self.doc_order)[0], query)  # as the (first) pass sees them
+        return self.scorer.query_embedding(query, *spec, documents=[documents[j] for j in perm])
 
-    def _selection(self, query: str) -> Selection:
-        return self.selector.select(self._embedding(query))
+    def _selection(self, query: str, documents: Sequence[str] | None = None) -> Selection:
+        return self.selector.select(self._embedding(query, documents))
 
     def rerank(self, query: str, documents: Sequence[str], first_stage_scores: Sequence[float] | None = None,
                routed_heads: bool = False, evidence: int = 0, should_stop: Callable[[], bool] | None = None,
@@ -158,7 +167,7 @@ class Reranker:
         for _, docs, fs in norm:
             if fs is not None and len(fs) != len(docs):
                 raise RouteheadError("first_stage_scores must have one score per document")
-        selections = [self._selection(q) for q, _, _ in norm]
+        selections = [self._selection(q, docs) for q, docs, _ in norm]
         computed = None if any(sel.heads.heads is None for sel in selections) else sorted(
             {h for sel in selections for h in sel.heads.heads})
         sets = list(dict.fromkeys(sel.heads for sel in selections))

@@ -20,6 +20,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 
 ORDERS = ("reverse", "input", "shuffle", "both")  # prompt orders (:mod:`routehead.engine.order`)
 LAYOUTS = ("reference", "v1")  # prompt layouts (:mod:`routehead.engine.prompt`)
+POOLINGS = ("mean", "last", "prompt-mean", "prompt-last")  # router inputs (:meth:`HeadScorer.query_embedding`)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class FitSettings:
     objective: str = _opt("listwise", "listwise: through the ranking, probability-weighted heads; bce: the paper's "
                           "BCE on greedy pseudo labels, heads summed", ("listwise", "bce"))
     embed_layer: int = _opt(8, "decoder layer whose output embeds the query")
-    pooling: str = _opt("mean", "pooling of the query's hidden states", ("mean", "last"))
+    pooling: str = _opt("mean", "pooling of the query's hidden states: of the query alone (a short pass), or "
+                        "prompt-*: of the query suffix of the re-ranking prompt (the candidates in front)", POOLINGS)
     use_first_stage: bool = _opt(False, "let the router also route the first-stage score")
     pool_size: int = _opt(64, "only the N best heads alone on the training queries can be routed")
     max_layer: int | None = _opt(None, "a depth budget: route only heads of layers <= L, so every routed pass "

@@ -277,3 +277,21 @@ def test_blocking_off_gives_the_same_pass(monkeypatch):
         monkeypatch.setattr(capture, "WINDOW_BLOCK", block)
         got.append(scorer.score(QUERY, DOCS).calibrated)
     torch.testing.assert_close(got[0], got[1], atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("pooling", ["prompt-mean", "prompt-last"])
+def test_query_embedding_in_the_prompt_equals_the_eager_hidden_states(setup, pooling):
+    """A router input read off the re-ranking prompt: layer 1's output (the eager model's hidden_states[2]) over
+    the query suffix that follows the documents, pooled; the same call without documents is refused."""
+    _, lm, scorer, ref = setup
+    prompt = scorer.builder.prompt(QUERY, DOCS)
+    with torch.no_grad():
+        hidden = ref(input_ids=torch.tensor([prompt.full_ids()]), output_hidden_states=True).hidden_states[2]
+    suffix = hidden[0, prompt.prefix_len:].float()
+    want = suffix.mean(0) if pooling == "prompt-mean" else suffix[-1]
+    got = scorer.query_embedding(QUERY, 1, pooling, documents=DOCS)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the query alone is a different input: the documents in front change it
+    assert not torch.allclose(got, scorer.query_embedding(QUERY, 1, pooling.split("-")[1]), atol=1e-3)
+    with pytest.raises(ValueError, match="pass its documents"):
+        scorer.query_embedding(QUERY, 1, pooling)

@@ -12,14 +12,15 @@ from routehead.errors import RouteheadError
 from routehead.selection import METHODS, load_method, method_spec, resolve_method
 
 
-def _router(lm, path: Path, use_first_stage: bool) -> Path:
+def _router(lm, path: Path, use_first_stage: bool, pooling: str = "mean") -> Path:
     """A random router for the tiny model over a small pool (probability-weighted, so weights matter)."""
     import torch
 
     from routehead.selection.router import Router, RouterConfig
 
     cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=[[0, 1], [2, 3], [3, 0], [1, 2]], dim=8,
-                       threshold=0.3, max_heads=3, use_first_stage=use_first_stage, weighting="prob")
+                       threshold=0.3, max_heads=3, use_first_stage=use_first_stage, weighting="prob",
+                       pooling=pooling)
     torch.manual_seed(3)
     r = Router(cfg, prior=np.array([0.6, 0.4, 0.5, 0.35] + [0.7] * use_first_stage))
     with torch.no_grad():
@@ -46,8 +47,12 @@ def test_every_method_scores_alike_stored_and_live(tmp_path: Path, monkeypatch: 
                                                    ) -> None:
     """For every registered method (and the routers' first-stage variant): the documents' scores aggregated from
     the stored (float16) token scores equal the live Reranker's on the same prompts within the store's precision,
-    and rank alike wherever that precision can tell them apart. (Not "shuffle": the live pass seeds it with the
+    and rank alike wherever that precision can tell them apart. A router reading the query in the prompt
+    (``prompt-mean``) embeds it offline from the store's candidates in their stored positions as live from the
+    pass's prompt: the same embedding. (Not "shuffle": the live pass seeds it with the
     query's text, the store with its id.)"""
+    import torch
+
     from routehead.api import Reranker
     from routehead.engine.scorer import HeadScorer
     from routehead.evaluation.runs import method_run
@@ -64,7 +69,9 @@ def test_every_method_scores_alike_stored_and_live(tmp_path: Path, monkeypatch: 
     assets = {"heads": [(0, 1), (2, 3), (3, 0)], "window": (1, 2),  # a window: every head of layers 1..2
               "router": _router(lm, tmp_path / "router.safetensors", use_first_stage=False)}
     fs_router = _router(lm, tmp_path / "router-fs.safetensors", use_first_stage=True)
-    cases = [(name, assets.get(spec.needs)) for name, spec in METHODS.items()] + [("route", fs_router)]
+    in_prompt = _router(lm, tmp_path / "router-p.safetensors", use_first_stage=False, pooling="prompt-mean")
+    cases = [(name, assets.get(spec.needs)) for name, spec in METHODS.items()] + [("route", fs_router),
+                                                                                 ("route", in_prompt)]
     assert {name for name, _ in cases} == set(METHODS)
     for name, asset in cases:
         kw = {arg: asset for arg, needs in (("router", "router"), ("heads", "heads"), ("heads", "window"))
@@ -73,6 +80,9 @@ def test_every_method_scores_alike_stored_and_live(tmp_path: Path, monkeypatch: 
         rr = Reranker(lm, method=name, max_doc_tokens=40, doc_order=order, **kw)
         emb = query_embeddings(sc, scorer, *method.embedding) if method.embedding else {}
         for qid, e in sc.entries.items():
+            if method.embedding:
+                live_emb = rr._embedding(coll.queries[qid], [coll.prompt_text(d) for d in e.doc_ids])
+                assert torch.allclose(emb[qid][0], live_emb, atol=1e-5), (name, qid)
             sel = method.select(emb.get(qid))
             stored = selection_scores(sc, qid, sel)
             r = rr.rerank(coll.queries[qid], [coll.prompt_text(d) for d in e.doc_ids],

@@ -39,7 +39,7 @@ from routehead.engine import capture
 from routehead.engine.aggregate import Head, HeadSet, SpanIndex, mask_outliers_and_sum
 from routehead.engine.model import LoadedModel
 from routehead.engine.prompt import Chunks, Prompt, PromptBuilder, plan_windows
-from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_DOC_TOKENS, SCORING
+from routehead.settings import DEFAULT_LAYOUT, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_DOC_TOKENS, POOLINGS, SCORING
 
 
 @dataclass
@@ -370,12 +370,24 @@ class HeadScorer:
         return [maxp(S, c) for S, c in zip(results, passages)] if chunking else results
 
     @torch.inference_mode()
-    def query_embedding(self, query: str, layer: int, pooling: str = "mean") -> torch.Tensor:
-        """Hidden state of ``query`` alone at the output of decoder ``layer``: a short pass, before re-ranking.
+    def query_embedding(self, query: str, layer: int, pooling: str = "mean",
+                        documents: Sequence[str] | None = None) -> torch.Tensor:
+        """Hidden state of ``query`` at the output of decoder ``layer``.
 
-        The chat template's head is kept in front so the model sees its usual start (BOS, system turn), but only
-        the query tokens are pooled (``mean`` or ``last``).
+        ``mean``/``last``: the query alone, a short pass before re-ranking. The chat template's head is kept in
+        front so the model sees its usual start (BOS, system turn), but only the query tokens are pooled.
+        ``prompt-mean``/``prompt-last``: the query suffix (late instruction, query, template end) of the
+        re-ranking prompt itself, ``documents`` in prompt order in front of it (the first window of a list that
+        does not fit), so the embedding has read the candidates: the router sees the query in its domain.
         """
+        if pooling.startswith("prompt-"):
+            if documents is None:
+                raise ValueError(f"pooling {pooling!r} reads the re-ranking prompt: pass its documents")
+            prompt = self.window_prompts(query, documents)[0]
+            hidden = self._forward([prompt.prefix_ids + prompt.query_ids], layer, keep_output=True)
+            assert hidden is not None
+            h = hidden[0, prompt.prefix_len:].float()
+            return (h.mean(0) if pooling == "prompt-mean" else h[-1]).cpu()
         q_ids = self.builder.encode_query(query)
         ids = list(self.builder.head_ids) + q_ids
         hidden = self._forward([ids], layer, keep_output=True)
@@ -385,7 +397,7 @@ class HeadScorer:
             return h.mean(0).cpu()
         if pooling == "last":
             return h[-1].cpu()
-        raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'last'")
+        raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
 
     def window_prompts(self, query: str, documents: Sequence[str], max_chunks_per_doc: int | None = None
                        ) -> list[Prompt]:

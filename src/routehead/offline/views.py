@@ -18,7 +18,7 @@ import torch
 from routehead.engine.aggregate import Head, SpanIndex, combine, first_stage_signal, set_scores, spans_of
 from routehead.errors import RouteheadError
 from routehead.offline.collect import ScoredCollection, namespace, store_root
-from routehead.offline.store import Tokens
+from routehead.offline.store import HeadScoreStore, Tokens
 from routehead.selection.base import Selection
 
 
@@ -122,12 +122,23 @@ def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str
                 got.update({p + q: e for q, e in query_embeddings(m, scorer, layer, pooling, mine).items()})
         return {q: got[q] for q in want}
     name = f"emb-{scorer.lm.name}-L{layer}-{pooling}.safetensors".replace("/", "_")
-    path = store_root() / sc.collection.name / sc.collection.split / name
+    in_prompt = pooling.startswith("prompt-")
+    # a query alone embeds the same in every store of its split; one read off the prompt depends on the store's
+    # candidates and their order, so it lives in the store's own folder
+    where = HeadScoreStore(store_root(), sc.settings).path if in_prompt else (
+        store_root() / sc.collection.name / sc.collection.split)
+    path = where / name
     cached = load_file(str(path)) if path.is_file() else {}
     missing = [q for q in want if q not in cached]
     if missing:
+        layout = scorer.builder.layout  # the store is keyed by the scorer's prompt settings
         for q in missing:
-            cached[q] = scorer.query_embedding(sc.collection.queries[q], layer, pooling)[None]
+            docs = None
+            if in_prompt:
+                e = sc.entries[q]
+                docs = [sc.collection.prompt_text(e.doc_ids[j], layout)
+                        for j in np.argsort(e.tokens.positions, kind="stable")]
+            cached[q] = scorer.query_embedding(sc.collection.queries[q], layer, pooling, documents=docs)[None]
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in cached.items()}, str(path))
     return {q: cached[q] for q in want}
