@@ -54,6 +54,8 @@ class FitSettings:
     pooling: str = _opt("mean", "pooling of the query's hidden states: of the query alone (a short pass), or "
                         "prompt-*: of the query suffix of the re-ranking prompt (the candidates in front)", POOLINGS)
     use_first_stage: bool = _opt(False, "let the router also route the first-stage score")
+    balance: bool = _opt(False, "weigh the collections of a merged training view equally (loss, dev nDCG), so the "
+                         "largest does not set the routing for all")
     pool_size: int = _opt(64, "only the N best heads alone on the training queries can be routed")
     max_layer: int | None = _opt(None, "a depth budget: route only heads of layers <= L, so every routed pass "
                                  "stops there")

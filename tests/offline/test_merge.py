@@ -142,3 +142,31 @@ def test_restarts_merge_the_seeds_routers(two_stores, tmp_path, monkeypatch):
     want = torch.stack([r(emb) for r in alone]).mean(0)
     assert torch.allclose(both(emb), want, atol=1e-5)
     assert both.config.training["restart_dev_ndcg@10"] == [r.config.training["dev_ndcg@10"] for r in alone]
+
+
+def test_balance_weighs_each_collection_equally(two_stores, tmp_path, monkeypatch):
+    """balance=True: a merged view of 6 + 2 queries weighs them 8/12 and 8/4 (each collection half of the
+    objective); the weighted listwise loss with equal weights is the plain one; a balanced router fits and says
+    so in its record."""
+    from routehead.settings import FitSettings
+    from routehead.training.fit import balance_collections, fit_router
+    from routehead.training.objectives import listwise_loss, padded
+
+    monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path))
+    (a, b), scorer = two_stores
+    keep = sorted(b.entries)[:2]
+    small = dataclasses.replace(b, entries={q: b.entries[q] for q in keep},
+                                first_stage={q: b.first_stage[q] for q in keep})
+    m = merge_scored([a, small])
+    pool = [(0, 1), (2, 3), (3, 0)]
+    qs = queries_for(m, pool, False, sorted(m.entries))
+    balance_collections(m, qs)
+    w = {q.qid: q.weight for q in qs}
+    assert all(w[f"scifact-mini/test/{q}"] == pytest.approx(8 / 12) for q in a.entries)
+    assert all(w[f"mini-b/test/{q}"] == pytest.approx(8 / 4) for q in keep)
+    batch = padded(qs)
+    P = torch.rand(len(qs), len(pool))
+    torch.testing.assert_close(listwise_loss(P, batch, 1.0, False, torch.ones(len(qs))),
+                               listwise_loss(P, batch, 1.0, False))
+    router, _ = fit_router(m, scorer, FitSettings(embed_layer=1, pool_size=8, folds=1, epochs=10, balance=True))
+    assert router.config.training["balance"] is True

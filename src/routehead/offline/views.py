@@ -33,6 +33,7 @@ class Query:
     gains: np.ndarray  # [docs] judged grade of each candidate (0 if unjudged)
     ideal: list[float]  # grades of all judged relevant documents of the query
     first_stage: np.ndarray | None = None  # [docs], z-scored: the extra signal (index len(pool)) when used
+    weight: float = 1.0  # its share of a training objective (:func:`routehead.training.fit.balance_collections`)
 
     @property
     def num_signals(self) -> int:

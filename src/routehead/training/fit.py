@@ -66,10 +66,11 @@ def routed_values(router: Router, probs: torch.Tensor, queries: list[Query], thr
 
 def routed_ndcg(router: Router, probs: torch.Tensor, queries: list[Query], threshold: float, k: int = 10
                 ) -> tuple[float, float, float]:
-    """Mean nDCG@k of the routed selections, the mean number of signals routed, and the mean fraction of layers
-    the routed passes run (:func:`routed_values`, averaged)."""
+    """Mean nDCG@k of the routed selections (weighted by each query's ``weight``), the mean number of signals
+    routed, and the mean fraction of layers the routed passes run (:func:`routed_values`, averaged)."""
     vals, sizes, depth = routed_values(router, probs, queries, threshold, k)
-    return float(vals.mean()), float(sizes.mean()), float(depth.mean())
+    w = [q.weight for q in queries]
+    return float(np.average(vals, weights=w)), float(sizes.mean()), float(depth.mean())
 
 
 def best_threshold(router: Router, probs: torch.Tensor, queries: list[Query], depth_cost: float = 0.0,
@@ -106,6 +107,7 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
     opt = torch.optim.AdamW(router.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     batch = padded(train_queries)
     useful = batch.G.sum(1) > 0
+    qw = torch.tensor([q.weight for q in train_queries], dtype=torch.float32)
     if s.objective == "listwise":
         batch = Batch(*(t[useful] for t in (batch.X, batch.idx, batch.valid, batch.G, batch.M, batch.F, batch.A)))
     y = torch.as_tensor(train_labels, dtype=torch.float32) if train_labels is not None else None
@@ -128,10 +130,14 @@ def train_router(config: RouterConfig, init_bias: np.ndarray, train_emb: torch.T
             loss = loss + s.depth_cost * expected_layers_run(logits[:, :len(head_layers)], head_layers,
                                                              config.num_layers).mean()
         if s.objective == "listwise":
-            loss = loss + listwise_loss(P[useful], batch, s.temperature, config.use_first_stage)
+            loss = loss + listwise_loss(P[useful], batch, s.temperature, config.use_first_stage,
+                                        qw[useful] if s.balance else None)
         if bce_weight > 0:
-            loss = loss + bce_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-                logits[labelled], y[labelled])
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[labelled], y[labelled],
+                                                                       reduction="none" if s.balance else "mean")
+            if s.balance:
+                bce = (qw[labelled] * bce.mean(1)).sum() / qw[labelled].sum()
+            loss = loss + bce_weight * bce
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -186,6 +192,8 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
     # from all training queries: one pool for every fold
     pool, _ = detect_heads(sc, top=s.pool_size, qids=ids, max_layer=s.max_layer)
     all_q = {q.qid: q for q in queries_for(sc, pool, s.use_first_stage, ids)}
+    if s.balance:
+        balance_collections(sc, list(all_q.values()))
     emb = query_embeddings(sc, scorer, s.embed_layer, s.pooling, ids)
     config = RouterConfig(identity=scorer.lm.identity(), embed_layer=s.embed_layer, pool=[list(h) for h in pool],
                           pooling=s.pooling, dim=s.dim, max_heads=s.route_max, use_first_stage=s.use_first_stage,
@@ -244,6 +252,22 @@ def _fit_restarts(config: RouterConfig, train_q: list[Query], dev_q: list[Query]
                               "restart_dev_ndcg@10": [r.config.training["dev_ndcg@10"] for r, _ in runs],
                               "best_epoch": [r.config.training["best_epoch"] for r, _ in runs]}
     return merged, first
+
+
+def balance_collections(sc: Any, queries: list[Query]) -> None:
+    """Weigh each member collection of a merged view equally: a query's ``weight`` is ``N / (G * n_g)`` for N
+    queries in G collections, n_g of them in its own (mean 1). Merging scifact train's 809 queries with a few
+    dozen from each other collection would otherwise let scifact alone decide what the router learns."""
+    groups = [namespace_of(q.qid, sc) for q in queries]
+    counts = {g: groups.count(g) for g in set(groups)}
+    for q, g in zip(queries, groups):
+        q.weight = len(queries) / (len(counts) * counts[g])
+
+
+def namespace_of(qid: str, sc: Any) -> str:
+    """The member collection (``<collection>/<split>/``) a merged view's query id belongs to ("" for one store)."""
+    members = sc.settings.get("members") or []
+    return next((p for p in (f"{m['collection']}/{m['split']}/" for m in members) if qid.startswith(p)), "")
 
 
 def trained_members(sc: Any) -> dict[str, Any]:

@@ -79,10 +79,13 @@ def routed_scores(P: torch.Tensor, b: Batch, use_first_stage: bool) -> torch.Ten
     return s
 
 
-def listwise_loss(P: torch.Tensor, b: Batch, temperature: float, use_first_stage: bool) -> torch.Tensor:
-    """ListNet cross-entropy of the routed (probability-weighted) document scores against the grades."""
+def listwise_loss(P: torch.Tensor, b: Batch, temperature: float, use_first_stage: bool,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """ListNet cross-entropy of the routed (probability-weighted) document scores against the grades, averaged
+    over queries (``weights``: each query's share, mean 1)."""
     s = routed_scores(P, b, use_first_stage)
     logp = torch.log_softmax((temperature * s).masked_fill(~b.M, float("-inf")), dim=1)
     G = b.G * b.M
     target = G / G.sum(1, keepdim=True).clamp_min(1e-9)
-    return -torch.where(b.M, target * logp, torch.zeros_like(logp)).sum(1).mean()
+    per_query = -torch.where(b.M, target * logp, torch.zeros_like(logp)).sum(1)
+    return per_query.mean() if weights is None else (weights * per_query).sum() / weights.sum()
