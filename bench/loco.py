@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for col in vals:
             pooled.setdefault(col, []).append(vals[col])
         out["held_out"][name] = {"queries": len(qids), "route-loco": fitted(router, info), **compare(vals, routers),
-                                 "routing": {r: routing_diversity(chosen[r]) for r in routers}}
+                                 "routing": {r: routing_diversity(chosen[r]) for r in routers},
+                                 "per_query": {r: dict(zip(qids, np.round(vals[r], 6).tolist())) for r in routers}}
         print(json.dumps({"held_out": name, "queries": len(qids), **out["held_out"][name]["ndcg@10"]}), flush=True)
         other_orders(args, spec_of[name], name, methods, scorer, out, by_order, routers)
     if held:
