@@ -178,8 +178,10 @@ def other_orders(args: argparse.Namespace, spec: str, name: str, methods: dict[s
         vals = score_all(other, methods, scorer)
         for col in vals:
             by_order.setdefault(order, {}).setdefault(col, []).append(vals[col])
-        out.setdefault("orders", {}).setdefault(order, {})[name] = {"queries": len(other.entries),
-                                                                    **compare(vals, routers)}
+        qids = sorted(other.entries)
+        out.setdefault("orders", {}).setdefault(order, {})[name] = {
+            "queries": len(qids), **compare(vals, routers),
+            "per_query": {r: dict(zip(qids, np.round(vals[r], 6).tolist())) for r in routers}}
         print(json.dumps({"held_out": name, "order": order, "queries": len(other.entries),
                           **out["orders"][order][name]["ndcg@10"]}), flush=True)
 
