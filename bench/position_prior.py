@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from routehead.errors import RouteheadError  # noqa: E402
 from routehead.evaluation.runs import save_json, sc_identity  # noqa: E402
 from routehead.evaluation.scores import method_scores  # noqa: E402
 from routehead.metrics import ndcg_at_k, paired_p_value  # noqa: E402
@@ -75,9 +76,9 @@ def main() -> None:
     for m in args.methods:
         try:
             methods[m] = build(m, ident)
-        except Exception as exc:  # noqa: BLE001 - an asset this model lacks is skipped, and named
+        except RouteheadError as exc:  # an asset this model lacks is skipped, and named
             print(f"skip {m}: {exc}")
-    n = 20
+    n = int(train.settings["top_k"])  # candidates per query: the prior has one value per prompt position
     qids = sorted(train.entries)
     pos = {q: train.entries[q].tokens.positions for q in qids}
     priors = {m: prior_of(method_scores(train, meth, scorer, qids), pos, n) for m, meth in methods.items()}

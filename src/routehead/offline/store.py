@@ -135,6 +135,13 @@ def _path_part(value: object, what: str) -> str:
     return text
 
 
+def store_path(root: str | Path, settings: dict) -> Path:
+    """The folder of the store for ``settings`` under ``root`` (``<collection>/<split>/<model>-<hash>``), without
+    opening it."""
+    return (Path(root) / _path_part(settings["collection"], "collection") / _path_part(settings["split"], "split")
+            / f"{_slug(settings.get('model', 'model'))}-{settings_hash(settings)}")
+
+
 def shard_filter(qids: list[str], shard: int, num_shards: int) -> list[str]:
     """The queries process ``shard`` of ``num_shards`` should handle: every ``num_shards``-th by position.
 
@@ -173,8 +180,7 @@ class HeadScoreStore:
         self.settings: dict = json.loads(canonical)
         self.auto_flush_every = auto_flush_every
         self.hash = settings_hash(settings)
-        self.path = (Path(root) / _path_part(settings["collection"], "collection")
-                     / _path_part(settings["split"], "split") / f"{_slug(settings.get('model', 'model'))}-{self.hash}")
+        self.path = store_path(root, settings)
         self._buffer: dict[str, Entry] = {}
         self._shard_qids: dict[str, list[str]] = {}  # shard file name -> qids (shards are immutable)
         self._shape: tuple[int, int] | None = None  # (layers, heads) shared by all entries

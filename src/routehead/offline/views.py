@@ -18,7 +18,7 @@ import torch
 from routehead.engine.aggregate import Head, SpanIndex, combine, first_stage_signal, set_scores, spans_of
 from routehead.errors import RouteheadError
 from routehead.offline.collect import ScoredCollection, namespace, store_root
-from routehead.offline.store import HeadScoreStore, Tokens
+from routehead.offline.store import Tokens, store_path
 from routehead.selection.base import Selection
 
 
@@ -126,7 +126,7 @@ def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str
     in_prompt = pooling.startswith("prompt-")
     # a query alone embeds the same in every store of its split; one read off the prompt depends on the store's
     # candidates and their order, so it lives in the store's own folder
-    where = HeadScoreStore(store_root(), sc.settings).path if in_prompt else (
+    where = store_path(store_root(), sc.settings) if in_prompt else (
         store_root() / sc.collection.name / sc.collection.split)
     path = where / name
     cached = load_file(str(path)) if path.is_file() else {}

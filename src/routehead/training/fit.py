@@ -25,6 +25,7 @@ query), it lets a query keep a deep head when the ranking gains enough from it, 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 
 from routehead.errors import RouteheadError
 from routehead.metrics import ndcg_at_k
+from routehead.offline.collect import namespace
 from routehead.offline.views import Query, doc_scores, queries_for, query_embeddings
 from routehead.selection.router import Router, RouterConfig, merge_routers
 from routehead.settings import FitSettings
@@ -258,16 +260,11 @@ def balance_collections(sc: Any, queries: list[Query]) -> None:
     """Weigh each member collection of a merged view equally: a query's ``weight`` is ``N / (G * n_g)`` for N
     queries in G collections, n_g of them in its own (mean 1). Merging scifact train's 809 queries with a few
     dozen from each other collection would otherwise let scifact alone decide what the router learns."""
-    groups = [namespace_of(q.qid, sc) for q in queries]
-    counts = {g: groups.count(g) for g in set(groups)}
+    prefixes = [namespace(m) for m in sc.members]
+    groups = [next((p for p in prefixes if q.qid.startswith(p)), "") for q in queries]  # "": one store
+    counts = Counter(groups)
     for q, g in zip(queries, groups):
         q.weight = len(queries) / (len(counts) * counts[g])
-
-
-def namespace_of(qid: str, sc: Any) -> str:
-    """The member collection (``<collection>/<split>/``) a merged view's query id belongs to ("" for one store)."""
-    members = sc.settings.get("members") or []
-    return next((p for p in (f"{m['collection']}/{m['split']}/" for m in members) if qid.startswith(p)), "")
 
 
 def trained_members(sc: Any) -> dict[str, Any]:
