@@ -167,26 +167,43 @@ class Reranker:
         for _, docs, fs in norm:
             if fs is not None and len(fs) != len(docs):
                 raise RouteheadError("first_stage_scores must have one score per document")
-        selections = [self._selection(q, docs) for q, docs, _ in norm]
-        computed = None if any(sel.heads.heads is None for sel in selections) else sorted(
-            {h for sel in selections for h in sel.heads.heads})
-        sets = list(dict.fromkeys(sel.heads for sel in selections))
-        which = [sets.index(sel.heads) for sel in selections]
-        jobs, where = [], []
+        routing = self.selector.pass_routing() if len(passes(self.doc_order)) == 1 else None
+        if routing is not None and not self.scorer.single_pass:
+            routing = None
+        # routed inside its own pass where the list fits one prompt; otherwise routed first, then scored
+        in_pass = [routing is not None and len(self.scorer.plan(q, docs, max_chunks_per_doc)[2]) == 1
+                   for q, docs, _ in norm]
+        selections: list[Selection | None] = [None if ip else self._selection(q, docs)
+                                              for ip, (q, docs, _) in zip(in_pass, norm)]
+        fixed = [sel for sel in selections if sel is not None]
+        computed = None if any(sel.heads.heads is None for sel in fixed) else sorted(
+            {h for sel in fixed for h in sel.heads.heads})
+        sets = list(dict.fromkeys(sel.heads for sel in fixed))
+        jobs: dict[bool, list[tuple[str, list[str]]]] = {False: [], True: []}
+        where: dict[bool, list[tuple[int, list[int]]]] = {False: [], True: []}
         for i, (q, docs, _) in enumerate(norm):
             for order in passes(self.doc_order):
                 perm = prompt_order(len(docs), order, q)
-                where.append((i, perm))
-                jobs.append((q, [docs[j] for j in perm]))
-        results = self.scorer.score_many(jobs, heads=computed, batch_size=batch_size, sets=sets,
-                                         keep_tokens=evidence > 0, per_head=False,
-                                         max_chunks_per_doc=max_chunks_per_doc)
+                where[in_pass[i]].append((i, perm))
+                jobs[in_pass[i]].append((q, [docs[j] for j in perm]))
         per_item: dict[int, list[tuple[list[int], HeadScores]]] = {}
-        for (i, perm), S in zip(where, results):
-            per_item.setdefault(i, []).append((perm, S))
+        for routed, todo in jobs.items():
+            if not todo:
+                continue
+            results = self.scorer.score_many(todo, heads=None if routed else computed, batch_size=batch_size,
+                                             sets=() if routed else sets, keep_tokens=evidence > 0, per_head=False,
+                                             max_chunks_per_doc=max_chunks_per_doc,
+                                             routing=routing if routed else None)
+            for (i, perm), S in zip(where[routed], results):
+                per_item.setdefault(i, []).append((perm, S))
+                if routed:
+                    selections[i] = S.routed
+        which = [0 if ip else sets.index(sel.heads) for ip, sel in zip(in_pass, selections)]
         out = []
         for i, (_, docs, fs) in enumerate(norm):
-            hs, fs_weight = selections[i].heads, selections[i].first_stage_weight
+            sel = selections[i]
+            assert sel is not None
+            hs, fs_weight = sel.heads, sel.first_stage_weight
             scores = np.zeros(len(docs))
             for perm, S in per_item[i]:
                 scores[perm] += S.sets[which[i]].double().numpy() / len(per_item[i])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ class HeadScores:
     # (0 = its first) under each set, the one its score is
     chunks: list[int] = field(default_factory=list)
     best_chunk: torch.Tensor | None = None
+    routed: Any = None  # routing inside the pass (PassRouting): the router's selection for this query
 
     @property
     def num_docs(self) -> int:
@@ -80,6 +81,39 @@ class HeadScores:
         """Index of each document's first passage among the token rows' spans (documents alone: ``0..n-1``)."""
         counts = self.chunks or [1] * self.num_docs
         return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+
+
+class Routed(Protocol):
+    """What a router returns for one prompt: at least the head set to aggregate (``Selection`` is one)."""
+
+    @property
+    def heads(self) -> HeadSet: ...
+
+
+@dataclass(frozen=True)
+class PassRouting:
+    """Routing inside the re-ranking pass itself (a router that reads the query in the prompt, ``prompt-*``).
+
+    Why: such a router needs layer ``layer``'s output over the prompt's query suffix, which the re-ranking pass
+    computes anyway; routing there costs no second pass. The pass keeps the rows of every ``pool`` head up to
+    ``layer`` (it cannot know yet which will be routed), calls ``route(embedding)`` per prompt once ``layer`` has
+    run, then computes only the routed heads' rows of the deeper layers and stops after the deepest routed one.
+    The scores equal those of routing first (a separate pass up to ``layer``) and scoring the routed set.
+    """
+
+    layer: int  # the decoder layer whose output embeds the query
+    pooling: str  # prompt-mean | prompt-last, over the query suffix's tokens
+    pool: tuple[Head, ...]  # every head the router may route
+    route: Callable[[torch.Tensor], Routed]  # one prompt's embedding [hidden] -> its selection
+
+    def embed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The query embedding from layer ``layer``'s output over the query suffix ``[tokens, hidden]``."""
+        h = hidden.float()
+        if self.pooling == "prompt-mean":
+            return h.mean(0).cpu()
+        if self.pooling == "prompt-last":
+            return h[-1].cpu()
+        raise ValueError(f"routing inside the pass reads the prompt: pooling {self.pooling!r} is not prompt-*")
 
 
 def maxp(S: HeadScores, chunks: Chunks) -> HeadScores:
@@ -97,7 +131,7 @@ def maxp(S: HeadScores, chunks: Chunks) -> HeadScores:
                       sets=torch.stack([t.values for t in top], -1) if parts else S.sets,
                       tokens=S.tokens, set_tokens=S.set_tokens, token_ids=S.token_ids, windows=S.windows,
                       prompt_tokens=S.prompt_tokens, truncated=list(chunks.truncated), chunks=counts,
-                      best_chunk=torch.stack([t.indices for t in top], -1) if parts else None)
+                      best_chunk=torch.stack([t.indices for t in top], -1) if parts else None, routed=S.routed)
 
 
 def normalize_heads(heads: Iterable[Head] | None, num_layers: int, num_heads: int) -> list[Head]:
@@ -137,6 +171,62 @@ def set_weights(sets: Sequence[HeadSet], sel: list[Head]) -> torch.Tensor:
     return torch.from_numpy(W)
 
 
+def _outputs(prompts: Sequence[Prompt], acc: torch.Tensor, spans: SpanIndex, by_layer: dict[int, list[int]],
+             done: dict[int, torch.Tensor] | None, toks: dict[int, torch.Tensor] | None, keep_tokens: bool,
+             chosen: list[Any]) -> list[dict[str, Any]]:
+    """Per prompt, what :meth:`HeadScorer._score_prompts` returns, from the pass's accumulators: the sets' token
+    sums ``acc`` ``[B, sets, prefix]``; per layer, each head's masked sums (``done``) and token rows (``toks``),
+    where they were kept; the router's selections (``chosen``), when it routed inside the pass."""
+    B, S, Pm = acc.shape
+    order = sorted(by_layer)
+    flat = acc.transpose(0, 1).reshape(S, B * Pm)
+    counts = [len(p.doc_spans) for p in prompts]
+    out: list[dict[str, Any]] = [{"sets": t} for t in mask_outliers_and_sum(flat, spans).float().cpu()
+                                 .split(counts, dim=1)]
+    for o, c in zip(out, chosen):
+        o["routed"] = c
+    if done is not None:  # per layer: each head's calibrated, raw (both masked) and raw unmasked sums
+        nh = {lay: len(by_layer[lay]) for lay in order}
+        for k, name in enumerate(("cal", "raw", "raw_sum")):
+            rows = torch.cat([done[lay][k * nh[lay]:(k + 1) * nh[lay]] for lay in order])
+            for o, r in zip(out, rows.float().cpu().split(counts, dim=1)):
+                o[name] = r
+    if keep_tokens:
+        lens = [sum(e - s for s, e in p.doc_spans) for p in prompts]
+        for o, st in zip(out, flat[:, spans.flat].float().cpu().split(lens, dim=1)):
+            o["set_tokens"] = st
+        if toks is not None:  # routed: the rows of heads no prompt was routed to were never computed
+            for o, t in zip(out, torch.cat([toks[lay] for lay in order]).float().cpu().split(lens, dim=1)):
+                o["tokens"] = t
+    return out
+
+
+def _token_parts(out: dict[str, Any], prompt: Prompt, window: list[int], factor: float
+                 ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor, list[int]]]:
+    """One window's token rows per document (scaled by the window's factor): every computed head's (None where
+    not kept), the sets', and the document span's token ids."""
+    rows, bounds = out.get("tokens"), [0]
+    for s, e in prompt.doc_spans:
+        bounds.append(bounds[-1] + e - s)
+    parts = {}
+    for j, doc in enumerate(window):
+        a, b = bounds[j], bounds[j + 1]
+        s0, e0 = prompt.doc_spans[j]
+        parts[doc] = (None if rows is None else rows[:, a:b] * factor, out["set_tokens"][:, a:b] * factor,
+                      prompt.prefix_ids[s0:e0])
+    return parts
+
+
+def _attach_tokens(S: HeadScores, docs: list[tuple[torch.Tensor | None, torch.Tensor, list[int]]],
+                   heads: list[Head]) -> None:
+    """Each document's token rows (every computed head's, where kept; the sets'; its token ids), in input order."""
+    counts = [len(d[2]) for d in docs]
+    if all(d[0] is not None for d in docs):
+        S.tokens = TokenScores(rows=torch.cat([d[0] for d in docs], dim=1), counts=counts, heads=list(heads))
+    S.set_tokens = TokenScores(rows=torch.cat([d[1] for d in docs], dim=1), counts=counts, heads=[])
+    S.token_ids = [list(d[2]) for d in docs]
+
+
 class HeadScorer:
     """Scores documents for a query with every (or some) attention heads of a frozen causal LM."""
 
@@ -171,10 +261,13 @@ class HeadScorer:
         return box.get("hidden")
 
     def _single_pass(self, prompts: Sequence[Prompt], by_layer: dict[int, list[int]],
-                     on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+                     on_layer: Callable[[int, torch.Tensor, torch.Tensor], None],
+                     at_layer: tuple[int, Callable[[capture.Split, torch.Tensor], None]] | None = None) -> None:
         """One pass over prefix + query suffix + "N/A" suffix of every prompt, one batch row each (see
         :class:`capture.Split`); ``on_layer(layer, q_rows, na_rows)`` gets ``[B, heads, width]`` and
-        ``[B, heads, max prefix + n]``."""
+        ``[B, heads, max prefix + n]``. ``at_layer = (layer, fn)``: ``fn(split, hidden)`` gets that layer's output
+        ``[B, T, hidden]`` and may change ``split.heads`` for the layers after it (``by_layer`` then needs a key
+        past the last layer, so that no layer before ``fn`` is taken for the deepest) or raise ``StopForward``."""
         na = prompts[0].na_ids
         if any(p.na_ids != na for p in prompts):
             raise ValueError("prompts of one batch must share the calibration suffix")
@@ -183,7 +276,16 @@ class HeadScorer:
         W = split.width
         ids = [p.prefix_ids + p.query_ids + [0] * (W - m) + na for p, m in zip(prompts, split.main)]
         positions = [list(range(W)) + list(range(p.prefix_len, p.prefix_len + len(na))) for p in prompts]
-        self._forward(ids, max(by_layer), split=split, positions=positions)
+        if at_layer is None:
+            self._forward(ids, max(by_layer), split=split, positions=positions)
+            return
+        layer, fn = at_layer
+        handle = self.layers[layer].register_forward_hook(
+            lambda _m, _a, out: fn(split, out[0] if isinstance(out, tuple) else out))
+        try:
+            self._forward(ids, self.lm.num_layers - 1, split=split, positions=positions)
+        finally:
+            handle.remove()
 
     @torch.inference_mode()
     def query_rows(self, prompt: Prompt, heads: list[Head], single_pass: bool | None = None
@@ -209,7 +311,8 @@ class HeadScorer:
 
     @torch.inference_mode()
     def _score_prompts(self, prompts: Sequence[Prompt], heads: list[Head], W_sets: torch.Tensor,
-                       keep_tokens: bool, per_head: bool = True) -> list[dict[str, torch.Tensor]]:
+                       keep_tokens: bool, per_head: bool = True, routing: PassRouting | None = None
+                       ) -> list[dict[str, Any]]:
         """Per prompt: ``sets`` ``[sets, docs]`` (summed over each set's heads, then masked); with ``per_head``,
         ``cal``/``raw`` ``[heads, docs]`` (each head masked alone); with ``keep_tokens``, ``tokens``
         ``[heads, span tokens]``.
@@ -218,58 +321,73 @@ class HeadScorer:
         ``[sets, prefix]`` and (only with ``keep_tokens``) the document tokens' rows, never rows of all layers.
         Without ``per_head`` a layer costs a subtraction and one weighted sum over its heads, nothing per head:
         re-ranking needs only the sets, and on a GPU every small op a layer adds is host time.
+
+        ``routing`` (:class:`PassRouting`; ``heads`` is then its pool, ``per_head`` off): one set per prompt,
+        the router's, chosen inside the pass (``routed``: its selection); the pool heads' rows up to the routing
+        layer wait for the choice (at most the pool's heads of those layers, ``[B, heads, prefix]`` each).
         """
+        if routing is not None and (per_head or not self.single_pass):
+            raise ValueError("routing inside the pass needs a single-pass model and per_head=False")
         if not self.single_pass and len(prompts) > 1:
             return [o for p in prompts for o in self._score_prompts([p], heads, W_sets, keep_tokens, per_head)]
-        Pm = max(p.prefix_len for p in prompts)
+        B, Pm = len(prompts), max(p.prefix_len for p in prompts)
         spans = SpanIndex.build([(b * Pm + s, b * Pm + e) for b, p in enumerate(prompts) for s, e in p.doc_spans],
                                 self.lm.device)  # every prompt's documents, rows laid end to end
         by_layer = _by_layer(heads)
-        first = {}
+        cols: dict[int, Any] = {}  # each layer's computed heads: their columns among ``heads``
         for i, (lay, _) in enumerate(heads):
-            first.setdefault(lay, i)
-        Wd = W_sets.to(self.lm.device)
-        acc = torch.zeros(len(prompts), W_sets.shape[0], Pm, device=self.lm.device)
+            cols.setdefault(lay, slice(i, i + len(by_layer[lay])))
+        # each prompt's weights on every head [B, sets, heads]: the sets' (shared), or the router's once it chose
+        Wb = (torch.zeros(B, 1, len(heads)) if routing else W_sets[None].expand(B, -1, -1)).to(self.lm.device)
+        acc = torch.zeros(B, Wb.shape[1], Pm, device=self.lm.device)
         done: dict[int, torch.Tensor] = {}
         toks: dict[int, torch.Tensor] = {}
+        pending: list[tuple[int, torch.Tensor]] = []  # routing: rows of the layers run before the choice
+        chosen: list[Any] = []
 
         def reduce(layer: int, q_rows: torch.Tensor, na_rows: torch.Tensor) -> None:
             q = q_rows[:, :, :Pm].float()
             cal = q - na_rows[:, :, :Pm].float()  # [B, h, Pm]
             n = cal.shape[1]
-            i0 = first[layer]
-            acc.add_(torch.einsum("sh,bht->bst", Wd[:, i0:i0 + n], cal))
+            if routing is not None and not chosen:
+                pending.append((layer, cal))
+                return
+            acc.add_(torch.einsum("bsh,bht->bst", Wb[:, :, cols[layer]], cal))
             if per_head:  # each head alone: calibrated rows, then raw rows, prompts laid end to end
                 both = torch.cat([cal, q], dim=1).transpose(0, 1).reshape(2 * n, -1)
                 raw = both[n:, spans.idx]
                 done[layer] = torch.cat([mask_outliers_and_sum(both, spans), (raw * spans.valid).sum(-1)])
-            if keep_tokens:
+            if keep_tokens and routing is None:
                 toks[layer] = cal.transpose(0, 1).reshape(n, -1)[:, spans.flat]
 
-        if self.single_pass:
+        def route(split: capture.Split, hidden: torch.Tensor) -> None:
+            assert routing is not None
+            chosen.extend(routing.route(routing.embed(hidden[b, p:m])) for b, (p, m)
+                          in enumerate(zip(split.prefix, split.main)))
+            Wb.copy_(torch.stack([set_weights([c.heads], heads) for c in chosen]).to(self.lm.device))
+            for layer, cal in pending:
+                acc.add_(torch.einsum("bsh,bht->bst", Wb[:, :, cols[layer]], cal))
+            pending.clear()
+            split.heads.clear()  # from here on, only the routed heads of the deeper layers
+            at = {h: i for i, h in enumerate(heads)}
+            deeper = sorted({h for c in chosen for h in (c.heads.heads or ()) if h[0] > routing.layer})
+            for lay, hs in _by_layer(deeper).items():
+                split.heads[lay] = hs
+                cols[lay] = torch.tensor([at[(lay, h)] for h in hs], device=self.lm.device)
+            if not deeper:
+                raise capture.StopForward
+
+        if routing is not None:
+            early = {lay: hs for lay, hs in by_layer.items() if lay <= routing.layer}
+            self._single_pass(prompts, {**early, self.lm.num_layers: []}, reduce, at_layer=(routing.layer, route))
+        elif self.single_pass:
             self._single_pass(prompts, by_layer, reduce)
         else:  # two full passes (one prompt at a time, see above)
             q, na = (x.to(self.lm.device) for x in self.query_rows(prompts[0], heads, single_pass=False))
-            for lay, hs in by_layer.items():
-                i0 = first[lay]
-                reduce(lay, q[None, i0:i0 + len(hs)], na[None, i0:i0 + len(hs)])
-        order = sorted(by_layer)
-        nh = {lay: len(by_layer[lay]) for lay in order}
-        sets = mask_outliers_and_sum(acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm), spans)
-        counts = [len(p.doc_spans) for p in prompts]
-        out: list[dict[str, torch.Tensor]] = [{"sets": t} for t in sets.float().cpu().split(counts, dim=1)]
-        if per_head:  # per layer: each head's calibrated, raw (both masked) and raw unmasked sums
-            for k, name in enumerate(("cal", "raw", "raw_sum")):
-                rows = torch.cat([done[lay][k * nh[lay]:(k + 1) * nh[lay]] for lay in order])
-                for o, r in zip(out, rows.float().cpu().split(counts, dim=1)):
-                    o[name] = r
-        if keep_tokens:
-            lens = [sum(e - s for s, e in p.doc_spans) for p in prompts]
-            set_toks = acc.transpose(0, 1).reshape(acc.shape[1], len(prompts) * Pm)[:, spans.flat]
-            for o, t, st in zip(out, torch.cat([toks[lay] for lay in order]).float().cpu().split(lens, dim=1),
-                                set_toks.float().cpu().split(lens, dim=1)):
-                o["tokens"], o["set_tokens"] = t, st
-        return out
+            for lay, sl in cols.items():
+                reduce(lay, q[None, sl], na[None, sl])
+        return _outputs(prompts, acc, spans, by_layer, done if per_head else None,
+                        toks if keep_tokens and routing is None else None, keep_tokens, chosen)
 
     # -- public -------------------------------------------------------------------------------------------------
     def score(self, query: str, documents: Sequence[str], heads: Iterable[Head] | None = None,
@@ -299,20 +417,27 @@ class HeadScorer:
 
     def score_many(self, items: Sequence[tuple[str, Sequence[str]]], heads: Iterable[Head] | None = None,
                    batch_size: int = 1, sets: Sequence[HeadSet] = (), keep_tokens: bool = False,
-                   per_head: bool = True, max_chunks_per_doc: int | None = None) -> list[HeadScores]:
+                   per_head: bool = True, max_chunks_per_doc: int | None = None,
+                   routing: PassRouting | None = None) -> list[HeadScores]:
         """:meth:`score` for many ``(query, documents)`` pairs, ``batch_size`` prompts per forward pass.
 
         Batching pays where one prompt leaves a GPU idle (small models, short lists): a pass costs a fixed
         number of kernel launches, however many rows it carries. Prompts are grouped by length (least padding);
         results are the same as one at a time, in input order. With chunking (``max_chunks_per_doc``, default
         the builder's, > 1) each result is per document, the maximum over its chunks (:func:`maxp`).
+
+        ``routing`` (:class:`PassRouting`): each query's heads are routed inside its pass (``heads``, ``sets`` and
+        ``per_head`` do not apply): ``sets`` holds the routed set's scores, ``routed`` the router's selection.
+        Each list must fit one prompt (one window), since the router reads the query next to its candidates.
         """
+        if routing is not None:
+            heads = self._routable(routing, heads, sets, per_head)
         chunking = (self.builder.max_chunks_per_doc if max_chunks_per_doc is None else max_chunks_per_doc) > 1
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         L, H = self.lm.num_layers, self.lm.num_heads
         sel = normalize_heads(heads, L, H)
-        W_sets = set_weights(sets, sel)
+        W_sets = torch.zeros(1, len(sel)) if routing else set_weights(sets, sel)
         li = torch.tensor([lay for lay, _ in sel])
         hi = torch.tensor([h for _, h in sel])
         results: list[HeadScores] = []
@@ -328,7 +453,9 @@ class HeadScorer:
             results.append(HeadScores(calibrated=torch.full((L, H, n), float("nan")),
                                       raw=torch.full((L, H, n), float("nan")),
                                       raw_sum=torch.full((L, H, n), float("nan")), computed=computed,
-                                      sets=torch.zeros(len(sets), n), windows=windows, truncated=truncated))
+                                      sets=torch.zeros(W_sets.shape[0], n), windows=windows, truncated=truncated))
+            if routing is not None and len(windows) > 1:
+                raise ValueError("routing inside the pass needs a list that fits one prompt; route it first")
             for win in windows:
                 jobs.append((i, win, self.builder.build(q, [texts[j] for j in win], [truncated[j] for j in win])))
         jobs.sort(key=lambda job: (tuple(job[2].na_ids), job[2].length))
@@ -341,8 +468,9 @@ class HeadScorer:
                 batch.append(jobs[k + len(batch)])
             k += len(batch)
             for (i, win, prompt), out in zip(batch, self._score_prompts([p for _, _, p in batch], sel, W_sets,
-                                                                        keep_tokens, per_head)):
+                                                                        keep_tokens, per_head, routing)):
                 S = results[i]
+                S.routed = out.get("routed")
                 S.prompt_tokens = max(S.prompt_tokens, prompt.length)
                 factor = len(win) / S.num_docs
                 for j, doc in enumerate(win):
@@ -352,22 +480,20 @@ class HeadScorer:
                         S.raw[li, hi, doc] = out["raw"][:, j] * factor
                         S.raw_sum[li, hi, doc] = out["raw_sum"][:, j] * factor
                 if keep_tokens:
-                    bounds = [0]
-                    for s, e in prompt.doc_spans:
-                        bounds.append(bounds[-1] + e - s)
-                    for j, doc in enumerate(win):
-                        a, b = bounds[j], bounds[j + 1]
-                        s0, e0 = prompt.doc_spans[j]
-                        parts.setdefault(i, {})[doc] = (out["tokens"][:, a:b] * factor,
-                                                        out["set_tokens"][:, a:b] * factor, prompt.prefix_ids[s0:e0])
+                    parts.setdefault(i, {}).update(_token_parts(out, prompt, win, factor))
         if keep_tokens:
             for i, S in enumerate(results):
-                docs = [parts[i][d] for d in range(S.num_docs)]
-                counts = [len(d[2]) for d in docs]
-                S.tokens = TokenScores(rows=torch.cat([d[0] for d in docs], dim=1), counts=counts, heads=list(sel))
-                S.set_tokens = TokenScores(rows=torch.cat([d[1] for d in docs], dim=1), counts=counts, heads=[])
-                S.token_ids = [list(d[2]) for d in docs]
+                _attach_tokens(S, [parts[i][d] for d in range(S.num_docs)], sel)
         return [maxp(S, c) for S, c in zip(results, passages)] if chunking else results
+
+    def _routable(self, routing: PassRouting, heads: Iterable[Head] | None, sets: Sequence[HeadSet],
+                  per_head: bool) -> list[Head]:
+        """The heads a pass routed inside itself computes (the router's pool), or why it cannot run."""
+        if sets or per_head or heads is not None:
+            raise ValueError("routing inside the pass scores the routed set only: no heads, sets or per_head")
+        if not self.single_pass:
+            raise ValueError("routing inside the pass needs a model whose masks the single pass supports")
+        return list(routing.pool)
 
     @torch.inference_mode()
     def query_embedding(self, query: str, layer: int, pooling: str = "mean",

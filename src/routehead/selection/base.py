@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from routehead.engine.aggregate import Head, HeadSet
+from routehead.engine.scorer import PassRouting
 
 Asset = str | Path | Sequence[Head] | None  # what a method loads: a path, a shipped variant name, a head list
 
@@ -58,6 +59,10 @@ class Method:
 
     def select(self, embedding: torch.Tensor | None = None) -> Selection:
         raise NotImplementedError
+
+    def pass_routing(self) -> PassRouting | None:
+        """How to route inside the re-ranking pass (a method that reads the query in the prompt), or None."""
+        return None
 
     def info(self) -> dict[str, Any]:
         """What a caller may want to show about the loaded method (heads, router settings)."""

@@ -9,6 +9,7 @@ import torch
 
 from routehead.assets import router_path
 from routehead.engine.aggregate import Head, HeadSet
+from routehead.engine.scorer import PassRouting
 from routehead.errors import RouteheadError
 from routehead.selection.base import Asset, Method, Selection
 from routehead.selection.router import Router, Routing, load_router
@@ -45,6 +46,14 @@ class Route(Method):
         if embedding is None:
             raise RouteheadError("method 'route' needs the query's embedding")
         return selection_of(self.routing(embedding), self.router.config.pool_heads)
+
+    def pass_routing(self) -> PassRouting | None:
+        """A router that reads the query in the re-ranking prompt (``prompt-*`` pooling) routes inside that pass:
+        no second pass, and the pass still stops after the deepest routed layer."""
+        cfg = self.router.config
+        if not cfg.pooling.startswith("prompt-"):
+            return None
+        return PassRouting(cfg.embed_layer, cfg.pooling, tuple(sorted(cfg.pool_heads)), self.select)
 
     def info(self) -> dict[str, Any]:
         cfg = self.router.config
