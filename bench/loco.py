@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=None, help="default results/loco-<model>-<order>.json")
     ap.add_argument("--all-out", default=None, help="the router fitted on everything (default "
                     "results/router-<model>-multi-<order>.safetensors)")
+    ap.add_argument("--base-out", default=None, help="also save route-base (fitted on the base alone: every held-out "
+                    "figure above is a test figure of this router)")
     ap.add_argument("--ship", action="store_true", help="copy the router fitted on everything into the package "
                     "(router-<model>-multi.safetensors)")
     args = ap.parse_args(argv)
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             skipped[m] = str(exc)
             print(f"skipped method {m}: {exc}", flush=True)
     base_router, info = fit_router(base, scorer, settings)
+    if args.base_out:
+        base_router.save(args.base_out)
     out: dict[str, Any] = {"model": model, "doc_order": args.doc_order, "date": time.strftime("%Y-%m-%d"),
                            "command": "python bench/loco.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "base": name_of(base), "recipe": asdict(settings),

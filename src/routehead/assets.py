@@ -9,7 +9,7 @@ import importlib.resources
 from pathlib import Path
 
 # routers that may ship beside the default one; pass router="<variant>"
-ROUTER_VARIANTS = ("bce", "fs", "fast", "multi")
+ROUTER_VARIANTS = ("bce", "fs", "fast", "multi", "prompt")
 
 
 def asset(name: str) -> Path:
@@ -26,7 +26,9 @@ def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]
     variant name (``"bce"``: the paper's recipe; ``"fs"``: may route the first-stage score; ``"fast"``: a priced,
     shallower router, shipped only where one meets bench/train_router.py's rule, none today; ``"multi"``: the
     first-stage router's recipe trained on scifact train and five other collections' test queries by
-    bench/loco.py, SmolLM2 only: never evaluate it on those five) the one shipped under it, anything else a path."""
+    bench/loco.py, SmolLM2 only: never evaluate it on those five; ``"prompt"``: the first-stage recipe reading the
+    query inside the re-ranking prompt, routed inside that pass, scifact train only, SmolLM2 only) the one shipped
+    under it, anything else a path."""
     if router is None:
         return default_router_path(model_name), True
     if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():

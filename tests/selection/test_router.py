@@ -172,3 +172,20 @@ def test_shipped_multi_router_never_saw_scifact_test():
     assert cfg.trained_on[0] == "scifact/train" and "scifact/test" not in cfg.trained_on
     assert sorted(cfg.trained_on[1:]) == ["adi/test", "cisi/test", "cranfield/test", "med/test",
                                           "trec-dl19-passage/test"]
+
+
+def test_shipped_prompt_router_routes_inside_the_pass_and_saw_only_scifact_train():
+    """``router="prompt"``: reads the query inside the re-ranking prompt, so it routes inside that pass (no second
+    pass); trained on scifact train alone, so every other collection and scifact test are test figures for it."""
+    from routehead.assets import router_path
+    from routehead.selection.route import Route
+
+    path, shipped = router_path("smollm2-135m", "prompt")
+    from routehead.selection.router import load_router
+
+    cfg = load_router(path).config
+    route = Route.load(cfg.identity, "prompt")
+    assert shipped and cfg.identity["model"] == "smollm2-135m" and cfg.pooling == "prompt-mean"
+    assert cfg.trained_on == ["scifact/train"]
+    routing = route.pass_routing()
+    assert routing is not None and routing.layer == cfg.embed_layer and set(routing.pool) == set(cfg.pool_heads)

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from routehead.assets import ROUTER_VARIANTS
 from routehead.cli.options import data_args, job_from, print_warnings
 from routehead.evaluation.baselines import BASELINES, NO_PASS
 from routehead.selection import METHODS
@@ -56,8 +57,8 @@ def register(sub: Any) -> None:
                    help="baselines (bm25, position, dense, oracle) and registered methods")
     p.add_argument("--heads", default=None, help="the asset of the head-set methods: a head-set JSON for static, "
                    "single and core, a layer window (JSON or s,e) for layers (default: the one shipped for the model)")
-    p.add_argument("--router", default=None, help="router for route: a .safetensors or a shipped variant (bce, fs, "
-                   "fast; default: the shipped router)")
+    p.add_argument("--router", default=None, help="router for route: a .safetensors or a shipped variant "
+                   f"({', '.join(ROUTER_VARIANTS)}; default: the shipped router)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the full report as JSON")
     p.set_defaults(func=evaluate)

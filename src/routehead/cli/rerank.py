@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from routehead.assets import ROUTER_VARIANTS
 from routehead.cli.inputs import highlight, read_documents
 from routehead.cli.options import add_field, model_args
 from routehead.selection import DEFAULT_METHOD, METHODS
@@ -17,8 +18,9 @@ def method_args(p: argparse.ArgumentParser) -> None:
     """``--method`` (choices from the registry), ``--router``, ``--heads``: shared by rerank and serve."""
     p.add_argument("--method", default=None, choices=list(METHODS),
                    help=f"default: route with --router, static with --heads, else {DEFAULT_METHOD}")
-    p.add_argument("--router", default=None, help="router .safetensors, or a shipped variant: bce (the paper's), fs, "
-                   "fast (where shipped) (default: the router shipped for the model)")
+    p.add_argument("--router", default=None, help="router .safetensors, or a shipped variant: "
+                   f"{', '.join(ROUTER_VARIANTS)} (where shipped; bce is the paper's recipe) (default: the router "
+                   "shipped for the model)")
     p.add_argument("--heads", default=None, help="a head-set JSON (static, single, core) or a layer "
                    "window, JSON or s,e (layers) (default: the one shipped for the model)")
     p.add_argument("--doc-order", default=DEFAULT_ORDER, choices=list(ORDERS),

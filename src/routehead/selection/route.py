@@ -24,7 +24,7 @@ class Route(Method):
 
     @classmethod
     def load(cls, identity: dict[str, Any], asset: Asset = None) -> Route:
-        """``asset``: a router file, a shipped variant name (``bce``, ``fs``, ``fast``, ``multi``), or None for the
+        """``asset``: a router file, a shipped variant name (:data:`routehead.assets.ROUTER_VARIANTS`), or None for the
         default router shipped for the model."""
         if asset is not None and not isinstance(asset, str) and not hasattr(asset, "__fspath__"):
             raise RouteheadError("method 'route' takes a router (a path or a shipped variant name), not a head list")
