@@ -4,15 +4,19 @@ or router saw (issue #35 item 5).
     python bench/serving_order.py --model smollm2-135m          # stored passes only
     python bench/serving_order.py --orders reverse shuffle --root reverse=results/cache \
         --root shuffle=/root/routehead-store                     # each order's store where it lives
+    python bench/serving_order.py --from-json --record src/routehead/assets/router-smollm2-135m-fs.safetensors=route+fs
 
 Held-out queries: the scifact train queries stored in every order of ``--orders`` (a store root per order with
 ``--root ORDER=PATH``, else ROUTEHEAD_STORE). Every
 method is fitted on the *other* stored shuffled train queries with the shipped recipe: QRHead-16 (``static``),
 the single best head, CoRe-8 (temperature 1.0, prune 0.25), the layer window (width 1), and the routers (the
 shipped listwise recipe, with and without the first-stage score as a routable signal: ``route``, ``route+fs``;
-read back from the shipped router files as bench/loco.py does). Then each is scored on the held-out queries in
-each order: mean nDCG@10, and for each order the paired p-value against the reversed order (today's serving
-default). BM25 and position-only rows give the scale. Writes results/serving-order-<model>.json.
+read back from the shipped router files as bench/loco.py does; ``route-prompt``: ``route+fs`` reading the query
+inside the prompt, as ``router="prompt"`` does, each order's embedding from that order's own prompt). Then each
+is scored on the held-out queries in each order: mean nDCG@10, and for each order the paired p-value against the
+reversed order (the default serving order). BM25 and position-only rows give the scale. Writes
+results/serving-order-<model>.json. ``--record`` writes a method's best order into a router file, which a
+``Reranker`` without ``doc_order`` then serves it in.
 """
 
 from __future__ import annotations
@@ -51,7 +55,16 @@ def main() -> None:
     ap.add_argument("--split", default="train")
     ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
     ap.add_argument("--root", action="append", default=[], help="ORDER=PATH: where that order's store lives")
+    ap.add_argument("--record", nargs="*", default=[], metavar="ROUTER=METHOD",
+                    help="write METHOD's best order into the router file ROUTER (its serving_order: a Reranker "
+                    "without doc_order serves it there), e.g. src/routehead/assets/router-smollm2-135m-fs."
+                    "safetensors=route+fs")
+    ap.add_argument("--from-json", action="store_true", help="with --record: take the orders from the last run's "
+                    "results/serving-order-<model>.json instead of running again")
     args = ap.parse_args()
+    if args.from_json:
+        record(json.loads((Path("results") / f"serving-order-{args.model}.json").read_text()), args.record)
+        return
     if "shuffle" not in args.orders:
         raise SystemExit("--orders must include shuffle: the methods are fitted on the shuffled passes")
     default_root = os.environ.get("ROUTEHEAD_STORE", "results/cache")
@@ -80,14 +93,17 @@ def main() -> None:
                "core": load_method("core", ident, heads=detect_core(train_sc, 8, 1.0, 0.25, qids=fit_ids)[0]),
                "layers": load_method("layers", ident, heads=detect_window(train_sc, 1, fit_ids)[0])}
     routers = {}
-    for name, fs in (("route", False), ("route+fs", True)):
+    for name, fs, pooling in (("route", False, None), ("route+fs", True, None), ("route-prompt", True, "prompt-mean")):
         settings = replace(recipe(None, args.model, ident, []), use_first_stage=fs)
+        if pooling:  # the query read inside each order's own prompt (router="prompt"'s embedding)
+            settings = replace(settings, pooling=pooling)
         routers[name], _ = fit_router(train_sc, scorer, settings)
         methods[name] = Route(routers[name])
         print(name, "fitted, out-of-fold nDCG@10", round(routers[name].config.training["dev_ndcg@10"], 4),
               flush=True)
     vals: dict[str, dict[str, np.ndarray]] = {}
     for o, sc in stores.items():
+        os.environ["ROUTEHEAD_STORE"] = roots.get(o, default_root)  # in-prompt embeddings live beside their store
         vals.setdefault("bm25", {})[o] = np.array(
             [float(ndcg_at_k(first_stage_scores(sc, q)[None], *gains(sc, q, sc.entries[q].doc_ids), 10)[0])
              for q in held])
@@ -109,6 +125,22 @@ def main() -> None:
            "routers_oof": {k: round(float(r.config.training["dev_ndcg@10"]), 4) for k, r in routers.items()},
            "methods": table}
     save_json(res, Path("results") / f"serving-order-{args.model}.json")
+    record(res, args.record)
+
+
+def record(res: dict, specs: list[str]) -> None:
+    """Each ``ROUTER=METHOD``: the router file's ``serving_order`` set to METHOD's best order in ``res``
+    (the weights unchanged). The rule, fixed before any test figure: the order with the best mean nDCG@10 on
+    the held-out train queries."""
+    from routehead.selection.router import load_router
+
+    for spec in specs:
+        path, method = spec.split("=", 1)
+        router = load_router(path)
+        router.config.serving_order = res["methods"][method]["best"]
+        router.save(path)
+        print(f"{path}: served in {router.config.serving_order} order ({method}: "
+              f"{res['methods'][method]['ndcg@10']})", flush=True)
 
 
 if __name__ == "__main__":

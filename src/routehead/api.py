@@ -10,7 +10,8 @@ registered in :mod:`routehead.selection.registry`, the defaults in :mod:`routehe
 - ``icr`` (default): all heads (ICR).
 
 Documents are given in first-stage order (best first); ``doc_order`` says where each goes in the prompt
-(:mod:`routehead.engine.order`; default ``reverse``, the published runs' order: best last, next to the query).
+(:mod:`routehead.engine.order`; default: the method's own serving order where its router records one, chosen on
+held-out train queries, else ``reverse``, the published runs' order: best last, next to the query).
 A score is the method's attention score: the calibrated attention mass (query minus "N/A") the query span
 pays to the document's kept tokens, summed over the selected heads; it has the same units for every query
 of a method and model. With first-stage scores and a router that routes them, both are standardised over the
@@ -74,15 +75,18 @@ class Reranker:
                  router: str | Path | None = None, heads: str | Path | Sequence[Head] | None = None,
                  max_doc_tokens: int | None = None,
                  max_prompt_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
-                 trust_remote_code: bool = False, doc_order: str = DEFAULT_ORDER,
+                 trust_remote_code: bool = False, doc_order: str | None = None,
                  retrieval_type: str = SCORING.retrieval_type, instruction: str | None = None,
                  layout: str | None = None, max_chunks_per_doc: int = SCORING.max_chunks_per_doc) -> None:
-        passes(doc_order)  # validates
+        if doc_order is not None:
+            passes(doc_order)  # validates before the model loads
         self.lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.selector: Method = load_method(method, self.lm.identity(), router=router, heads=heads)
         self.method = self.selector.name
-        self.doc_order = doc_order
+        # None: the method's own serving order (its asset's, chosen on held-out train queries), else the default
+        self.doc_order = doc_order or self.selector.serving_order or DEFAULT_ORDER
+        passes(self.doc_order)
         trained = self.selector.prompt
         if max_doc_tokens is None:
             max_doc_tokens = trained.get("max_doc_tokens", DEFAULT_MAX_DOC_TOKENS)

@@ -189,3 +189,25 @@ def test_shipped_prompt_router_routes_inside_the_pass_and_saw_only_scifact_train
     assert cfg.trained_on == ["scifact/train"]
     routing = route.pass_routing()
     assert routing is not None and routing.layer == cfg.embed_layer and set(routing.pool) == set(cfg.pool_heads)
+
+
+def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
+    """A router file may record the prompt order it is served in (chosen on held-out train queries by
+    bench/serving_order.py); a Reranker without ``doc_order`` serves it there, an explicit order wins, and a
+    router that records none is served in the default order."""
+    from routehead.assets import router_path
+    from routehead.selection.router import load_router
+    from routehead.settings import DEFAULT_ORDER
+
+    assert load_router(router_path("smollm2-135m", "prompt")[0]).config.serving_order == "input"
+    assert load_router(router_path("smollm2-135m", None)[0]).config.serving_order == "reverse"
+    lm = tiny_lm("llama")
+    cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=[[0, 1], [2, 3]], dim=8, threshold=0.3)
+    plain = Router(cfg)
+    plain.save(tmp_path / "plain.safetensors")
+    assert Reranker(lm, router=tmp_path / "plain.safetensors").doc_order == DEFAULT_ORDER
+    plain.config.serving_order = "input"
+    plain.save(tmp_path / "input.safetensors")
+    assert Reranker(lm, router=tmp_path / "input.safetensors").doc_order == "input"
+    assert Reranker(lm, router=tmp_path / "input.safetensors", doc_order="shuffle").doc_order == "shuffle"
+    assert Reranker(lm, method="icr").doc_order == DEFAULT_ORDER

@@ -23,9 +23,9 @@ def method_args(p: argparse.ArgumentParser) -> None:
                    "shipped for the model)")
     p.add_argument("--heads", default=None, help="a head-set JSON (static, single, core) or a layer "
                    "window, JSON or s,e (layers) (default: the one shipped for the model)")
-    p.add_argument("--doc-order", default=DEFAULT_ORDER, choices=list(ORDERS),
+    p.add_argument("--doc-order", default=None, choices=list(ORDERS),
                    help="where the documents go in the prompt (given in first-stage order); both: debiased, 2 passes "
-                        f"(default {DEFAULT_ORDER})")
+                        f"(default: the method's own serving order where its router records one, else {DEFAULT_ORDER})")
     p.add_argument("--layout", default=None, choices=list(LAYOUTS),
                    help="prompt layout (default: the one the heads or router were chosen under; else reference)")
     add_field(p, ScoringSettings, "max_chunks_per_doc")

@@ -44,6 +44,7 @@ class Method:
 
     name: ClassVar[str] = ""
     needs: ClassVar[str] = ""  # nothing | heads | router
+    serving_order: str | None = None  # the prompt order it is best served in, where its asset says (None: default)
 
     def __init__(self, prompt: dict[str, Any] | None = None) -> None:
         self.prompt = dict(prompt or {})  # prompt settings the heads were chosen under ({}: none)

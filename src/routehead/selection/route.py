@@ -36,6 +36,11 @@ class Route(Method):
         return cls(load_router(path, identity))
 
     @property
+    def serving_order(self) -> str | None:  # type: ignore[override]
+        """The order the router file says it is served in (chosen on held-out train queries), or None."""
+        return self.router.config.serving_order
+
+    @property
     def embedding(self) -> tuple[int, str]:
         return self.router.config.embed_layer, self.router.config.pooling
 

@@ -51,6 +51,7 @@ class RouterConfig:
     max_heads: int = FIT.route_max
     use_first_stage: bool = False  # the first-stage score is one more routable signal (index len(pool))
     weighting: str = "none"  # "none": selected signals summed; "prob": weighted by routed probability
+    serving_order: str | None = None  # the prompt order it is served in, chosen on held-out train (None: default)
     prompt: dict[str, Any] = field(default_factory=dict)  # prompt settings the router was trained with
     training: dict[str, Any] = field(default_factory=dict)
 
