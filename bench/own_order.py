@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
         res = {}
         for c in COLLECTIONS:
             rev = store(c, DEFAULT_ORDER)
-            ident = sc_identity(rev, scorer) if rev is not None else None
             if rev is None:
                 continue
+            ident = sc_identity(rev, scorer)
             route = load_method("route", ident, router=name)
             own = route.serving_order or DEFAULT_ORDER
             mine = store(c, own)

@@ -100,12 +100,21 @@ def test_routing_first_where_the_pass_cannot_route(tmp_path: Path) -> None:
         rr = Reranker(lm, router=path, max_doc_tokens=40, **kw)
         r = rr.rerank(q, docs)
         assert len(rr.scorer.plan(q, docs)[2]) == (1 if "doc_order" in kw else 2)
-        ref, heads = _route_first(rr, q, docs) if "doc_order" in kw else (None, None)
-        if ref is not None:
-            live = np.empty(len(docs))
-            live[r.indices] = r.scores
-            np.testing.assert_allclose(live, ref, rtol=1e-5, atol=1e-6)
-            assert r.heads == heads
+        ref, heads = _route_first(rr, q, docs)
+        live = np.empty(len(docs))
+        live[r.indices] = r.scores
+        np.testing.assert_allclose(live, ref, rtol=1e-5, atol=1e-6)
+        assert r.heads == heads
     rr = Reranker(lm, router=path, max_doc_tokens=40)
     r = rr.rerank(q, docs, evidence=2)
     assert r.evidence is not None and len(r.evidence) == len(docs)
+
+
+def test_pooling_names_are_checked_before_any_pass() -> None:
+    from routehead.engine.scorer import HeadScorer, PassRouting
+
+    with pytest.raises(ValueError, match="is not prompt-"):
+        PassRouting(1, "mean", ((0, 1),), lambda e: None)
+    scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=40)
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        scorer.query_embedding("q", 1, "max")

@@ -106,14 +106,18 @@ class PassRouting:
     pool: tuple[Head, ...]  # every head the router may route
     route: Callable[[torch.Tensor], Routed]  # one prompt's embedding [hidden] -> its selection
 
-    def embed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The query embedding from layer ``layer``'s output over the query suffix ``[tokens, hidden]``."""
-        h = hidden.float()
-        if self.pooling == "prompt-mean":
-            return h.mean(0).cpu()
-        if self.pooling == "prompt-last":
-            return h[-1].cpu()
-        raise ValueError(f"routing inside the pass reads the prompt: pooling {self.pooling!r} is not prompt-*")
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS or not self.pooling.startswith("prompt-"):
+            raise ValueError(f"routing inside the pass reads the prompt: pooling {self.pooling!r} is not prompt-*")
+
+
+def pool_tokens(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+    """A query embedding from its tokens' hidden states ``[tokens, hidden]``: their mean (``mean``,
+    ``prompt-mean``) or the last one (``last``, ``prompt-last``), float32 on the CPU."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
+    h = hidden.float()
+    return (h[-1] if pooling.endswith("last") else h.mean(0)).cpu()
 
 
 def maxp(S: HeadScores, chunks: Chunks) -> HeadScores:
@@ -326,8 +330,6 @@ class HeadScorer:
         the router's, chosen inside the pass (``routed``: its selection); the pool heads' rows up to the routing
         layer wait for the choice (at most the pool's heads of those layers, ``[B, heads, prefix]`` each).
         """
-        if routing is not None and (per_head or not self.single_pass):
-            raise ValueError("routing inside the pass needs a single-pass model and per_head=False")
         if not self.single_pass and len(prompts) > 1:
             return [o for p in prompts for o in self._score_prompts([p], heads, W_sets, keep_tokens, per_head)]
         B, Pm = len(prompts), max(p.prefix_len for p in prompts)
@@ -362,7 +364,7 @@ class HeadScorer:
 
         def route(split: capture.Split, hidden: torch.Tensor) -> None:
             assert routing is not None
-            chosen.extend(routing.route(routing.embed(hidden[b, p:m])) for b, (p, m)
+            chosen.extend(routing.route(pool_tokens(hidden[b, p:m], routing.pooling)) for b, (p, m)
                           in enumerate(zip(split.prefix, split.main)))
             Wb.copy_(torch.stack([set_weights([c.heads], heads) for c in chosen]).to(self.lm.device))
             for layer, cal in pending:
@@ -506,24 +508,20 @@ class HeadScorer:
         re-ranking prompt itself, ``documents`` in prompt order in front of it (the first window of a list that
         does not fit), so the embedding has read the candidates: the router sees the query in its domain.
         """
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
         if pooling.startswith("prompt-"):
             if documents is None:
                 raise ValueError(f"pooling {pooling!r} reads the re-ranking prompt: pass its documents")
             prompt = self.window_prompts(query, documents)[0]
-            hidden = self._forward([prompt.prefix_ids + prompt.query_ids], layer, keep_output=True)
-            assert hidden is not None
-            h = hidden[0, prompt.prefix_len:].float()
-            return (h.mean(0) if pooling == "prompt-mean" else h[-1]).cpu()
-        q_ids = self.builder.encode_query(query)
-        ids = list(self.builder.head_ids) + q_ids
+            ids, start = prompt.prefix_ids + prompt.query_ids, prompt.prefix_len
+        else:
+            q_ids = self.builder.encode_query(query)
+            ids = list(self.builder.head_ids) + q_ids
+            start = len(ids) - len(q_ids)
         hidden = self._forward([ids], layer, keep_output=True)
         assert hidden is not None
-        h = hidden[0, len(ids) - len(q_ids):].float()
-        if pooling == "mean":
-            return h.mean(0).cpu()
-        if pooling == "last":
-            return h[-1].cpu()
-        raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
+        return pool_tokens(hidden[0, start:], pooling)
 
     def window_prompts(self, query: str, documents: Sequence[str], max_chunks_per_doc: int | None = None
                        ) -> list[Prompt]:
