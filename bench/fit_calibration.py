@@ -1,15 +1,19 @@
 """Fit the shipped relevance calibrations (raw attention score -> probability of relevance) on scifact train.
 
-    python bench/fit_calibration.py [--model smollm2-135m] [--order ORDER] [--ship] [--test adi med trec-dl19-passage]
+    python bench/fit_calibration.py [--model smollm2-135m] [--order ORDER] [--methods route static icr]
+        [--routers heads] [--ship] [--test adi med trec-dl19-passage]
 
-For each method (route, static, icr, with the shipped router and heads), every stored scifact *train* query's
+For each method (route with the default router and with each shipped variant in --routers, static, icr), every
+stored scifact *train* query's
 candidates get the method's raw score, aggregated from the stored token scores exactly as inference does; a
 monotone logistic map of the raw score alone (so a threshold means the same for every query) is fitted on
 the judgments (:mod:`routehead.calibration`). Its reliability (expected calibration error, Brier score,
 bins) is then measured on the test stores given, which played no part in the fit. Train and test stores are in
-``--order`` (default: the serving default, :data:`routehead.settings.DEFAULT_ORDER`), and the calibration is keyed
-by that order: scores from another prompt order have another scale, so they fall back to the uncalibrated map.
-Writes results/calibration-<model>.json; --ship writes src/routehead/assets/calibration-<model>-<method>.json.
+the method's own serving order (``--order`` forces one), and the calibration is keyed by that order and, for a
+router, by its fingerprint (:func:`routehead.calibration.calibration_key`): scores from another prompt order or
+another router have another scale, so they fall back to the uncalibrated map.
+Writes results/calibration-<model>.json; --ship writes src/routehead/assets/calibration-<model>-<method>[-<variant>]
+.json.
 """
 
 from __future__ import annotations
@@ -51,41 +55,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-root", default="../shared/data")
-    ap.add_argument("--order", default=DEFAULT_ORDER, choices=["reverse", "input", "shuffle"],
-                    help="prompt order of the train and test stores, and the calibration's key")
+    ap.add_argument("--order", default=None, choices=["reverse", "input", "shuffle"],
+                    help="prompt order of the train and test stores, and the calibration's key (default: each "
+                         "method's own serving order)")
+    ap.add_argument("--methods", nargs="*", default=["route", "static", "icr"])
+    ap.add_argument("--routers", nargs="*", default=["heads"],
+                    help="shipped router variants calibrated beside the default router")
     ap.add_argument("--test", nargs="*", default=["adi", "med", "trec-dl19-passage"])
     ap.add_argument("--ship", action="store_true")
     args = ap.parse_args()
     lm = load_model(args.model)
     scorer = HeadScorer(lm)
-    train = score_collection(load_collection(f"{args.data_root}/scifact", "train"), None, scorer.settings(),
-                             doc_order=args.order)
-    tests = {}
-    for name in args.test:
-        sc = score_collection(load_collection(f"{args.data_root}/{name}", "test"), None, scorer.settings(),
-                              doc_order=args.order)
-        if sc.entries:
-            tests[name] = sc
-    out = {"model": lm.name, "date": time.strftime("%Y-%m-%d"), "train_queries": len(train.entries),
-           "order": args.order, "methods": {}}
-    for method in ("route", "static", "icr"):  # registered methods, with the heads and router shipped for the model
-        selector = load_method(method, lm.identity())
+    stores: dict[tuple[str, str], object] = {}
+
+    def store(name: str, split: str, order: str):
+        if (name, order) not in stores:
+            stores[name, order] = score_collection(load_collection(f"{args.data_root}/{name}", split), None,
+                                                   scorer.settings(), doc_order=order)
+        return stores[name, order]
+
+    out = {"model": lm.name, "date": time.strftime("%Y-%m-%d"), "methods": {}}
+    runs = [(m, None) for m in args.methods] + [("route", v) for v in args.routers]
+    for method, variant in runs:  # registered methods, with the heads and routers shipped for the model
+        selector = load_method(method, lm.identity(), variant)
+        order = args.order or selector.serving_order or DEFAULT_ORDER
+        train = store("scifact", "train", order)
         raw, grp, grades = method_rows(train, scorer, selector)
-        key = calibration_key({"model": lm.name, "method": method, "doc_order": args.order})
+        key = calibration_key({"model": lm.name, "method": method, "doc_order": order, **selector.info()})
         cal = fit_calibration(raw, grp, grades, features=("raw",), key=key,
-                              fitted_on=f"scifact/train, {len(train.entries)} queries, {args.order} order")
-        row = {"coef": cal.coef, "intercept": cal.intercept, "train": cal.reliability, "test": {}}
-        for name, sc in tests.items():
+                              fitted_on=f"scifact/train, {len(train.entries)} queries, {order} order")
+        row = {"order": order, "train_queries": len(train.entries), "coef": cal.coef, "intercept": cal.intercept,
+               "train": cal.reliability, "test": {}}
+        for name in args.test:
+            sc = store(name, "test", order)
+            if not sc.entries:
+                continue
             r, g, y = method_rows(sc, scorer, selector)
             prob = np.concatenate([cal.relevance(r[g == k]) for k in np.unique(g)])
             row["test"][name] = {"queries": len(sc.entries), **reliability(prob, (y >= 1).astype(float))}
         cal.extra = {"test_reliability": {k: {m: v[m] for m in ("ece", "brier") if m in v}
                                           for k, v in row["test"].items()}}
-        out["methods"][method] = row
-        print(method, json.dumps({k: row[k] for k in ("coef", "intercept")}),
+        label = method if variant is None else f"{method}-{variant}"
+        out["methods"][label] = row
+        print(label, order, len(train.entries), json.dumps({k: row[k] for k in ("coef", "intercept")}),
               {k: round(v.get("ece", float("nan")), 4) for k, v in row["test"].items()}, flush=True)
         if args.ship:
-            cal.save(ASSETS / f"calibration-{lm.name}-{method}.json")
+            cal.save(ASSETS / f"calibration-{lm.name}-{label}.json")
     Path("results").mkdir(exist_ok=True)
     Path(f"results/calibration-{lm.name}.json").write_text(json.dumps(out, indent=1))
 

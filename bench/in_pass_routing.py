@@ -1,7 +1,7 @@
 """What routing inside the re-ranking pass saves: a router that reads the query in the prompt, routed in its own
 pass, against the same router routed first (a separate pass up to its layer) and the shipped query-alone router.
 
-    python bench/in_pass_routing.py --router results/router-smollm2-135m-prompt.safetensors [--queries 6]
+    python bench/in_pass_routing.py --router src/routehead/assets/router-smollm2-135m.safetensors [--queries 6]
 
 Per query (BM25's top 20 of scifact test, in the serving order), every mode re-ranks through ``Reranker.rerank``
 (tokenization included), modes interleaved query by query so that a busy machine slows them alike; medians and

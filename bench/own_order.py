@@ -1,7 +1,7 @@
 """Each method served in its own order (issue #35 item 5): a router in the order its file records, against every
 fixed method in the default (reversed) order, on the same queries of the collections kept aside.
 
-    python bench/own_order.py --model smollm2-135m --router prompt fs multi
+    python bench/own_order.py --model smollm2-135m --router default heads fs multi
 
 Stored passes only (``--no-compute`` semantics): a collection counts where both its reversed store and the
 router's order's store exist; the queries are those of the smaller store. nDCG@10, paired t-test per collection
@@ -36,7 +36,8 @@ FIXED = ("icr", "static", "core", "layers", "single")
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--router", nargs="+", default=["prompt"], help="router variants or files")
+    ap.add_argument("--router", nargs="+", default=["default"],
+                    help="router variants or files (default: the model's default router)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             if rev is None:
                 continue
             ident = sc_identity(rev, scorer)
-            route = load_method("route", ident, router=name)
+            route = load_method("route", ident, router=None if name == "default" else name)
             own = route.serving_order or DEFAULT_ORDER
             mine = store(c, own)
             if mine is None:

@@ -1,8 +1,8 @@
-"""Can the in-prompt router (``router="prompt"``'s recipe) be priced down to 0.7 of the layers? (issue #35 goal)
+"""Can the in-prompt router (SmolLM2's default router's recipe) be priced down to 0.7 of the layers? (issue #35 goal)
 
     python bench/prompt_depth_cost.py --depth-costs 0.03 0.1 0.15 0.2 0.3 0.6     # one process per D works too
 
-Fits the shipped ``prompt`` recipe (the ``fs`` router's FitSettings, pooling ``prompt-mean``) with a depth price D
+Fits the shipped default router's recipe (the ``fs`` router's FitSettings, pooling ``prompt-mean``) with a depth price D
 (``FitSettings.depth_cost``: D x the expected fraction of layers a routed pass runs, in nDCG@10) on the stored
 shuffled scifact train queries, and records each fit's out-of-fold nDCG@10 and the merged router's fraction of
 layers run on train. The rule for a ``fast`` router (bench/train_router.py) applies: the cheapest one within

@@ -12,7 +12,7 @@ method is fitted on the *other* stored shuffled train queries with the shipped r
 the single best head, CoRe-8 (temperature 1.0, prune 0.25), the layer window (width 1), and the routers (the
 shipped listwise recipe, with and without the first-stage score as a routable signal: ``route``, ``route+fs``;
 read back from the shipped router files as bench/loco.py does; ``route-prompt``: ``route+fs`` reading the query
-inside the prompt, as ``router="prompt"`` does, each order's embedding from that order's own prompt). Then each
+inside the prompt, as SmolLM2's default router does, each order's embedding from that order's own prompt). Then each
 is scored on the held-out queries in each order: mean nDCG@10, and for each order the paired p-value against the
 reversed order (the default serving order). BM25 and position-only rows give the scale. Writes
 results/serving-order-<model>.json. ``--record`` writes a method's best order into a router file, which a
@@ -95,7 +95,7 @@ def main() -> None:
     routers = {}
     for name, fs, pooling in (("route", False, None), ("route+fs", True, None), ("route-prompt", True, "prompt-mean")):
         settings = replace(recipe(None, args.model, ident, []), use_first_stage=fs)
-        if pooling:  # the query read inside each order's own prompt (router="prompt"'s embedding)
+        if pooling:  # the query read inside each order's own prompt (SmolLM2's default router's embedding)
             settings = replace(settings, pooling=pooling)
         routers[name], _ = fit_router(train_sc, scorer, settings)
         methods[name] = Route(routers[name])

@@ -9,7 +9,7 @@ import importlib.resources
 from pathlib import Path
 
 # routers that may ship beside the default one; pass router="<variant>"
-ROUTER_VARIANTS = ("bce", "fs", "fast", "multi", "prompt")
+ROUTER_VARIANTS = ("bce", "fs", "fast", "multi", "heads")
 
 
 def asset(name: str) -> Path:
@@ -23,12 +23,13 @@ def default_router_path(model_name: str) -> Path:
 
 def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]:
     """The router file a caller means, and whether it is a shipped asset: ``None`` is the default router, a
-    variant name (``"bce"``: the paper's recipe; ``"fs"``: may route the first-stage score; ``"fast"``: a priced,
-    shallower router, shipped only where one meets bench/train_router.py's rule, none today; ``"multi"``: the
-    first-stage router's recipe trained on scifact train and five other collections' test queries by
-    bench/loco.py, SmolLM2 only: never evaluate it on those five; ``"prompt"``: the first-stage recipe reading the
-    query inside the re-ranking prompt, routed inside that pass, scifact train only, SmolLM2 only) the one shipped
-    under it, anything else a path."""
+    variant name the one shipped under it, anything else a path. Variants: ``"bce"``, the paper's recipe;
+    ``"fs"``, may route the first-stage score; ``"fast"``, a priced, shallower router, shipped only where one meets
+    bench/train_router.py's rule (none today); ``"multi"``, the first-stage router's recipe trained on scifact
+    train and five other collections' test queries by bench/loco.py, SmolLM2 only: never evaluate it on those
+    five; ``"heads"``, SmolLM2's earlier default, which reads the query alone and routes heads only (where the
+    default reads the query inside the re-ranking prompt, routes the first-stage score too, and is routed inside
+    that pass)."""
     if router is None:
         return default_router_path(model_name), True
     if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():

@@ -112,3 +112,34 @@ def test_fit_input_checks() -> None:
         fit_calibration([1.0, 2.0], [0, 0], [0, 0])
     with pytest.raises(ValueError, match="one length"):
         fit_calibration([1.0], [0, 0], [0, 1])
+
+
+def test_a_route_calibration_serves_only_its_own_router(tmp_path) -> None:
+    """A calibration fitted on one router's scores is keyed by that router's fingerprint: another router's scores
+    (another scale) get the flagged fallback, never a wrong map."""
+    raw, groups, grades = synthetic(n_lists=50)
+    router = {"embed_layer": 8, "threshold": 0.5, "max_heads": 4, "pool": 64, "fingerprint": "aaaa"}
+    info = {"model": "m", "method": "route", "doc_order": "input", "router": router}
+    cal = fit_calibration(raw, groups, grades, key=calibration_key(info))
+    cal.save(tmp_path / "calibration-m-route.json")
+    assert cal.key["settings"] == {"doc_order": "input", "router": router}
+    assert find_calibration(info, tmp_path) == cal
+    other = {**info, "router": {**router, "fingerprint": "bbbb"}}
+    assert find_calibration(other, tmp_path) is None and not calibration_for(other, tmp_path).calibrated
+
+
+@pytest.mark.parametrize("variant", [None, "heads"])
+def test_shipped_route_calibrations_match_the_shipped_routers(variant) -> None:
+    """Each shipped route calibration names the fingerprint and serving order of a shipped router, so the
+    default router and its variants are each calibrated, in their own order."""
+    from routehead.assets import router_path
+    from routehead.calibration import calibration_paths
+    from routehead.selection.route import Route
+    from routehead.selection.router import load_router
+
+    route = Route(load_router(router_path("smollm2-135m", variant)[0]))
+    info = {"model": "smollm2-135m", "method": "route", "doc_order": route.serving_order, **route.info()}
+    cal = find_calibration(info)
+    assert cal is not None and cal.calibrated and str(route.serving_order) in cal.fitted_on
+    keyed = [Calibration.load(p).key for p in calibration_paths() if "-route" in p.name]
+    assert all("router" in k["settings"] for k in keyed if k["model"] == "smollm2-135m")

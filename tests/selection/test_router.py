@@ -174,21 +174,23 @@ def test_shipped_multi_router_never_saw_scifact_test():
                                           "trec-dl19-passage/test"]
 
 
-def test_shipped_prompt_router_routes_inside_the_pass_and_saw_only_scifact_train():
-    """``router="prompt"``: reads the query inside the re-ranking prompt, so it routes inside that pass (no second
-    pass); trained on scifact train alone, so every other collection and scifact test are test figures for it."""
+def test_default_router_routes_inside_the_pass_and_saw_only_scifact_train():
+    """SmolLM2's default router reads the query inside the re-ranking prompt, so it routes inside that pass (no
+    second pass); trained on scifact train alone, so every other collection and scifact test are test figures for
+    it. The earlier default (query alone, heads only) ships as ``router="heads"``."""
     from routehead.assets import router_path
     from routehead.selection.route import Route
-
-    path, shipped = router_path("smollm2-135m", "prompt")
     from routehead.selection.router import load_router
 
+    path, shipped = router_path("smollm2-135m", None)
     cfg = load_router(path).config
-    route = Route.load(cfg.identity, "prompt")
+    route = Route.load(cfg.identity)
     assert shipped and cfg.identity["model"] == "smollm2-135m" and cfg.pooling == "prompt-mean"
     assert cfg.trained_on == ["scifact/train"]
     routing = route.pass_routing()
     assert routing is not None and routing.layer == cfg.embed_layer and set(routing.pool) == set(cfg.pool_heads)
+    heads = load_router(router_path("smollm2-135m", "heads")[0]).config
+    assert heads.pooling == "mean" and not heads.use_first_stage and heads.trained_on == ["scifact/train"]
 
 
 def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
@@ -199,8 +201,8 @@ def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
     from routehead.selection.router import load_router
     from routehead.settings import DEFAULT_ORDER
 
-    assert load_router(router_path("smollm2-135m", "prompt")[0]).config.serving_order == "input"
-    assert load_router(router_path("smollm2-135m", None)[0]).config.serving_order == "reverse"
+    assert load_router(router_path("smollm2-135m", None)[0]).config.serving_order == "input"
+    assert load_router(router_path("smollm2-135m", "heads")[0]).config.serving_order == "reverse"
     lm = tiny_lm("llama")
     cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=[[0, 1], [2, 3]], dim=8, threshold=0.3)
     plain = Router(cfg)

@@ -21,6 +21,7 @@ class Route(Method):
     def __init__(self, router: Router) -> None:
         super().__init__(router.config.prompt)
         self.router = router
+        self._fingerprint: str | None = None
 
     @classmethod
     def load(cls, identity: dict[str, Any], asset: Asset = None) -> Route:
@@ -62,8 +63,10 @@ class Route(Method):
 
     def info(self) -> dict[str, Any]:
         cfg = self.router.config
+        if self._fingerprint is None:  # the router is not trained further once it selects
+            self._fingerprint = self.router.fingerprint()
         return {"router": {"embed_layer": cfg.embed_layer, "threshold": cfg.threshold, "max_heads": cfg.max_heads,
-                           "pool": len(cfg.pool)}}
+                           "pool": len(cfg.pool), "fingerprint": self._fingerprint}}
 
 
 def selection_of(r: Routing, pool: list[Head]) -> Selection:

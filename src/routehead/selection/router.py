@@ -20,6 +20,7 @@ and pooling, selection rule, training settings) in the file's metadata. No pickl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -157,6 +158,18 @@ class Router(nn.Module):
         fs = next((float(x) for i, x in zip(sel, w) if i == P), 0.0)
         return Routing(heads=[h for h, _ in pairs], weights=[x for _, x in pairs], first_stage_weight=fs,
                        signals=sel, signal_weights=w, probabilities=probs)
+
+    def fingerprint(self) -> str:
+        """A short digest of the routing decisions' inputs (weights, pool, threshold, cap, weighting): what a
+        calibration fitted on this router's scores is keyed by, so it never applies to another router's."""
+        h = hashlib.sha256()
+        cfg = self.config
+        h.update(json.dumps([cfg.embed_layer, cfg.pooling, cfg.pool, cfg.threshold, cfg.max_heads,
+                             cfg.use_first_stage, cfg.weighting]).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
