@@ -1,16 +1,16 @@
-"""Can the in-prompt router (SmolLM2's default router's recipe) be priced down to 0.7 of the layers? (issue #35 goal)
+"""Can SmolLM2's default (in-prompt) router be priced down to 0.7 of the layers? (issue #35 goal)
 
     python bench/prompt_depth_cost.py --depth-costs 0.03 0.1 0.15 0.2 0.3 0.6     # one process per D works too
     python bench/prompt_depth_cost.py --max-layers 20 17                           # a depth budget instead
 
-Fits the shipped default router's recipe (the ``fs`` router's FitSettings, pooling ``prompt-mean``) with a depth price D
-(``FitSettings.depth_cost``: D x the expected fraction of layers a routed pass runs, in nDCG@10) on the stored
-shuffled scifact train queries, and records each fit's out-of-fold nDCG@10 and the merged router's fraction of
-layers run on train. ``--max-layers L`` fits with a depth budget instead (``FitSettings.max_layer``: only heads of
-layers up to L are routable, so every pass stops after layer L). The rule for a ``fast`` router (bench/train_router.py) applies: the cheapest one within
-0.01 of the unpriced recipe's out-of-fold nDCG@10 whose passes run at most 0.7 of the layers. Results merge into
-``results/prompt-depth-cost-<model>.json`` (one entry per D, so separate processes can fill it).
-"""
+Fits the shipped default router's recipe (the ``fs`` router's FitSettings, pooling ``prompt-mean``) with a
+depth price D (``FitSettings.depth_cost``: D x the expected fraction of layers a routed pass runs, in nDCG@10) on
+the stored shuffled scifact train queries, and records each fit's out-of-fold nDCG@10 and the merged router's
+fraction of layers run on train. ``--max-layers L`` fits with a depth budget instead (``FitSettings.max_layer``:
+only heads of layers up to L are routable, so every pass stops after layer L). The rule for a ``fast`` router
+(bench/train_router.py) applies: the cheapest one within 0.01 of the unpriced recipe's out-of-fold nDCG@10 whose
+passes run at most 0.7 of the layers. Results merge into ``results/prompt-depth-cost-<model>.json`` (one entry
+per run, so separate processes can fill it).
 
 from __future__ import annotations
 

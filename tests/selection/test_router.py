@@ -213,3 +213,22 @@ def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
     assert Reranker(lm, router=tmp_path / "input.safetensors").doc_order == "input"
     assert Reranker(lm, router=tmp_path / "input.safetensors", doc_order="shuffle").doc_order == "shuffle"
     assert Reranker(lm, method="icr").doc_order == DEFAULT_ORDER
+
+
+def test_router_fingerprint_follows_weights_and_rule_not_metadata(tmp_path):
+    """The fingerprint a route calibration is keyed by: the same after a save and load, and after changing only
+    the serving order (which does not change a score); different when a weight or the threshold changes."""
+    from routehead.selection.router import load_router
+
+    lm = tiny_lm("llama")
+    r = Router(RouterConfig(identity=lm.identity(), embed_layer=1, pool=[[0, 1], [2, 3]], dim=8, threshold=0.3))
+    r.save(tmp_path / "r.safetensors")
+    again = load_router(tmp_path / "r.safetensors")
+    assert again.fingerprint() == r.fingerprint()
+    again.config.serving_order = "input"
+    assert again.fingerprint() == r.fingerprint()
+    again.config.threshold = 0.4
+    assert again.fingerprint() != r.fingerprint()
+    with torch.no_grad():
+        r.bias[0] += 1.0
+    assert r.fingerprint() != load_router(tmp_path / "r.safetensors").fingerprint()
