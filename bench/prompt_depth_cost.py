@@ -11,6 +11,7 @@ only heads of layers up to L are routable, so every pass stops after layer L). T
 (bench/train_router.py) applies: the cheapest one within 0.01 of the unpriced recipe's out-of-fold nDCG@10 whose
 passes run at most 0.7 of the layers. Results merge into ``results/prompt-depth-cost-<model>.json`` (one entry
 per run, so separate processes can fill it).
+"""
 
 from __future__ import annotations
 
