@@ -170,3 +170,34 @@ def test_balance_weighs_each_collection_equally(two_stores, tmp_path, monkeypatc
                                listwise_loss(P, batch, 1.0, False))
     router, _ = fit_router(m, scorer, FitSettings(embed_layer=1, pool_size=8, folds=1, epochs=10, balance=True))
     assert router.config.training["balance"] is True
+
+
+def test_query_embeddings_resume_after_an_interruption(two_stores, tmp_path, monkeypatch):
+    """Embeddings are saved every EMBEDDING_FLUSH queries, so a run stopped part way keeps what it computed and the
+    next run computes only the rest, with the same values."""
+    from routehead.offline import views
+
+    monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path))
+    monkeypatch.setattr(views, "EMBEDDING_FLUSH", 2)
+    (a, _), scorer = two_stores
+    want = sorted(a.entries)
+    full = {q: e.clone() for q, e in query_embeddings(a, scorer, 1).items()}
+    for p in tmp_path.rglob("emb-*.safetensors"):
+        p.unlink()
+    real, calls = scorer.query_embedding, []
+
+    def stops_at_the_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scorer, "query_embedding", stops_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        query_embeddings(a, scorer, 1)
+    counted = []
+    monkeypatch.setattr(scorer, "query_embedding", lambda *a_, **k: counted.append(1) or real(*a_, **k))
+    again = query_embeddings(a, scorer, 1)
+    assert len(counted) == len(want) - 2  # the two flushed before the interruption were kept
+    for q in want:
+        assert torch.equal(again[q], full[q])

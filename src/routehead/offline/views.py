@@ -106,6 +106,9 @@ def icr_scores(sc: ScoredCollection, qid: str) -> np.ndarray:
     return t.document_max(set_scores(torch.from_numpy(t.total)[None], spans_of(t.counts)))
 
 
+EMBEDDING_FLUSH = 50  # embeddings computed between saves of the cache
+
+
 def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str = "mean",
                      qids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Router inputs for the stored queries, cached next to the store (a short pass per query). A merged view
@@ -133,15 +136,18 @@ def query_embeddings(sc: ScoredCollection, scorer: Any, layer: int, pooling: str
     missing = [q for q in want if q not in cached]
     if missing:
         layout = scorer.builder.layout  # the store is keyed by the scorer's prompt settings
-        for q in missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for i, q in enumerate(missing, 1):
             docs = None
             if in_prompt:
                 e = sc.entries[q]
                 docs = [sc.collection.prompt_text(e.doc_ids[j], layout)
                         for j in np.argsort(e.tokens.positions, kind="stable")]
             cached[q] = scorer.query_embedding(sc.collection.queries[q], layer, pooling, documents=docs)[None]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in cached.items()}, str(path))
+            if i % EMBEDDING_FLUSH == 0 or i == len(missing):  # an interrupted run resumes from the last flush
+                tmp = path.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in cached.items()}, str(tmp))
+                tmp.replace(path)
     return {q: cached[q] for q in want}
 
 
