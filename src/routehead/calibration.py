@@ -128,10 +128,12 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def calibration_key(info: Mapping[str, Any], settings: Sequence[str] = ("doc_order", "router")) -> dict[str, Any]:
+def calibration_key(info: Mapping[str, Any],
+                    settings: Sequence[str] = ("doc_order", "router", "heads")) -> dict[str, Any]:
     """The key a calibration fitted for the reranker described by ``info`` is stored under: the prompt order
-    (scores of another order have another scale) and, for a routed method, the router (its fingerprint among
-    them), so a calibration fitted on one router's scores never serves another's."""
+    (scores of another order have another scale) and the method's asset, the router (its fingerprint among its
+    settings) or the head set, so a calibration fitted on one router's or head set's scores never serves
+    another's."""
     return {"model": info.get("model"), "method": info.get("method"),
             "settings": {name: _jsonable(info[name]) for name in settings if name in info}}
 

@@ -143,3 +143,16 @@ def test_shipped_route_calibrations_match_the_shipped_routers(variant) -> None:
     assert cal is not None and cal.calibrated and str(route.serving_order) in cal.fitted_on
     keyed = [Calibration.load(p).key for p in calibration_paths() if "-route" in p.name]
     assert all("router" in k["settings"] for k in keyed if k["model"] == "smollm2-135m")
+
+
+def test_the_static_calibration_serves_only_its_own_head_set() -> None:
+    """The shipped static calibration is keyed by the shipped head set: the same method over other heads (a
+    user's ``heads=``) has other scores, so it gets the flagged fallback."""
+    from routehead.selection import load_method
+
+    ident = {"model": "smollm2-135m", "architecture": "LlamaForCausalLM", "num_layers": 30, "num_heads": 9,
+             "num_kv_heads": 3, "hidden_size": 576}
+    static = load_method("static", ident)
+    info = {"model": "smollm2-135m", "method": "static", "doc_order": "reverse", **static.info()}
+    assert find_calibration(info) is not None
+    assert find_calibration({**info, "heads": [[17, 3], [7, 7]]}) is None
