@@ -98,16 +98,17 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
 
 
 def test_recipe_is_the_shipped_routers():
-    """The shipped router's FitSettings, read back from its file: what bench/train_router.py chose for SmolLM2
-    (listwise, layer-8 embedding, a pool of 32, 5 folds of dim 64 merged into one of 320)."""
+    """The shipped router's FitSettings, read back from its file: SmolLM2's default since 2026-12-07, the
+    first-stage recipe (listwise, layer-8 embedding, a pool of 32, 5 folds of dim 64 merged into one of 320, the
+    first-stage score routable) reading the query inside the prompt."""
     from routehead.assets import default_router_path
     from routehead.selection.router import load_router
 
     loco = bench()
     cfg = load_router(default_router_path("smollm2-135m")).config
     s = loco.recipe(None, "smollm2-135m", cfg.identity, [])
-    assert (s.objective, s.embed_layer, s.pool_size, s.folds, s.dim, s.lr, s.label_max_heads, s.use_first_stage) == (
-        "listwise", 8, 32, 5, 64, 3e-3, 4, False)
+    assert (s.objective, s.embed_layer, s.pool_size, s.folds, s.dim, s.lr, s.label_max_heads, s.use_first_stage,
+            s.pooling) == ("listwise", 8, 32, 5, 64, 3e-3, 4, True, "prompt-mean")
     assert loco.recipe(None, "smollm2-135m", cfg.identity, ["folds=2", "objective=bce"]).folds == 2
     with pytest.raises(SystemExit, match="FitSettings field"):
         loco.recipe(None, "smollm2-135m", cfg.identity, ["nope=1"])
