@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     ident = sc_identity(sc, scorer)
     fs_file = router_path(args.model, "fs")[0]
     out_path = Path(f"results/prompt-depth-cost-{args.model}.json")
-    runs = [(f"{d}", f"depth_cost={d}") for d in args.depth_costs] + \
-        [(f"max_layer={L}", f"max_layer={L}") for L in args.max_layers]
-    for name, change in runs:
-        settings = recipe(str(fs_file), args.model, ident, ["pooling=prompt-mean", change])
+    runs = [(str(d), "depth_cost", d) for d in args.depth_costs] + \
+        [(f"max_layer={L}", "max_layer", L) for L in args.max_layers]
+    for name, field, value in runs:
+        settings = recipe(str(fs_file), args.model, ident, ["pooling=prompt-mean", f"{field}={value}"])
         router, _ = fit_router(sc, scorer, settings)
         if args.save_dir:
-            router.save(Path(args.save_dir) / f"router-{args.model}-prompt-{name.replace('=', '')}.safetensors")
+            router.save(Path(args.save_dir) / f"router-{args.model}-prompt-{field}{value}.safetensors")
         t = router.config.training
-        row = {change.split("=")[0]: float(change.split("=")[1]),
+        row = {field: float(value),
                "oof_ndcg@10": round(float(t["dev_ndcg@10"]), 4),
                "layers_run_train": round(float(t.get("layers_run_train", t.get("dev_layers_run"))), 4),
                "train_queries": t["train_queries"], "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         res["runs"][name] = row
         out_path.write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps(row), flush=True)
+
 
 if __name__ == "__main__":
     main()
