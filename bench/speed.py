@@ -203,13 +203,13 @@ def add_flops(run: dict[str, Any], lm: LoadedModel, windows: list[int], device: 
         run["peak"] = cpu_peak_gflops(cfg["threads"], cfg["dtype"])
 
 
-def add_depth(run: dict[str, Any], scorer: HeadScorer, query: str, cfg: dict[str, Any]) -> None:
+def add_depth(run: dict[str, Any], scorer: HeadScorer, query: str, docs: list[str], cfg: dict[str, Any]) -> None:
     """Each method's ``layers_run`` for ``query`` (of ``num_layers``; None for a skipped mode, whose reason is in
     ``notes``) and the heads (and window) of the shipped-asset modes."""
     run["num_layers"], run["layers_run"] = scorer.lm.num_layers, {}
     for m in cfg["methods"]:
         try:
-            run["layers_run"][m] = layers_run(m, scorer, query, cfg["router"])
+            run["layers_run"][m] = layers_run(m, scorer, query, cfg["router"], docs)
         except Skipped:
             run["layers_run"][m] = None
         if m in SHIPPED_MODES:
@@ -376,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # the prompts every method but eager runs: one, or one per window when the list exceeds the budget
         run["window_tokens"] = [p.length for p in scorer.window_prompts(q, docs)]
         add_flops(run, lm, run["window_tokens"], device, cfg)
-        run["heads"]["routed"] = routed_source(scorer, routed, q, cfg["router"])
-        add_depth(run, scorer, q, cfg)
+        run["heads"]["routed"] = routed_source(scorer, routed, q, cfg["router"], docs)
+        add_depth(run, scorer, q, docs, cfg)
         return run
 
     # Phase 1, times (and memory) under glibc's defaults; phase 2 (CPU), memory alone with fixed thresholds.

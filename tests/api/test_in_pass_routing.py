@@ -118,3 +118,26 @@ def test_pooling_names_are_checked_before_any_pass() -> None:
     scorer = HeadScorer(tiny_lm("llama"), max_doc_tokens=40)
     with pytest.raises(ValueError, match="unknown pooling 'max'"):
         scorer.query_embedding("q", 1, "max")
+
+
+def test_timed_routed_mode_runs_an_in_prompt_router_as_the_reranker_does(tmp_path: Path) -> None:
+    """bench/speed.py's ``routed`` mode (``testing.passes``) with a router that reads the prompt: it routes inside
+    the pass (the Reranker's scores, heads and depth), and ``layers_run``/``routed_source`` embed the query after
+    the documents instead of failing for want of them (the shipped SmolLM2 router since 2026-12-07)."""
+    from routehead.selection import load_method
+    from routehead.testing.passes import _selection, layers_run, rerank_pass, routed_source
+
+    lm = tiny_lm("llama")
+    path = _router(lm, tmp_path / "r.safetensors", "prompt-mean")
+    rr = Reranker(lm, router=path, max_doc_tokens=40, doc_order="input")
+    method = load_method("route", lm.identity(), router=path)
+    for q, docs in _items(3):
+        S = rerank_pass(rr.scorer, [(q, docs)], method)[0]
+        r = rr.rerank(q, docs)
+        assert [int(i) for i in np.argsort(-S.sets[0].double().numpy(), kind="stable")] == r.indices
+        assert sorted(S.routed.heads.heads) == r.heads
+        sel = _selection(rr.scorer, method, q, docs)
+        assert sorted(sel.heads.heads) == r.heads
+        assert routed_source(rr.scorer, method, q, None, docs)["heads"] == [list(h) for h in r.heads]
+    with pytest.raises(ValueError, match="pass its documents"):
+        _selection(rr.scorer, method, q, None)

@@ -81,22 +81,33 @@ def mode_method(mode: str, lm: LoadedModel, router: str | None = None) -> Method
     raise ValueError(f"mode {mode!r} runs no head selection")
 
 
-def layers_run(mode: str, scorer: HeadScorer, query: str, router: str | None = None) -> int:
+def _selection(scorer: HeadScorer, method: Method, query: str, documents: Sequence[str] | None) -> Selection:
+    """The method's selection for ``query``; a router reading the re-ranking prompt (``prompt-*`` pooling)
+    embeds the query after ``documents``, as it does inside the real pass."""
+    if method.embedding is None:
+        return method.select()
+    layer, pooling = method.embedding
+    return method.select(scorer.query_embedding(query, layer, pooling,
+                                                documents=documents if pooling.startswith("prompt-") else None))
+
+
+def layers_run(mode: str, scorer: HeadScorer, query: str, router: str | None = None,
+               documents: Sequence[str] | None = None) -> int:
     """Decoder layers the mode's scoring pass runs for ``query``: every layer for the all-head and plain passes,
     else the deepest layer its selection reads + 1 (the pass exits after it; a routed mode's query-embedding
     pass, over the query alone, is not counted). Raises :class:`Skipped` as :func:`mode_method` does."""
     if mode in ALL_LAYER_MODES:
         return scorer.lm.num_layers
-    method = mode_method(mode, scorer.lm, router)
-    sel = method.select(None if method.embedding is None else scorer.query_embedding(query, *method.embedding))
+    sel = _selection(scorer, mode_method(mode, scorer.lm, router), query, documents)
     return scorer.lm.num_layers if sel.deepest_layer is None else sel.deepest_layer + 1
 
 
-def routed_source(scorer: HeadScorer, method: Method, query: str, router: str | None = None) -> dict[str, Any]:
-    """The heads the ``routed`` mode ran for ``query`` and where they came from."""
+def routed_source(scorer: HeadScorer, method: Method, query: str, router: str | None = None,
+                  documents: Sequence[str] | None = None) -> dict[str, Any]:
+    """The heads the ``routed`` mode ran for ``query`` (and ``documents``) and where they came from."""
     if method.embedding is None:
         return {"source": "synthetic", "heads": [list(h) for h in method.select().heads.heads or ()]}
-    sel = method.select(scorer.query_embedding(query, *method.embedding))
+    sel = _selection(scorer, method, query, documents)
     return {"source": router or "shipped router", "embed_layer": method.embedding[0],
             "heads": [list(h) for h in sorted(sel.heads.heads or ())]}
 
@@ -116,13 +127,17 @@ def rerank_pass(scorer: HeadScorer, items: Sequence[Item], method: Method, batch
                 ) -> list[HeadScores]:
     """What ``Reranker`` runs for ``method`` over ``items``. A method that reads no embedding has one selection
     for every query (one call, prompts grouped by length); a routed one embeds each query (a short pass) and
-    computes, per batch of ``batch_size`` prompts, the union of the batch's routed heads."""
+    computes, per batch of ``batch_size`` prompts, the union of the batch's routed heads. A router that reads the
+    re-ranking prompt routes inside that pass, as ``Reranker`` runs it where the list fits one prompt."""
     if method.embedding is None:
         return score_selections(scorer, items, [method.select()] * len(items), batch_size)
+    routing = method.pass_routing() if scorer.single_pass else None
+    if routing is not None and all(len(scorer.plan(q, docs)[2]) == 1 for q, docs in items):
+        return scorer.score_many(items, batch_size=batch_size, per_head=False, routing=routing)
     out: list[HeadScores] = []
     for k in range(0, len(items), batch_size):
         batch = items[k:k + batch_size]
-        sels = [method.select(scorer.query_embedding(q, *method.embedding)) for q, _ in batch]
+        sels = [_selection(scorer, method, q, docs) for q, docs in batch]
         out += score_selections(scorer, batch, sels, batch_size)
     return out
 
