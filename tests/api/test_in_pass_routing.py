@@ -122,10 +122,10 @@ def test_pooling_names_are_checked_before_any_pass() -> None:
 
 def test_timed_routed_mode_runs_an_in_prompt_router_as_the_reranker_does(tmp_path: Path) -> None:
     """bench/speed.py's ``routed`` mode (``testing.passes``) with a router that reads the prompt: it routes inside
-    the pass (the Reranker's scores, heads and depth), and ``layers_run``/``routed_source`` embed the query after
+    the pass (the Reranker's ranking and heads), and ``routed_source`` embed the query after
     the documents instead of failing for want of them (the shipped SmolLM2 router since 2026-12-07)."""
     from routehead.selection import load_method
-    from routehead.testing.passes import _selection, layers_run, rerank_pass, routed_source
+    from routehead.testing.passes import _selection, rerank_pass, routed_source
 
     lm = tiny_lm("llama")
     path = _router(lm, tmp_path / "r.safetensors", "prompt-mean")
