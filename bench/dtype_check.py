@@ -7,7 +7,9 @@ For each collection and prompt order (reversed = serving, shuffled = content onl
 test queries are scored into two stores, float32 and ``--dtype`` (stores are keyed by dtype, so they never mix,
 and a rerun resumes), then ``icr``, ``static`` and ``route`` are ranked from both. Reported per method: nDCG@10
 under each dtype, their difference, and the share of queries whose re-ranked top 10 is identical (same documents,
-same order). The check holds where every |difference| <= 0.005 and every share >= 0.95 (``holds`` in the JSON).
+same order), and, to say how far apart the rankings are where they differ, the share with the same top-10 *set*,
+the same top document, and the mean Kendall tau over all candidates. The check holds where every |difference|
+<= 0.005 and every top-10-identical share >= 0.95 (``holds`` in the JSON).
 Test queries are only compared across dtypes here, never used to choose anything.
 """
 
@@ -18,6 +20,9 @@ import datetime
 import json
 import platform
 from pathlib import Path
+
+import numpy as np
+from scipy.stats import kendalltau
 
 from routehead.evaluation.runs import evaluate, save_json
 from routehead.metrics import evaluate_run
@@ -47,9 +52,14 @@ def check(data: str, order: str, model: str, dtype: str, max_queries: int) -> di
         qids = sorted(set(a) & set(b))
         na = evaluate_run(qrels, a, ["ndcg@10"])["ndcg@10"]
         nb = evaluate_run(qrels, b, ["ndcg@10"])["ndcg@10"]
-        same = sum(top10(a, q) == top10(b, q) for q in qids) / max(len(qids), 1)
+        n = max(len(qids), 1)
+        same = sum(top10(a, q) == top10(b, q) for q in qids) / n
+        same_set = sum(set(top10(a, q)) == set(top10(b, q)) for q in qids) / n
+        same_top1 = sum(top10(a, q)[:1] == top10(b, q)[:1] for q in qids) / n
+        taus = [kendalltau([a[q][d] for d in a[q]], [b[q][d] for d in a[q]])[0] for q in qids]
         out[m] = {"ndcg10_float32": na, f"ndcg10_{dtype}": nb, "diff": nb - na, "top10_identical": same,
-                  "queries": len(qids)}
+                  "top10_same_set": same_set, "top1_identical": same_top1,
+                  "kendall_tau_mean": float(np.nanmean(taus)) if taus else None, "queries": len(qids)}
     return out
 
 

@@ -4,6 +4,7 @@ counted and every answer checked against the sequential one.
     python bench/service.py [--clients 1 4 16] [--seconds 20] [--docs 5 --words 50] [--model smollm2-135m]
     python bench/service.py --model random:smollm2-135m --device cuda --data examples/scifact-mini   # a GPU
     python bench/service.py --clients 1 4 32 --seconds 60 --threads 1 --request-timeout 20   # overload: shedding
+    python bench/service.py --clients 1 4 --settings off --dtype bfloat16 --out results/service-5x50-bf16.json
 
 For each batching setting a real server (the service's own uvicorn settings) runs on 127.0.0.1 around the
 default model on CPU; for each client count, that many threads send ``POST /v1/rerank`` back to back for
@@ -306,6 +307,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default=None)
     ap.add_argument("--method", default=DEFAULT_METHOD, help=f"default {DEFAULT_METHOD} (the service default)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | auto (default: auto, the service's)")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="the service's deadline in s (504 past it; 429 when the queue would keep a request past it)")
@@ -327,9 +329,9 @@ def main() -> None:
     model = args.model
     if model and model.startswith("random:"):  # a random-weight model of a real shape, e.g. on a GPU
         model = random_lm(model.split(":", 1)[1], args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                          None)
-    rr = Reranker(model=model, method=args.method, device=args.device)
-    out = {"model": rr.lm.name, "method": args.method, "docs": args.docs, "words": args.words,
+                          args.dtype)
+    rr = Reranker(model=model, method=args.method, device=args.device, dtype=args.dtype)
+    out = {"model": rr.lm.name, "method": args.method, "dtype": str(rr.lm.dtype).replace("torch.", ""), "docs": args.docs, "words": args.words,
            "seconds": args.seconds, "request_timeout_s": args.request_timeout, "retry_wait": args.retry_wait,
            "rel_tol": REL_TOL, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
