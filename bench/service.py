@@ -331,7 +331,8 @@ def main() -> None:
         model = random_lm(model.split(":", 1)[1], args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           args.dtype)
     rr = Reranker(model=model, method=args.method, device=args.device, dtype=args.dtype)
-    out = {"model": rr.lm.name, "method": args.method, "dtype": str(rr.lm.dtype).replace("torch.", ""), "docs": args.docs, "words": args.words,
+    out = {"model": rr.lm.name, "method": args.method, "dtype": str(rr.lm.dtype).replace("torch.", ""),
+           "docs": args.docs, "words": args.words,
            "seconds": args.seconds, "request_timeout_s": args.request_timeout, "retry_wait": args.retry_wait,
            "rel_tol": REL_TOL, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
