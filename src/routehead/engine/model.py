@@ -117,7 +117,7 @@ def cpu_native_bf16(flags: set[str] | None = None) -> bool:
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on CUDA; float32 on every CPU. bfloat16 pays on a CPU only with native support
     (:func:`cpu_native_bf16`), and even there it changes rankings: on a Zen 4 CPU with AVX512-BF16 it ran a
-    SmolLM2 re-rank 1.3x and a Gemma-3 one 1.6x faster, but re-ordered the top 10 of 37-70 % of the queries
+    SmolLM2 re-rank 1.3x and a Gemma-3 one 1.6x faster, but re-ordered the top 10 of 30-70 % of the queries
     (nDCG@10 within 0.008; ``bench/dtype_check.py``, BENCHMARKS.md, 2026-12-07), so ``auto`` keeps the exact
     float32 and ``"bfloat16"`` is the user's opt-in (always honoured)."""
     if isinstance(dtype, torch.dtype):
