@@ -122,7 +122,7 @@ def test_pooling_names_are_checked_before_any_pass() -> None:
 
 def test_timed_routed_mode_runs_an_in_prompt_router_as_the_reranker_does(tmp_path: Path) -> None:
     """bench/speed.py's ``routed`` mode (``testing.passes``) with a router that reads the prompt: it routes inside
-    the pass (the Reranker's ranking and heads), and ``routed_source`` embed the query after
+    the pass (the Reranker's ranking and heads), and ``routed_source`` embeds the query after
     the documents instead of failing for want of them (the shipped SmolLM2 router since 2026-12-07)."""
     from routehead.selection import load_method
     from routehead.testing.passes import _selection, rerank_pass, routed_source

@@ -83,19 +83,18 @@ def mode_method(mode: str, lm: LoadedModel, router: str | None = None) -> Method
 
 def _selection(scorer: HeadScorer, method: Method, query: str, documents: Sequence[str] | None) -> Selection:
     """The method's selection for ``query``; a router reading the re-ranking prompt (``prompt-*`` pooling)
-    embeds the query after ``documents``, as it does inside the real pass."""
+    embeds the query after ``documents``, as it does inside the real pass (other poolings ignore them)."""
     if method.embedding is None:
         return method.select()
-    layer, pooling = method.embedding
-    return method.select(scorer.query_embedding(query, layer, pooling,
-                                                documents=documents if pooling.startswith("prompt-") else None))
+    return method.select(scorer.query_embedding(query, *method.embedding, documents=documents))
 
 
 def layers_run(mode: str, scorer: HeadScorer, query: str, router: str | None = None,
                documents: Sequence[str] | None = None) -> int:
     """Decoder layers the mode's scoring pass runs for ``query``: every layer for the all-head and plain passes,
-    else the deepest layer its selection reads + 1 (the pass exits after it; a routed mode's query-embedding
-    pass, over the query alone, is not counted). Raises :class:`Skipped` as :func:`mode_method` does."""
+    else the deepest layer its selection reads + 1 (the pass exits after it; a routed mode's separate
+    query-embedding pass, where its router has one, is not counted). Raises :class:`Skipped` as
+    :func:`mode_method` does."""
     if mode in ALL_LAYER_MODES:
         return scorer.lm.num_layers
     sel = _selection(scorer, mode_method(mode, scorer.lm, router), query, documents)
