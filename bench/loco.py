@@ -253,7 +253,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "command": "python bench/loco.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "base": name_of(base), "recipe": asdict(settings),
                            "collections": {name_of(sc): len(sc.entries) for sc in [base, *held]},
-                           "skipped": skipped, "route-base": fitted(base_router, info), "held_out": {},
+                           "skipped": skipped, "route-base": fitted(base_router, info),
+                           # the train-side yardstick for route-base's out-of-fold figure: the fixed methods on the
+                           # same stored base queries (in-sample for assets detected on them, so it favours them)
+                           "base_fixed": {"queries": len(base.entries),
+                                          "ndcg@10": {k: round(float(v.mean()), 4)
+                                                      for k, v in score_all(base, fixed, scorer).items()}},
+                           "held_out": {},
                            "note": "route-loco: fitted on the base and every other collection; route-base: on the "
                                    "base alone; static/core/layers: the shipped assets; oof_ndcg@10 are training "
                                    "figures (out of fold), every held-out figure a test figure of a router that "

@@ -63,6 +63,8 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     r = got["recipe"]
     assert (r["embed_layer"], r["pool_size"], r["folds"], r["objective"]) == (1, 8, 2, "listwise")
     assert got["route-base"]["trained_on"] == ["mini-base/train"]
+    assert got["base_fixed"]["queries"] == 5  # the fixed methods' training figures on the base, beside its OOF
+    assert set(got["base_fixed"]["ndcg@10"]) == {"static", "core", "layers", "single", "icr", "bm25"}
     methods = {"route-loco", "route-base", "static", "core", "layers", "single", "icr", "bm25"}
     for name, other in (("scifact-mini/test", "mini-b/test"), ("mini-b/test", "scifact-mini/test")):
         h = got["held_out"][name]
