@@ -65,10 +65,14 @@ def test_score_detect_train_evaluate_plot(tmp_path):
     assert out.returncode == 2 and "max_layer 30 is not a layer of this model" in out.stderr
     assert "Traceback" not in out.stderr
 
-    out = run_cli("evaluate", *DATA, "--split", "test", "--reranker", "bm25", "icr", "single", "static", "route",
-                  "oracle", "--heads", str(heads), "--router", str(router), "--json", env=env)
+    evaluate = ("evaluate", *DATA, "--split", "test", "--reranker", "bm25", "icr", "single", "static", "route",
+                "oracle", "--heads", str(heads), "--router", str(router), "--json")
+    out = run_cli(*evaluate, env=env)  # the router was trained on this very split: no test figure
+    assert out.returncode == 2 and "is no test figure" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(*evaluate, "--training-figures", env=env)
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
+    assert list(rep["training_figures"]) == ["route"] and "scifact-mini/test" in rep["training_figures"]["route"]
     nd = {k: v["metrics"]["ndcg@10"] for k, v in rep["rerankers"].items()}
     assert set(nd) == {"bm25", "icr", "single", "static", "route", "oracle"}
     assert all(0.0 <= v <= 1.0 for v in nd.values())

@@ -128,7 +128,7 @@ def test_a_route_calibration_serves_only_its_own_router(tmp_path) -> None:
     assert find_calibration(other, tmp_path) is None and not calibration_for(other, tmp_path).calibrated
 
 
-@pytest.mark.parametrize("variant", [None, "heads"])
+@pytest.mark.parametrize("variant", [None, "heads", "input"])
 def test_shipped_route_calibrations_match_the_shipped_routers(variant) -> None:
     """Each shipped route calibration names the fingerprint and serving order of a shipped router, so the
     default router and its variants are each calibrated, in their own order."""

@@ -118,3 +118,33 @@ def test_registry_and_cli_load_no_torch() -> None:
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_evaluation_refuses_a_router_on_a_collection_it_was_trained_on(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router's figure on a collection split whose judged queries trained it is a training figure: evaluating
+    it there is refused with a message naming its training collections; another split of the same collection,
+    and other methods, evaluate as before."""
+    from routehead.engine.scorer import HeadScorer
+    from routehead.evaluation.runs import evaluate
+    from routehead.offline.collect import score_collection
+    from routehead.offline.data import load_collection
+    from routehead.selection.router import load_router
+    from routehead.testing.tiny import tiny_lm
+
+    monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path / "store"))
+    lm = tiny_lm("llama")
+    scorer = HeadScorer(lm, max_doc_tokens=40)
+    sc = score_collection(load_collection("examples/scifact-mini", "test"), scorer, scorer.settings(), top_k=5,
+                          max_queries=2, progress=False)
+    path = _router(lm, tmp_path / "r.safetensors", use_first_stage=False)
+    unseen_runs, _ = evaluate(sc, ["bm25", "icr", "route"], scorer, router=path)
+    assert set(unseen_runs) == {"bm25", "icr", "route"}
+    r = load_router(path)
+    r.config.training = {"members": ["scifact/train", "scifact-mini/test"]}
+    r.save(path)
+    with pytest.raises(RouteheadError, match=r"trained on scifact-mini/test's judged queries .*scifact/train"):
+        evaluate(sc, ["bm25", "route"], scorer, router=path)
+    assert set(evaluate(sc, ["icr"], scorer, router=path)[0]) == {"icr"}
+    runs, extra = evaluate(sc, ["route"], scorer, router=path, training_figures=True)  # kept, and named as such
+    assert set(runs) == {"route"} and "scifact-mini/test" in extra["training_figures"]["route"]

@@ -174,10 +174,13 @@ def test_shipped_multi_router_never_saw_scifact_test():
                                           "trec-dl19-passage/test"]
 
 
-def test_default_router_routes_inside_the_pass_and_saw_only_scifact_train():
+def test_default_router_routes_inside_the_pass_within_the_depth_budget_and_never_saw_scifact_test():
     """SmolLM2's default router reads the query inside the re-ranking prompt, so it routes inside that pass (no
-    second pass); trained on scifact train alone, so every other collection and scifact test are test figures for
-    it. The earlier default (query alone, heads only) ships as ``router="heads"``."""
+    second pass); its pool stops at layer 19, so every routed pass runs at most 20 of the 30 layers; it was fitted
+    on reversed lists of scifact train and five other collections' test queries (bench/loco.py --doc-order reverse
+    --set max_layer=20), never on scifact test. The earlier defaults ship as ``router="input"`` (in-prompt, fitted
+    on shuffled scifact train, served in BM25 order) and ``router="heads"`` (query alone, heads only), both fitted
+    on scifact train alone."""
     from routehead.assets import router_path
     from routehead.selection.route import Route
     from routehead.selection.router import load_router
@@ -186,11 +189,14 @@ def test_default_router_routes_inside_the_pass_and_saw_only_scifact_train():
     cfg = load_router(path).config
     route = Route.load(cfg.identity)
     assert shipped and cfg.identity["model"] == "smollm2-135m" and cfg.pooling == "prompt-mean"
-    assert cfg.trained_on == ["scifact/train"]
+    assert cfg.trained_on[0] == "scifact/train" and "scifact/test" not in cfg.trained_on
+    assert cfg.training["doc_order"] == "reverse" and cfg.serving_order == "reverse"
+    assert max(layer for layer, _ in cfg.pool_heads) + 1 <= 0.7 * cfg.num_layers
     routing = route.pass_routing()
     assert routing is not None and routing.layer == cfg.embed_layer and set(routing.pool) == set(cfg.pool_heads)
-    heads = load_router(router_path("smollm2-135m", "heads")[0]).config
-    assert heads.pooling == "mean" and not heads.use_first_stage and heads.trained_on == ["scifact/train"]
+    for variant, pooling in (("input", "prompt-mean"), ("heads", "mean")):
+        old = load_router(router_path("smollm2-135m", variant)[0]).config
+        assert old.pooling == pooling and old.trained_on == ["scifact/train"]
 
 
 def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
@@ -201,7 +207,8 @@ def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
     from routehead.selection.router import load_router
     from routehead.settings import DEFAULT_ORDER
 
-    assert load_router(router_path("smollm2-135m", None)[0]).config.serving_order == "input"
+    assert load_router(router_path("smollm2-135m", None)[0]).config.serving_order == "reverse"
+    assert load_router(router_path("smollm2-135m", "input")[0]).config.serving_order == "input"
     assert load_router(router_path("smollm2-135m", "heads")[0]).config.serving_order == "reverse"
     lm = tiny_lm("llama")
     cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=[[0, 1], [2, 3]], dim=8, threshold=0.3)

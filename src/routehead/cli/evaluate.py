@@ -22,7 +22,8 @@ def evaluate(args: argparse.Namespace) -> None:
     else:
         sc, scorer = job.run()
     print_warnings(sc.collection)
-    runs, extra = run_all(sc, args.reranker, scorer, router=args.router, heads=args.heads)
+    runs, extra = run_all(sc, args.reranker, scorer, router=args.router, heads=args.heads,
+                          training_figures=args.training_figures)
     rep = report(sc, runs, baselines=[b for b in ("bm25", "icr", "static") if b in runs])
     rep.update(extra)
     if args.out:
@@ -36,6 +37,8 @@ def evaluate(args: argparse.Namespace) -> None:
             print(json.dumps(rep))
     else:
         print(format_table(rep))
+        for name, why in extra.get("training_figures", {}).items():
+            print(f"note: {name} is a training figure here ({why})")
 
 
 def plot(args: argparse.Namespace) -> None:
@@ -59,6 +62,9 @@ def register(sub: Any) -> None:
                    "single and core, a layer window (JSON or s,e) for layers (default: the one shipped for the model)")
     p.add_argument("--router", default=None, help="router for route: a .safetensors or a shipped variant "
                    f"({', '.join(ROUTER_VARIANTS)}; default: the shipped router)")
+    p.add_argument("--training-figures", action="store_true",
+                   help="report a router's figures on a collection split it was trained on (named in the report's "
+                        "training_figures) instead of refusing them")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the full report as JSON")
     p.set_defaults(func=evaluate)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from routehead.errors import RouteheadError
 from routehead.evaluation.baselines import BASELINES
 from routehead.evaluation.scores import method_scores
 from routehead.metrics import compare_runs, evaluate_run, rank_order, run_from_ranking
@@ -50,10 +51,12 @@ def method_run(sc: ScoredCollection, method: Method, scorer: Any = None,
 
 
 def evaluate(sc: ScoredCollection, names: Sequence[str], scorer: Any = None, router: Asset = None,
-             heads: Asset = None) -> tuple[dict[str, Run], dict[str, Any]]:
+             heads: Asset = None, training_figures: bool = False) -> tuple[dict[str, Run], dict[str, Any]]:
     """Runs of ``names`` (baselines and registered methods) and extra facts (mean routed heads). A method
     loads ``router``/``heads`` or the assets shipped for the model; ``oracle`` searches the routed pool when a
-    router was evaluated before it, else the 64 best heads alone."""
+    router was evaluated before it, else the 64 best heads alone. A router evaluated on a collection split it
+    was trained on is refused (:func:`refuse_seen`), unless ``training_figures``: then its run is kept and named
+    under ``extra["training_figures"]``, so no report passes it off as a test figure."""
     runs: dict[str, Run] = {}
     extra: dict[str, Any] = {}
     pool = None
@@ -62,6 +65,12 @@ def evaluate(sc: ScoredCollection, names: Sequence[str], scorer: Any = None, rou
             runs[name] = run_of(sc, BASELINES[name](sc, pool))
             continue
         method = load_method(name, sc_identity(sc, scorer), router=router, heads=heads)
+        try:
+            refuse_seen(method, sc)
+        except RouteheadError as exc:
+            if not training_figures:
+                raise
+            extra.setdefault("training_figures", {})[name] = str(exc).split(":", 1)[0]
         chosen: dict[str, Selection] = {}
         runs[name] = method_run(sc, method, scorer, chosen)
         if method.needs == "router":
@@ -69,6 +78,19 @@ def evaluate(sc: ScoredCollection, names: Sequence[str], scorer: Any = None, rou
             sizes = [len(s.heads.heads or ()) + int(s.first_stage_weight > 0) for s in chosen.values()]
             extra[f"{name}_mean_heads"] = sum(sizes) / max(len(sizes), 1)
     return runs, extra
+
+
+def refuse_seen(method: Method, sc: ScoredCollection) -> None:
+    """A router's figure on a collection split whose judged queries trained it is a training figure, never a test
+    figure (the shipped default router was trained on scifact train and five other collections' queries): refuse
+    it, and say what gives an honest figure instead."""
+    seen = getattr(getattr(method, "router", None), "config", None)
+    here = f"{sc.collection.name}/{sc.collection.split}"
+    if seen is not None and here in seen.trained_on:
+        raise RouteheadError(
+            f"the router was trained on {here}'s judged queries ({', '.join(seen.trained_on)}): its figure there "
+            f"is no test figure; evaluate a router that never saw {here} (router='input' or 'heads', or your own "
+            f"from `routehead train`), or hold the collection out with bench/loco.py")
 
 
 IDENTITY_KEYS = ("model", "architecture", "num_layers", "num_heads", "num_kv_heads", "hidden_size")
