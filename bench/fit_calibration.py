@@ -66,13 +66,13 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model(args.model)
     scorer = HeadScorer(lm)
-    stores: dict[tuple[str, str], object] = {}
+    stores: dict[tuple[str, str, str], object] = {}  # (collection, split, order): scifact has train and test
 
     def store(name: str, split: str, order: str):
-        if (name, order) not in stores:
-            stores[name, order] = score_collection(load_collection(f"{args.data_root}/{name}", split), None,
+        if (name, split, order) not in stores:
+            stores[name, split, order] = score_collection(load_collection(f"{args.data_root}/{name}", split), None,
                                                    scorer.settings(), doc_order=order)
-        return stores[name, order]
+        return stores[name, split, order]
 
     out = {"model": lm.name, "date": time.strftime("%Y-%m-%d"), "methods": {}}
     runs = [(m, None) for m in args.methods] + [("route", v) for v in args.routers]

@@ -123,8 +123,8 @@ def test_registry_and_cli_load_no_torch() -> None:
 def test_evaluation_refuses_a_router_on_a_collection_it_was_trained_on(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A router's figure on a collection split whose judged queries trained it is a training figure: evaluating
-    it there is refused with a message naming its training collections; another split of the same collection,
-    and other methods, evaluate as before."""
+    it there is refused with a message naming its training collections; the same router on a split it never saw,
+    and other methods with it given, evaluate as before; ``training_figures`` keeps the run and names it."""
     from routehead.engine.scorer import HeadScorer
     from routehead.evaluation.runs import evaluate
     from routehead.offline.collect import score_collection
