@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loco import per_query, recipe  # noqa: E402
 
 from routehead.engine.order import prompt_order  # noqa: E402
+from routehead.errors import RouteheadError  # noqa: E402
 from routehead.evaluation.runs import save_json, sc_identity  # noqa: E402
 from routehead.metrics import ndcg_at_k, paired_p_value  # noqa: E402
 from routehead.offline.job import ScoreJob  # noqa: E402
@@ -59,13 +60,19 @@ def main() -> None:
                     help="write METHOD's best order into the router file ROUTER (its serving_order: a Reranker "
                     "without doc_order serves it there), e.g. src/routehead/assets/router-smollm2-135m-fs."
                     "safetensors=route+fs")
+    ap.add_argument("--shipped", nargs="*", default=None, metavar="ROUTER",
+                    help="score the shipped assets as they are (no re-fitting; for a model without a large shuffled "
+                    "train store): ICR, QRHead, the single head, CoRe, the window, and the routers named (shipped "
+                    "variant names, 'default' the default router); their train figures are in-sample where an asset "
+                    "was detected on these queries (the choice is still made on train)")
     ap.add_argument("--from-json", action="store_true", help="with --record: take the orders from the last run's "
                     "results/serving-order-<model>.json instead of running again")
     args = ap.parse_args()
     if args.from_json:
-        record(json.loads((Path("results") / f"serving-order-{args.model}.json").read_text()), args.record)
+        name = f"serving-order-{args.model}{'-shipped' if args.shipped is not None else ''}.json"
+        record(json.loads((Path("results") / name).read_text()), args.record)
         return
-    if "shuffle" not in args.orders:
+    if "shuffle" not in args.orders and args.shipped is None:
         raise SystemExit("--orders must include shuffle: the methods are fitted on the shuffled passes")
     default_root = os.environ.get("ROUTEHEAD_STORE", "results/cache")
     roots = dict(r.split("=", 1) for r in args.root)
@@ -82,6 +89,9 @@ def main() -> None:
     # query embeddings are cached beside the shuffled store (they do not depend on the order)
     os.environ["ROUTEHEAD_STORE"] = roots.get("shuffle", default_root)
     held = sorted(set.intersection(*(set(sc.entries) for sc in stores.values())))
+    if args.shipped is not None:
+        shipped_run(args, stores, scorer, held, roots, default_root)
+        return
     train_sc = replace(stores["shuffle"], entries={q: e for q, e in stores["shuffle"].entries.items()
                                                    if q not in held})
     fit_ids = sorted(train_sc.entries)
@@ -101,6 +111,19 @@ def main() -> None:
         methods[name] = Route(routers[name])
         print(name, "fitted, out-of-fold nDCG@10", round(routers[name].config.training["dev_ndcg@10"], 4),
               flush=True)
+    table = summary(scored(stores, methods, scorer, held, roots, default_root))
+    res = {"model": args.model, "collection": Path(args.data).name, "split": args.split,
+           "orders": args.orders, "held_out_queries": len(held), "fit_queries": len(fit_ids),
+           "date": datetime.date.today().isoformat(),
+           "routers_oof": {k: round(float(r.config.training["dev_ndcg@10"]), 4) for k, r in routers.items()},
+           "methods": table}
+    save_json(res, Path("results") / f"serving-order-{args.model}.json")
+    record(res, args.record)
+
+
+def scored(stores: dict, methods: dict, scorer: object, held: list[str], roots: dict,
+           default_root: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per-query nDCG@10 of every method (and BM25's and the position's order) on ``held`` in every order."""
     vals: dict[str, dict[str, np.ndarray]] = {}
     for o, sc in stores.items():
         os.environ["ROUTEHEAD_STORE"] = roots.get(o, default_root)  # in-prompt embeddings live beside their store
@@ -112,6 +135,11 @@ def main() -> None:
                              10)[0]) for q in held])
         for name, m in methods.items():
             vals.setdefault(name, {})[o] = per_query(sc, m, scorer, held)
+    return vals
+
+
+def summary(vals: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
+    """Each method's mean per order, its best order (the rule) and each order's paired p against reversed."""
     table = {}
     for name, by in vals.items():
         best = max(by, key=lambda o: by[o].mean())
@@ -119,23 +147,45 @@ def main() -> None:
                        "p_vs_reverse": {o: float(f"{paired_p_value(v, by['reverse']):.3g}")
                                         for o, v in by.items() if o != "reverse" and "reverse" in by}}
         print(name, json.dumps(table[name]), flush=True)
-    res = {"model": args.model, "collection": Path(args.data).name, "split": args.split,
-           "orders": args.orders, "held_out_queries": len(held), "fit_queries": len(fit_ids),
-           "date": datetime.date.today().isoformat(),
-           "routers_oof": {k: round(float(r.config.training["dev_ndcg@10"]), 4) for k, r in routers.items()},
-           "methods": table}
-    save_json(res, Path("results") / f"serving-order-{args.model}.json")
+    return table
+
+
+def shipped_run(args: argparse.Namespace, stores: dict, scorer: object, held: list[str], roots: dict,
+                default_root: str) -> None:
+    """``--shipped``: the shipped assets scored as they are on the held-out queries in every order."""
+    ident = sc_identity(next(iter(stores.values())), scorer)
+    methods = {}
+    for m in ("icr", "static", "single", "core", "layers"):
+        try:
+            methods[m] = load_method(m, ident)
+        except RouteheadError as exc:
+            print(f"{m} left out: {exc}", flush=True)
+    for r in args.shipped:
+        methods["route" if r == "default" else f"route-{r}"] = load_method("route", ident,
+                                                                          router=None if r == "default" else r)
+    print(f"held out {len(held)} (shipped assets, no re-fitting)", flush=True)
+    res = {"model": args.model, "collection": Path(args.data).name, "split": args.split, "orders": args.orders,
+           "held_out_queries": len(held), "fit_queries": None, "date": datetime.date.today().isoformat(),
+           "note": "shipped assets as they are: in-sample on queries they were detected or fitted on",
+           "assets": {k: {kk: str(vv)[:200] for kk, vv in m.info().items()} for k, m in methods.items()},
+           "methods": summary(scored(stores, methods, scorer, held, roots, default_root))}
+    save_json(res, Path("results") / f"serving-order-{args.model}-shipped.json")
     record(res, args.record)
 
 
 def record(res: dict, specs: list[str]) -> None:
-    """Each ``ROUTER=METHOD``: the router file's ``serving_order`` set to METHOD's best order in ``res``
-    (the weights unchanged). The rule, fixed before any test figure: the order with the best mean nDCG@10 on
-    the held-out train queries."""
+    """Each ``FILE=METHOD``: the file's serving order for METHOD set to METHOD's best order in ``res`` (a router
+    file's ``serving_order``; a head-set or window JSON's ``serving_order`` map; heads and weights unchanged). The
+    rule, fixed before any test figure: the order with the best mean nDCG@10 on the held-out train queries."""
+    from routehead.selection.heads import record_serving_order
     from routehead.selection.router import load_router
 
     for spec in specs:
         path, method = spec.split("=", 1)
+        if path.endswith(".json"):
+            record_serving_order(path, method, res["methods"][method]["best"])
+            print(f"{path}: {method} served in {res['methods'][method]['best']} order", flush=True)
+            continue
         router = load_router(path)
         router.config.serving_order = res["methods"][method]["best"]
         router.save(path)

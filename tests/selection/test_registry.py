@@ -148,3 +148,39 @@ def test_evaluation_refuses_a_router_on_a_collection_it_was_trained_on(tmp_path:
     assert set(evaluate(sc, ["icr"], scorer, router=path)[0]) == {"icr"}
     runs, extra = evaluate(sc, ["route"], scorer, router=path, training_figures=True)  # kept, and named as such
     assert set(runs) == {"route"} and "scifact-mini/test" in extra["training_figures"]["route"]
+
+
+def test_a_head_set_or_window_is_served_in_the_order_its_file_records(tmp_path):
+    """Head-set and window files may record, per method, the prompt order it is served in (chosen on held-out
+    train queries by bench/serving_order.py); one heads file serves ``static`` and ``single`` in different
+    orders, a Reranker without ``doc_order`` follows the file, an explicit order wins, a file without the map
+    serves the default order, and an order that is not one is refused when the file loads."""
+    import json
+
+    from routehead import Reranker
+    from routehead.selection.heads import record_serving_order, save_heads
+    from routehead.selection.layers import save_window
+    from routehead.settings import DEFAULT_ORDER
+    from routehead.testing.tiny import tiny_lm
+
+    shipped = {"smollm2-135m": {"static": "reverse", "single": "input", "core": "reverse", "layers": "reverse"}}
+    ident = {"model": "smollm2-135m", "num_layers": 30, "num_heads": 9}
+    for m, order in shipped["smollm2-135m"].items():
+        assert load_method(m, ident).serving_order == order, m
+    lm = tiny_lm("llama")
+    save_heads(tmp_path / "h.json", [(1, 0), (0, 1)], lm.identity())
+    save_window(tmp_path / "w.json", (1, 1), lm.identity())
+    assert Reranker(lm, method="static", heads=tmp_path / "h.json").doc_order == DEFAULT_ORDER
+    record_serving_order(tmp_path / "h.json", "single", "input")
+    record_serving_order(tmp_path / "w.json", "layers", "shuffle")
+    assert Reranker(lm, method="single", heads=tmp_path / "h.json").doc_order == "input"
+    assert Reranker(lm, method="static", heads=tmp_path / "h.json").doc_order == DEFAULT_ORDER
+    assert Reranker(lm, method="single", heads=tmp_path / "h.json", doc_order="reverse").doc_order == "reverse"
+    assert Reranker(lm, method="layers", heads=tmp_path / "w.json").doc_order == "shuffle"
+    assert json.loads((tmp_path / "h.json").read_text())["heads"] == [[1, 0], [0, 1]]  # heads unchanged
+    with pytest.raises(RouteheadError, match="serving_order"):
+        record_serving_order(tmp_path / "h.json", "static", "backwards")
+    body = json.loads((tmp_path / "h.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**body, "serving_order": {"static": "sideways"}}))
+    with pytest.raises(RouteheadError, match="sideways"):
+        load_method("static", lm.identity(), heads=tmp_path / "bad.json")

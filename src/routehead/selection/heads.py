@@ -13,6 +13,7 @@ from typing import Any
 
 from routehead.engine.aggregate import Head
 from routehead.errors import RouteheadError
+from routehead.settings import ORDERS
 
 
 def save_heads(path: str | Path, heads: Sequence[Head], identity: dict[str, Any], **meta: Any) -> None:
@@ -39,6 +40,24 @@ def load_heads(path: str | Path, identity: dict[str, Any] | None = None) -> tupl
     if identity is not None:
         check_identity(model, identity, str(path))
     return heads, body
+
+
+def file_serving_order(body: dict[str, Any], method: str, path: str | Path) -> str | None:
+    """The prompt order a head-set or window file says ``method`` is served in (its ``serving_order`` map,
+    written by bench/serving_order.py from held-out train queries), or None where it says none. One file can serve
+    two methods (``static`` and ``single`` read the same heads), so the map is keyed by method name."""
+    order = (body.get("serving_order") or {}).get(method)
+    if order is not None and order not in ORDERS:
+        raise RouteheadError(f"{path}: serving_order for {method!r} is {order!r}, not one of {list(ORDERS)}")
+    return order
+
+
+def record_serving_order(path: str | Path, method: str, order: str) -> None:
+    """Write ``method``'s serving order into a head-set or window file (the heads or window unchanged)."""
+    body = json.loads(Path(path).read_text())
+    body["serving_order"] = {**(body.get("serving_order") or {}), method: order}
+    file_serving_order(body, method, path)  # refuse an order that is not one
+    Path(path).write_text(json.dumps(body, indent=1))
 
 
 def check_identity(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:

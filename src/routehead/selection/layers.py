@@ -24,7 +24,7 @@ from routehead.assets import default_window_path
 from routehead.engine.aggregate import Head, HeadSet
 from routehead.errors import RouteheadError
 from routehead.selection.base import Asset, Method, Selection
-from routehead.selection.heads import check_identity
+from routehead.selection.heads import check_identity, file_serving_order
 
 WINDOW_FORMAT = "routehead-window-v1"
 Window = tuple[int, int]
@@ -93,7 +93,9 @@ class Layers(Method):
                 raise RouteheadError(f"no layer window shipped for model {identity['model']!r}; choose one "
                                      f"(routehead detect --rule layers) and pass heads=PATH or heads=(start, end)")
             window, body = load_window(path, identity)
-            return cls(window, int(num_heads), body.get("prompt", {}), body.get("detection"))
+            method = cls(window, int(num_heads), body.get("prompt", {}), body.get("detection"))
+            method.serving_order = file_serving_order(body, cls.name, path)
+            return method
         if len(asset) != 2 or not all(hasattr(x, "__index__") for x in asset):
             raise RouteheadError(f"method 'layers' takes a window: a window JSON or a (start, end) pair of layers, "
                                  f"not {asset!r}")

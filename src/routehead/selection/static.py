@@ -13,7 +13,7 @@ from routehead.assets import default_heads_path
 from routehead.engine.aggregate import Head, HeadSet
 from routehead.errors import RouteheadError
 from routehead.selection.base import Asset, Method, Selection
-from routehead.selection.heads import load_heads
+from routehead.selection.heads import file_serving_order, load_heads
 
 
 class Static(Method):
@@ -43,7 +43,9 @@ class Static(Method):
                 raise RouteheadError(f"no {cls.rule} head set shipped for model {identity['model']!r}; detect one "
                                      f"(routehead detect --rule {cls.rule}) and pass heads=PATH")
             heads, body = load_heads(path, identity)
-            return cls(cls.chosen(heads), body.get("prompt", {}), body.get("detection"))
+            method = cls(cls.chosen(heads), body.get("prompt", {}), body.get("detection"))
+            method.serving_order = file_serving_order(body, cls.name, path)
+            return method
         return cls(cls.chosen([(int(a), int(b)) for a, b in asset]))  # the caller's order: best first
 
     @staticmethod
