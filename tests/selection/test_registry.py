@@ -163,10 +163,13 @@ def test_a_head_set_or_window_is_served_in_the_order_its_file_records(tmp_path):
     from routehead.settings import DEFAULT_ORDER
     from routehead.testing.tiny import tiny_lm
 
-    shipped = {"smollm2-135m": {"static": "reverse", "single": "input", "core": "reverse", "layers": "reverse"}}
-    ident = {"model": "smollm2-135m", "num_layers": 30, "num_heads": 9}
-    for m, order in shipped["smollm2-135m"].items():
-        assert load_method(m, ident).serving_order == order, m
+    rest = {"core": "reverse", "layers": "reverse"}
+    shipped = {("smollm2-135m", 30, 9): {"static": "reverse", "single": "input", **rest},
+               ("gemma3-270m", 18, 4): {"static": "input", "single": "reverse", **rest}}
+    for (model, layers, heads), orders in shipped.items():  # as bench/serving_order.py recorded them
+        for m, order in orders.items():
+            ident = {"model": model, "num_layers": layers, "num_heads": heads}
+            assert load_method(m, ident).serving_order == order, (model, m)
     lm = tiny_lm("llama")
     save_heads(tmp_path / "h.json", [(1, 0), (0, 1)], lm.identity())
     save_window(tmp_path / "w.json", (1, 1), lm.identity())

@@ -210,6 +210,9 @@ def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
     assert load_router(router_path("smollm2-135m", None)[0]).config.serving_order == "reverse"
     assert load_router(router_path("smollm2-135m", "input")[0]).config.serving_order == "input"
     assert load_router(router_path("smollm2-135m", "heads")[0]).config.serving_order == "reverse"
+    gemma = {None: "reverse", "fs": "reverse", "bce": "shuffle"}  # bench/serving_order.py --shipped, 50 train queries
+    for variant, order in gemma.items():
+        assert load_router(router_path("gemma3-270m", variant)[0]).config.serving_order == order, variant
     lm = tiny_lm("llama")
     cfg = RouterConfig(identity=lm.identity(), embed_layer=1, pool=[[0, 1], [2, 3]], dim=8, threshold=0.3)
     plain = Router(cfg)
