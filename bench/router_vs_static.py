@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loco import STATIC, load_store, per_query  # noqa: E402
+from loco import STATIC, first_stage, load_store, per_query  # noqa: E402
 
 from routehead.evaluation.runs import save_json, sc_identity, trained_here  # noqa: E402
 from routehead.metrics import paired_p_value  # noqa: E402
@@ -31,7 +31,8 @@ def row(v: dict[str, np.ndarray]) -> dict:
     s = max(STATIC, key=lambda m: float(v[m].mean()))
     return {"queries": len(v["route"]), "route": round(float(v["route"].mean()), 4), "strongest": s,
             "static_value": round(float(v[s].mean()), 4), "delta": round(float((v["route"] - v[s]).mean()), 4),
-            "p": float(f"{paired_p_value(v['route'], v[s]):.3g}"), "icr": round(float(v["icr"].mean()), 4)}
+            "p": float(f"{paired_p_value(v['route'], v[s]):.3g}"), "icr": round(float(v["icr"].mean()), 4),
+            "bm25": round(float(v["bm25"].mean()), 4)}
 
 
 def main() -> None:
@@ -56,6 +57,7 @@ def main() -> None:
             raise SystemExit(f"{spec}: {why}; no test figure there")
         v = {"route": per_query(sc, route, scorer, qids)}
         v.update({m: per_query(sc, load_method(m, ident), scorer, qids) for m in (*STATIC, "icr")})
+        v["bm25"] = first_stage(sc, qids)
         for m, x in v.items():
             pooled.setdefault(m, []).append(x)
         out[sc.collection.name] = row(v)
