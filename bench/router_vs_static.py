@@ -5,8 +5,8 @@
         --collections ../shared/data/{scifact,trec-dl19-passage,cranfield,cisi,med}:test
 
 "Strongest static": the best of QRHead, CoRe, the layer window and the single head on these very queries (an
-in-sample pick that favours the static side, as in bench/loco.py). Use it only on collections the router never
-saw (its ``trained_on``). Writes results/router-vs-static-<model>-<order>[-<router>].json.
+in-sample pick that favours the static side; bench/loco.py's comparison, reused). Use it only on collections
+the router never saw (its ``trained_on``). Writes results/router-vs-static-<model>-<order>[-<router>].json.
 """
 
 from __future__ import annotations
@@ -19,20 +19,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loco import STATIC, first_stage, load_store, per_query  # noqa: E402
+from loco import STATIC, compare, first_stage, load_store, per_query  # noqa: E402
 
 from routehead.evaluation.runs import save_json, sc_identity, trained_here  # noqa: E402
-from routehead.metrics import paired_p_value  # noqa: E402
 from routehead.selection import load_method  # noqa: E402
+from routehead.settings import SCORING  # noqa: E402
 
 
-def row(v: dict[str, np.ndarray]) -> dict:
-    """The router's mean, the strongest static selection's, their difference and its paired p-value."""
-    s = max(STATIC, key=lambda m: float(v[m].mean()))
-    return {"queries": len(v["route"]), "route": round(float(v["route"].mean()), 4), "strongest": s,
-            "static_value": round(float(v[s].mean()), 4), "delta": round(float((v["route"] - v[s]).mean()), 4),
-            "p": float(f"{paired_p_value(v['route'], v[s]):.3g}"), "icr": round(float(v["icr"].mean()), 4),
-            "bm25": round(float(v["bm25"].mean()), 4)}
+def brief(r: dict) -> str:
+    """One line: the router, the strongest static selection, their difference and its paired p-value."""
+    s = r["strongest_static"]
+    return (f"{r['queries']} queries: route {r['ndcg@10']['route']}, {s} {r['ndcg@10'][s]}, "
+            f"{r['vs']['route'][s]['delta']:+} (p = {r['vs']['route'][s]['p']}), icr {r['ndcg@10']['icr']}, "
+            f"bm25 {r['ndcg@10']['bm25']}")
 
 
 def main() -> None:
@@ -42,8 +41,8 @@ def main() -> None:
     ap.add_argument("--router", default=None, help="a router variant or file (default: the model's default)")
     ap.add_argument("--collections", nargs="+", required=True, metavar="PATH[:SPLIT]")
     args = ap.parse_args()
-    opts = argparse.Namespace(model=args.model, dtype="float32", doc_order=args.doc_order, top_k=20,
-                              max_doc_tokens=160, max_queries=None, no_compute=True)
+    opts = argparse.Namespace(model=args.model, dtype="float32", doc_order=args.doc_order, top_k=SCORING.top_k,
+                              max_doc_tokens=SCORING.max_doc_tokens, max_queries=None, no_compute=True)
     scorer, out, pooled = None, {}, {}
     for spec in args.collections:
         sc, scorer, why = load_store(spec, opts, scorer)
@@ -60,10 +59,11 @@ def main() -> None:
         v["bm25"] = first_stage(sc, qids)
         for m, x in v.items():
             pooled.setdefault(m, []).append(x)
-        out[sc.collection.name] = row(v)
-        print(sc.collection.name, out[sc.collection.name], flush=True)
-    out["pooled"] = row({m: np.concatenate(x) for m, x in pooled.items()})
-    print("pooled", out["pooled"], flush=True)
+        out[sc.collection.name] = {"queries": len(qids), **compare(v, ("route",))}
+        print(sc.collection.name, brief(out[sc.collection.name]), flush=True)
+    out["pooled"] = {"queries": sum(len(x) for x in pooled["route"]),
+                     **compare({m: np.concatenate(x) for m, x in pooled.items()}, ("route",))}
+    print("pooled", brief(out["pooled"]), flush=True)
     tail = f"-{Path(args.router).stem}" if args.router else ""
     save_json({"model": args.model, "order": args.doc_order, "router": args.router or "default", **out},
               Path("results") / f"router-vs-static-{args.model}-{args.doc_order}{tail}.json")
