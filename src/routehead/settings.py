@@ -63,7 +63,9 @@ class FitSettings:
     dev_fraction: float = _opt(0.2, "the dev share when folds is 1")
     labels: str = _opt("greedy", "greedy: binary greedy head sets (the paper); soft: each head's own nDCG@10",
                        ("greedy", "soft"))
-    label_max_heads: int = _opt(4, "size cap of a pseudo label")
+    label_max_heads: int = _opt(4, "size cap of a pseudo label (and of the starting set)")
+    start: str = _opt("single", "listwise: the static selection training starts from: the single head best alone "
+                      "on the training queries, or the greedy set best on them together", ("single", "set"))
     route_max: int = _opt(8, "most heads a router routes for one query")
     dim: int = _opt(64, "router embedding size")
     sparsity: float = _opt(0.0, "weight of the mean routing probability in the loss")

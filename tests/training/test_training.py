@@ -11,7 +11,7 @@ from routehead.offline.views import Query, doc_scores
 from routehead.selection.router import Router, RouterConfig
 from routehead.settings import FitSettings
 from routehead.training.fit import train_router
-from routehead.training.labels import greedy_label, prior_quality
+from routehead.training.labels import greedy_label, greedy_set, prior_quality
 from tests.toys import toy_identity, toy_pool
 
 
@@ -39,6 +39,19 @@ def test_greedy_label_stops_when_no_gain_and_breaks_ties_by_prior():
     # no signal puts the relevant doc in the top 10 -> uninformative, empty label
     q0 = _query([[5] + [0] * 11 + [-1]] * 2, [0] * 12 + [1])
     assert greedy_label(q0, np.array([0.5, 0.5]))[0] == []
+
+
+def test_greedy_set_is_the_best_set_over_all_queries_and_stops_where_adding_hurts():
+    # relevant doc 0 in both; head 1 alone ranks it 2nd on q1 and 1st on q2 (mean 0.815), head 0 the reverse
+    # but last on q2 (0.75); heads 0 + 1 rank it first on both; adding head 2 (doc 1 way ahead) would hurt
+    q1 = _query([[2, 1, 0], [0.5, 1, 0], [0, 5, 0]], [1, 0, 0], "q1")
+    q2 = _query([[0, 1, 0.5], [3, 1, 0], [0, 5, 0]], [1, 0, 0], "q2")
+    prior = prior_quality([q1, q2])
+    assert greedy_set([q1, q2], prior) == [1, 0]
+    # a price on head 0's depth larger than what it adds keeps the set at head 1
+    assert greedy_set([q1, q2], prior, cost=np.array([0.3, 0.0, 0.0])) == [1]
+    q2.weight = 0.0  # only q1 counts: head 0 alone is perfect there
+    assert greedy_set([q1, q2], prior) == [0]
 
 
 def test_router_learns_query_dependent_heads():

@@ -13,8 +13,9 @@ depth term, ``depth_cost * expected fraction of layers a routed pass runs``):
   and the loss is the cross-entropy between their softmax and the query's normalised relevance grades
   (ListNet). It trains the router on what inference does, with every head of every query giving
   gradient, instead of on binary labels that a greedy search picked among many near-equal sets. It starts
-  from the single best head on the training queries (logit +2, the rest -4), so the router is residual: it
-  learns when and where a query should leave the strong static default. Optional ``bce_weight`` adds the
+  from a static selection (logit +2, the rest -4): the single best head on the training queries, or with
+  ``start="set"`` the greedy set best on them together; so the router is residual: it learns when and where a
+  query should leave the strong static default. Optional ``bce_weight`` adds the
   pseudo-label BCE as an auxiliary term.
 
 The depth term makes the router cost-aware: a routed pass stops after its deepest routed layer, so its cost is
@@ -40,7 +41,7 @@ from routehead.offline.views import Query, doc_scores, queries_for, query_embedd
 from routehead.selection.router import Router, RouterConfig, merge_routers
 from routehead.settings import FitSettings
 from routehead.training.detect import detect_heads
-from routehead.training.labels import label_queries, prior_quality
+from routehead.training.labels import greedy_set, label_queries, prior_quality
 from routehead.training.objectives import Batch, expected_layers_run, listwise_loss, padded
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -274,15 +275,22 @@ def trained_members(sc: Any) -> dict[str, Any]:
     return {"members": [f"{m['collection']}/{m['split']}" for m in members]} if members else {}
 
 
-def residual_start(prior: np.ndarray, config: RouterConfig, depth_cost: float = 0.0) -> np.ndarray:
-    """The listwise router's starting probabilities: the single pool head best by the training objective (its
-    mean nDCG@10 alone on the training queries, less the price of the layers its pass runs) at logit +2, every
-    other signal at -4. Training then learns when a query should leave it."""
-    P = len(config.pool)
+def residual_start(prior: np.ndarray, config: RouterConfig, depth_cost: float = 0.0,
+                   chosen: list[int] | None = None) -> np.ndarray:
+    """The listwise router's starting probabilities: the signals ``chosen`` (default: the single pool head best
+    by the training objective, its mean nDCG@10 alone on the training queries less the price of the layers its
+    pass runs) at logit +2, every other signal at -4. Training then learns when a query should leave them."""
     init = np.full(len(prior), 1.0 / (1.0 + np.exp(4.0)))
-    depth = np.array([layers_run([h], config.num_layers) for h in config.pool_heads])
-    init[int(np.argmax(prior[:P] - depth_cost * depth))] = 1.0 / (1.0 + np.exp(-2.0))
+    if chosen is None:
+        chosen = [int(np.argmax(prior[:len(config.pool)] - depth_cost * signal_depths(config)[:len(config.pool)]))]
+    init[chosen] = 1.0 / (1.0 + np.exp(-2.0))
     return init
+
+
+def signal_depths(config: RouterConfig) -> np.ndarray:
+    """Fraction of the layers a pass over each routable signal alone runs (the first stage runs none)."""
+    depth = [layers_run([h], config.num_layers) for h in config.pool_heads]
+    return np.array(depth + [0.0] * config.use_first_stage)
 
 
 def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
@@ -301,12 +309,15 @@ def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], e
         else:
             raise ValueError(f"unknown labels {s.labels!r}; use 'greedy' or 'soft'")
     if s.objective == "listwise":
-        init = residual_start(prior, config, s.depth_cost)
+        chosen = (greedy_set(train_q, prior, s.label_max_heads, cost=s.depth_cost * signal_depths(config))
+                  if s.start == "set" else None)
+        init = residual_start(prior, config, s.depth_cost, chosen)
     elif s.labels == "soft":
         init = np.clip(prior, 1e-3, 1 - 1e-3)
     else:  # how often each signal is in a pseudo label (smoothed)
         init = (y.sum(0) + 0.1) / (len(labels) + 1.0)
     config.training.update({"train_queries": len(train_q), "labelled": len(labels), "dev_queries": len(dev_q),
+                            "start_signals": [int(i) for i in np.flatnonzero(init > 0.5)],
                             "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()] or [0]))})
     router, history = train_router(config, init, torch.cat([emb[q.qid] for q in train_q]), train_q, y,
                                    torch.cat([emb[q.qid] for q in dev_q]), dev_q, s)

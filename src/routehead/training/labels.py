@@ -74,6 +74,36 @@ def greedy_label(q: Query, prior: np.ndarray, max_heads: int = 4, pool: np.ndarr
     return chosen, best
 
 
+def greedy_set(queries: list[Query], prior: np.ndarray, max_heads: int = 4, k: int = 10,
+               cost: np.ndarray | None = None) -> list[int]:
+    """One signal set for all ``queries``: greedy forward selection of the signal whose addition most raises the
+    mean nDCG@k over the queries (each weighted by its ``weight``), less ``cost[s]`` for a set whose costliest
+    signal is s (the price of the layers its pass runs). The static set a listwise router can start from, the
+    training-split analogue of QRHead's detected set, but searched as a set (so it stops where adding hurts)."""
+    n = queries[0].num_signals
+    cand = np.arange(n)
+    cost = np.zeros(n) if cost is None else np.asarray(cost, dtype=np.float64)
+    w = np.array([q.weight for q in queries], dtype=np.float64)
+    P = len(queries[0].rows)
+    chosen: list[int] = []
+    totals: list[torch.Tensor | None] = [None] * len(queries)
+    best = -np.inf
+    for _ in range(max_heads):
+        vals = np.zeros(n)
+        for j, q in enumerate(queries):
+            vals += w[j] * ndcg_at_k(_added(q, totals[j], cand, P in chosen), q.gains, q.ideal, k)
+        vals = vals / w.sum() - np.maximum(cost, max((cost[c] for c in chosen), default=0.0))
+        vals[chosen] = -np.inf
+        i = int(np.argmax(vals + 1e-6 * (prior - prior.min()) / (np.ptp(prior) + 1e-12)))  # ties: better alone
+        if vals[i] <= best + 1e-9:
+            break
+        chosen.append(i)
+        best = float(vals[i])
+        if i < P:
+            totals = [q.rows[i].clone() if t is None else t + q.rows[i] for q, t in zip(queries, totals)]
+    return chosen
+
+
 def label_queries(queries: list[Query], prior: np.ndarray, max_heads: int = 4, pool: np.ndarray | None = None,
                   k: int = 10) -> dict[str, tuple[list[int], float]]:
     """Greedy labels for every informative query: ``qid -> (signal indices, nDCG@k)``."""
