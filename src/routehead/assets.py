@@ -27,12 +27,15 @@ def router_path(model_name: str, router: str | Path | None) -> tuple[Path, bool]
     ``"fs"``, may route the first-stage score; ``"fast"``, a priced, shallower router, shipped only where one meets
     bench/train_router.py's rule (none today); ``"multi"``, the first-stage router's recipe trained on scifact
     train and five other collections' test queries by bench/loco.py, SmolLM2 only: never evaluate it on those
-    five (fitted on shuffled lists); ``"heads"``, SmolLM2's first default, which reads the query alone and routes
-    heads only; ``"input"``, SmolLM2's second default, which reads the query inside the re-ranking prompt, fitted
-    on shuffled scifact train lists and served in BM25 order. SmolLM2's default reads the query inside the
-    re-ranking prompt too (so it routes inside that pass), routes the first-stage score, was fitted on reversed
-    lists of scifact train and the five other collections' test queries with a pool of layers <= 19 (every routed
-    pass runs at most 20 of the 30 layers) and is served reversed: never report its figures on those five."""
+    five (fitted on shuffled lists); ``"heads"``, each model's first default, which reads the query alone and routes
+    heads only (fitted on shuffled scifact train lists); ``"input"``, SmolLM2's second default, which reads the
+    query inside the re-ranking prompt, fitted on shuffled scifact train lists and served in BM25 order.
+    SmolLM2's default reads the query inside the re-ranking prompt too (so it routes inside that pass), routes the
+    first-stage score, was fitted on reversed lists of scifact train and the five other collections' test queries
+    with a pool of layers <= 19 (every routed pass runs at most 20 of the 30 layers) and is served reversed.
+    Gemma's default reads the query alone (a short pass, layer 15), routes the first-stage score and was fitted on
+    reversed lists of the same collections; both start their training from the greedy set best on the training
+    queries. Never report a default router's figures on the collections it was fitted on."""
     if router is None:
         return default_router_path(model_name), True
     if isinstance(router, str) and router in ROUTER_VARIANTS and not Path(router).exists():

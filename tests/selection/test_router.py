@@ -199,6 +199,23 @@ def test_default_router_routes_inside_the_pass_within_the_depth_budget_and_never
         assert old.pooling == pooling and old.trained_on == ["scifact/train"]
 
 
+def test_gemma_default_router_was_fitted_reversed_from_a_set_and_never_saw_scifact_test():
+    """Gemma's default router reads the query alone (layer 15) and may route the first stage; it was fitted on
+    reversed lists of scifact train and five other collections' test queries, starting from the greedy set best on
+    the training queries (bench/start_choice.py chose it on scifact train); its earlier default (shuffled scifact
+    train, heads only) ships as ``router="heads"``."""
+    from routehead.assets import router_path
+    from routehead.selection.router import load_router
+
+    cfg = load_router(router_path("gemma3-270m", None)[0]).config
+    assert cfg.identity["model"] == "gemma3-270m" and cfg.pooling == "mean" and cfg.use_first_stage
+    assert cfg.trained_on[0] == "scifact/train" and "scifact/test" not in cfg.trained_on and len(cfg.trained_on) == 6
+    assert cfg.training["doc_order"] == "reverse" and cfg.serving_order == "reverse"
+    assert cfg.training["start"] == "set" and len(cfg.training["start_signals"]) > 1
+    old = load_router(router_path("gemma3-270m", "heads")[0]).config
+    assert old.trained_on == ["scifact/train"] and not old.use_first_stage
+
+
 def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
     """A router file may record the prompt order it is served in (chosen on held-out train queries by
     bench/serving_order.py); a Reranker without ``doc_order`` serves it there, an explicit order wins, and a
@@ -210,7 +227,7 @@ def test_a_router_is_served_in_its_own_order_unless_told(tmp_path):
     assert load_router(router_path("smollm2-135m", None)[0]).config.serving_order == "reverse"
     assert load_router(router_path("smollm2-135m", "input")[0]).config.serving_order == "input"
     assert load_router(router_path("smollm2-135m", "heads")[0]).config.serving_order == "reverse"
-    gemma = {None: "reverse", "fs": "reverse", "bce": "shuffle"}  # bench/serving_order.py --shipped, 50 train queries
+    gemma = {None: "reverse", "heads": "reverse", "fs": "reverse", "bce": "shuffle"}  # bench/serving_order.py
     for variant, order in gemma.items():
         assert load_router(router_path("gemma3-270m", variant)[0]).config.serving_order == order, variant
     lm = tiny_lm("llama")
