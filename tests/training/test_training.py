@@ -47,11 +47,11 @@ def test_greedy_set_is_the_best_set_over_all_queries_and_stops_where_adding_hurt
     q1 = _query([[2, 1, 0], [0.5, 1, 0], [0, 5, 0]], [1, 0, 0], "q1")
     q2 = _query([[0, 1, 0.5], [3, 1, 0], [0, 5, 0]], [1, 0, 0], "q2")
     prior = prior_quality([q1, q2])
-    assert greedy_set([q1, q2], prior) == [1, 0]
+    assert greedy_set([q1, q2], prior) == ([1, 0], 1.0)
     # a price on head 0's depth larger than what it adds keeps the set at head 1
-    assert greedy_set([q1, q2], prior, cost=np.array([0.3, 0.0, 0.0])) == [1]
+    assert greedy_set([q1, q2], prior, cost=np.array([0.3, 0.0, 0.0]))[0] == [1]
     q2.weight = 0.0  # only q1 counts: head 0 alone is perfect there
-    assert greedy_set([q1, q2], prior) == [0]
+    assert greedy_set([q1, q2], prior)[0] == [0]
 
 
 def test_router_learns_query_dependent_heads():

@@ -309,15 +309,15 @@ def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], e
         else:
             raise ValueError(f"unknown labels {s.labels!r}; use 'greedy' or 'soft'")
     if s.objective == "listwise":
-        chosen = (greedy_set(train_q, prior, s.label_max_heads, cost=s.depth_cost * signal_depths(config))
+        chosen = (greedy_set(train_q, prior, s.label_max_heads, cost=s.depth_cost * signal_depths(config))[0]
                   if s.start == "set" else None)
         init = residual_start(prior, config, s.depth_cost, chosen)
+        config.training["start_signals"] = [int(i) for i in np.flatnonzero(init > 0.5)]
     elif s.labels == "soft":
         init = np.clip(prior, 1e-3, 1 - 1e-3)
     else:  # how often each signal is in a pseudo label (smoothed)
         init = (y.sum(0) + 0.1) / (len(labels) + 1.0)
     config.training.update({"train_queries": len(train_q), "labelled": len(labels), "dev_queries": len(dev_q),
-                            "start_signals": [int(i) for i in np.flatnonzero(init > 0.5)],
                             "mean_label_size": float(np.mean([len(v[0]) for v in labels.values()] or [0]))})
     router, history = train_router(config, init, torch.cat([emb[q.qid] for q in train_q]), train_q, y,
                                    torch.cat([emb[q.qid] for q in dev_q]), dev_q, s)

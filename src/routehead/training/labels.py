@@ -53,55 +53,43 @@ def prior_quality(queries: list[Query], k: int = 10) -> np.ndarray:
 
 def greedy_label(q: Query, prior: np.ndarray, max_heads: int = 4, pool: np.ndarray | None = None,
                  k: int = 10) -> tuple[list[int], float]:
-    """The greedy signal set for one query and its nDCG@k (empty when the query is uninformative)."""
-    cand = np.arange(q.num_signals) if pool is None else np.asarray(pool)
+    """The greedy signal set for one query and its nDCG@k (empty when the query is uninformative: no signal
+    ranks a relevant candidate in the top k)."""
+    return greedy_set([q], prior, max_heads, k, pool=pool, floor=0.0)
+
+
+def greedy_set(queries: list[Query], prior: np.ndarray, max_heads: int = 4, k: int = 10,
+               cost: np.ndarray | None = None, pool: np.ndarray | None = None,
+               floor: float = -np.inf) -> tuple[list[int], float]:
+    """Greedy forward selection of one signal set for all ``queries`` and its value: add the signal (of ``pool``,
+    default all) whose addition most raises the mean nDCG@k over the queries (each weighted by its ``weight``),
+    less ``cost[s]`` for a set whose costliest signal is s (the price of the layers its pass runs); stop at
+    ``max_heads`` or when nothing beats the current value (at first ``floor``). Ties go to the higher prior.
+    For one query it is that query's pseudo label; for a training split, the static set a listwise router can
+    start from (QRHead's detected set, but searched as a set, so it stops where adding hurts)."""
+    cand = np.arange(queries[0].num_signals) if pool is None else np.asarray(pool)
+    price = np.zeros(len(cand)) if cost is None else np.asarray(cost, dtype=np.float64)[cand]
     tie = 1e-6 * (prior[cand] - prior.min()) / (np.ptp(prior) + 1e-12)  # < any real nDCG difference
+    w = np.array([q.weight for q in queries], dtype=np.float64)
+    P = len(queries[0].rows)
     chosen: list[int] = []
-    best = 0.0
-    total: torch.Tensor | None = None
-    P = len(q.rows)
+    paid = 0.0  # the chosen set's price
+    best = floor
+    totals: list[torch.Tensor | None] = [None] * len(queries)
     for _ in range(max_heads):
-        vals = ndcg_at_k(_added(q, total, cand, P in chosen), q.gains, q.ideal, k)
-        vals[np.isin(cand, chosen)] = -1.0
+        vals = sum(wj * ndcg_at_k(_added(q, t, cand, P in chosen), q.gains, q.ideal, k)
+                   for wj, q, t in zip(w, queries, totals)) / w.sum()
+        vals = vals - np.maximum(price, paid)
+        vals[np.isin(cand, chosen)] = -np.inf
         i = int(np.argmax(vals + tie))
         if vals[i] <= best + 1e-9:
             break
         c = int(cand[i])
         chosen.append(c)
-        best = float(vals[i])
+        best, paid = float(vals[i]), max(paid, float(price[i]))
         if c < P:
-            total = q.rows[c].clone() if total is None else total + q.rows[c]
+            totals = [q.rows[c].clone() if t is None else t + q.rows[c] for q, t in zip(queries, totals)]
     return chosen, best
-
-
-def greedy_set(queries: list[Query], prior: np.ndarray, max_heads: int = 4, k: int = 10,
-               cost: np.ndarray | None = None) -> list[int]:
-    """One signal set for all ``queries``: greedy forward selection of the signal whose addition most raises the
-    mean nDCG@k over the queries (each weighted by its ``weight``), less ``cost[s]`` for a set whose costliest
-    signal is s (the price of the layers its pass runs). The static set a listwise router can start from, the
-    training-split analogue of QRHead's detected set, but searched as a set (so it stops where adding hurts)."""
-    n = queries[0].num_signals
-    cand = np.arange(n)
-    cost = np.zeros(n) if cost is None else np.asarray(cost, dtype=np.float64)
-    w = np.array([q.weight for q in queries], dtype=np.float64)
-    P = len(queries[0].rows)
-    chosen: list[int] = []
-    totals: list[torch.Tensor | None] = [None] * len(queries)
-    best = -np.inf
-    for _ in range(max_heads):
-        vals = np.zeros(n)
-        for j, q in enumerate(queries):
-            vals += w[j] * ndcg_at_k(_added(q, totals[j], cand, P in chosen), q.gains, q.ideal, k)
-        vals = vals / w.sum() - np.maximum(cost, max((cost[c] for c in chosen), default=0.0))
-        vals[chosen] = -np.inf
-        i = int(np.argmax(vals + 1e-6 * (prior - prior.min()) / (np.ptp(prior) + 1e-12)))  # ties: better alone
-        if vals[i] <= best + 1e-9:
-            break
-        chosen.append(i)
-        best = float(vals[i])
-        if i < P:
-            totals = [q.rows[i].clone() if t is None else t + q.rows[i] for q, t in zip(queries, totals)]
-    return chosen
 
 
 def label_queries(queries: list[Query], prior: np.ndarray, max_heads: int = 4, pool: np.ndarray | None = None,
