@@ -201,3 +201,27 @@ def test_query_embeddings_resume_after_an_interruption(two_stores, tmp_path, mon
     assert len(counted) == len(want) - 2  # the two flushed before the interruption were kept
     for q in want:
         assert torch.equal(again[q], full[q])
+
+
+@pytest.mark.parametrize("start", ["single", "set"])
+def test_cross_fitted_members_share_one_start(two_stores, tmp_path, monkeypatch, start):
+    """Every fold's router starts from the same selection, the one chosen on all training queries (like the pool):
+    members that started from different sets would each keep their own, and their merge (mean logits) would keep
+    only the heads they share, a routing no fold was validated on."""
+    import routehead.training.fit as fit
+    from routehead.offline.views import queries_for
+    from routehead.settings import FitSettings
+
+    monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path))
+    (a, b), scorer = two_stores
+    m = merge_scored([a, b])
+    members: list = []
+    real_merge = fit.merge_routers
+    monkeypatch.setattr(fit, "merge_routers", lambda rs: members.extend(rs) or real_merge(rs))
+    s = FitSettings(embed_layer=1, pool_size=8, folds=3, epochs=10, objective="listwise", start=start,
+                    use_first_stage=True)
+    router, _ = fit.fit_router(m, scorer, s)
+    starts = {tuple(r.config.training["start_signals"]) for r in members}
+    assert len(members) == 3 and len(starts) == 1
+    everyone = queries_for(m, router.config.pool_heads, True, sorted(m.entries))
+    assert list(starts.pop()) == sorted(fit._start_signals(router.config, everyone, s))

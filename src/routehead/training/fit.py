@@ -177,7 +177,8 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
     ``labels="greedy"``: binary targets, the greedy head set of each query (the paper's pseudo labels).
     ``labels="soft"``: each signal's own nDCG@10 on the query as the target.
     ``folds > 1``: K-fold cross-fitting instead of one dev split (``info`` then holds per-fold lists). Each
-    fold's router is early-stopped on its own held-out fold; the K routers are merged into one (mean logits,
+    fold's router starts from the same selection (chosen on all training queries, like the pool; listwise) and
+    is early-stopped on its own held-out fold; the K routers are merged into one (mean logits,
     :func:`routehead.selection.router.merge_routers`) and the threshold is chosen on the out-of-fold
     probabilities, so every training query is used for training and, once, for validation.
     """
@@ -205,9 +206,15 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
                           training={"collection": sc.collection.name, "split": sc.collection.split,
                                     "doc_order": sc.settings.get("doc_order"), "label_max_heads": s.label_max_heads,
                                     "labels": s.labels, "max_layer": s.max_layer, **trained_members(sc)})
+    # cross-fitted: one starting selection for every fold, from all training queries too (like the pool). Folds
+    # that started from different sets each keep their own, and merging them (mean logits) keeps only the heads
+    # they share: the shipped router would route what no fold was validated on.
+    start = (_start_signals(config, list(all_q.values()), s) if s.objective == "listwise" and folds > 1
+             else None)
     members, infos, oof = [], [], {}
     for tr_ids, dev_ids in parts:
-        router, info = _fit_restarts(config, [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids], emb, s)
+        router, info = _fit_restarts(config, [all_q[q] for q in tr_ids], [all_q[q] for q in dev_ids], emb, s,
+                                     start)
         members.append(router)
         infos.append(info)
         for q in dev_ids:
@@ -238,13 +245,25 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
                     "oof_ndcg@10": dict(zip(ids, oof_vals.tolist()))}  # per query, for paired comparisons
 
 
+def _start_signals(config: RouterConfig, queries: list[Query], s: FitSettings) -> list[int]:
+    """The listwise router's starting selection on ``queries``: the single pool signal best alone net of its
+    layers' price (``start="single"``), or the greedy set best together (``start="set"``)."""
+    prior = prior_quality(queries)
+    depth = s.depth_cost * signal_depths(config)
+    if s.start == "set":
+        return [int(i) for i in greedy_set(queries, prior, s.label_max_heads, cost=depth)[0]]
+    if s.start == "single":
+        return [int(np.argmax(prior[:len(config.pool)] - depth[:len(config.pool)]))]
+    raise RouteheadError(f"unknown start {s.start!r}; use 'single' or 'set'")
+
+
 def _fit_restarts(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
-                  s: FitSettings) -> tuple[Router, dict[str, Any]]:
+                  s: FitSettings, start: list[int] | None = None) -> tuple[Router, dict[str, Any]]:
     """``s.restarts`` routers on one split, seeds ``s.seed + r``, merged into one (mean logits), the threshold
     re-chosen on dev for the merge. One restart is :func:`_fit_split` itself."""
     if s.restarts <= 1:
-        return _fit_split(copy.deepcopy(config), train_q, dev_q, emb, s)
-    runs = [_fit_split(copy.deepcopy(config), train_q, dev_q, emb, replace(s, seed=s.seed + r))
+        return _fit_split(copy.deepcopy(config), train_q, dev_q, emb, s, start)
+    runs = [_fit_split(copy.deepcopy(config), train_q, dev_q, emb, replace(s, seed=s.seed + r), start)
             for r in range(s.restarts)]
     merged = merge_routers([r for r, _ in runs])
     dev_emb = torch.cat([emb[q.qid] for q in dev_q])
@@ -294,8 +313,9 @@ def signal_depths(config: RouterConfig) -> np.ndarray:
 
 
 def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], emb: dict[str, torch.Tensor],
-               s: FitSettings) -> tuple[Router, dict[str, Any]]:
-    """Prior, pseudo labels, starting point and training on one (train, dev) split."""
+               s: FitSettings, start: list[int] | None = None) -> tuple[Router, dict[str, Any]]:
+    """Prior, pseudo labels, starting point and training on one (train, dev) split. ``start``: the listwise
+    starting selection (default: chosen on this split's training queries)."""
     prior = prior_quality(train_q)
     n = len(prior)
     labels = label_queries(train_q, prior, max_heads=s.label_max_heads)
@@ -309,9 +329,7 @@ def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], e
         else:
             raise ValueError(f"unknown labels {s.labels!r}; use 'greedy' or 'soft'")
     if s.objective == "listwise":
-        chosen = (greedy_set(train_q, prior, s.label_max_heads, cost=s.depth_cost * signal_depths(config))[0]
-                  if s.start == "set" else None)
-        init = residual_start(prior, config, s.depth_cost, chosen)
+        init = residual_start(prior, config, s.depth_cost, start or _start_signals(config, train_q, s))
         config.training["start_signals"] = [int(i) for i in np.flatnonzero(init > 0.5)]
     elif s.labels == "soft":
         init = np.clip(prior, 1e-3, 1 - 1e-3)
