@@ -253,7 +253,7 @@ def _start_signals(config: RouterConfig, queries: list[Query], s: FitSettings) -
     if s.start == "set":
         return [int(i) for i in greedy_set(queries, prior, s.label_max_heads, cost=depth)[0]]
     if s.start == "single":
-        return [int(np.argmax(prior[:len(config.pool)] - depth[:len(config.pool)]))]
+        return [best_single(prior, config, s.depth_cost)]
     raise RouteheadError(f"unknown start {s.start!r}; use 'single' or 'set'")
 
 
@@ -300,10 +300,15 @@ def residual_start(prior: np.ndarray, config: RouterConfig, depth_cost: float = 
     by the training objective, its mean nDCG@10 alone on the training queries less the price of the layers its
     pass runs) at logit +2, every other signal at -4. Training then learns when a query should leave them."""
     init = np.full(len(prior), 1.0 / (1.0 + np.exp(4.0)))
-    if chosen is None:
-        chosen = [int(np.argmax(prior[:len(config.pool)] - depth_cost * signal_depths(config)[:len(config.pool)]))]
-    init[chosen] = 1.0 / (1.0 + np.exp(-2.0))
+    init[[best_single(prior, config, depth_cost)] if chosen is None else chosen] = 1.0 / (1.0 + np.exp(-2.0))
     return init
+
+
+def best_single(prior: np.ndarray, config: RouterConfig, depth_cost: float = 0.0) -> int:
+    """The pool head best alone by ``prior`` (its mean nDCG@10 on the training queries) less the price of the
+    layers its pass runs."""
+    P = len(config.pool)
+    return int(np.argmax(prior[:P] - depth_cost * signal_depths(config)[:P]))
 
 
 def signal_depths(config: RouterConfig) -> np.ndarray:
