@@ -14,7 +14,6 @@ starting set to every query has learned weights, not sets. Writes results/fold-r
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import asdict
@@ -23,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import routehead.training.fit as fit
 from routehead.evaluation.analysis import routing_diversity
 from routehead.evaluation.runs import save_json
-from routehead.offline.job import ScoreJob
 from routehead.offline.views import query_embeddings
 from routehead.selection.route import selection_of
 from routehead.selection.router import Router
+from routehead.training.fit import fit_router
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loco import recipe  # noqa: E402  (the shipped recipe, read as the LOCO protocol reads it)
+from loco import train_store, train_store_parser  # noqa: E402  (the shipped recipe, read as the LOCO protocol reads it)
 
 
 def describe(router: Router, emb: torch.Tensor, qids: list[str]) -> dict:
@@ -52,27 +50,10 @@ def describe(router: Router, emb: torch.Tensor, qids: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default="../shared/data/scifact")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--doc-order", default="reverse")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--recipe", default=None, help="the router file whose FitSettings are used (default: shipped)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="change a FitSettings field")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    sc, scorer = ScoreJob(data=args.data, split=args.split, model=args.model, dtype=args.dtype, stored_only=True,
-                          progress=False).with_options(doc_order=args.doc_order).run(compute=False)
-    settings = recipe(args.recipe, args.model, scorer.lm.identity(), args.set)
-    members: list[Router] = []
-    real_merge = fit.merge_routers
-    fit.merge_routers = lambda rs: members.extend(rs) or real_merge(rs)  # keep the fold routers the fit merges
-    try:
-        merged, _ = fit.fit_router(sc, scorer, settings)
-    finally:
-        fit.merge_routers = real_merge
+    args = train_store_parser(__doc__).parse_args(argv)
+    sc, scorer, settings = train_store(args)
+    merged, info = fit_router(sc, scorer, settings)
+    members: list[Router] = info["members"]
     qids = sorted(sc.entries)
     emb_of = query_embeddings(sc, scorer, settings.embed_layer, settings.pooling, qids)
     emb = torch.cat([emb_of[q] for q in qids])

@@ -96,6 +96,32 @@ def recipe(router_file: str | None, model: str, identity: dict[str, Any], overri
     return FitSettings(**values)
 
 
+def train_store_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments of a study that fits the shipped recipe on one stored train split (bench/start_choice.py,
+    bench/fold_routing.py): the store, the recipe and its changes, the torch threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default="../shared/data/scifact")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--doc-order", default="reverse")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-queries", type=int, default=None)
+    ap.add_argument("--recipe", default=None, help="the router file whose FitSettings are used (default: the "
+                    "model's shipped router)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="change a FitSettings field")
+    ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+def train_store(args: argparse.Namespace) -> tuple[ScoredCollection, Any, FitSettings]:
+    """:func:`train_store_parser`'s stored split (stored passes only), its scorer and the recipe."""
+    torch.set_num_threads(args.threads)
+    job = ScoreJob(data=args.data, split=args.split, model=args.model, dtype=args.dtype, stored_only=True,
+                   progress=False, max_queries=args.max_queries).with_options(doc_order=args.doc_order)
+    sc, scorer = job.run(compute=False)
+    return sc, scorer, recipe(args.recipe, args.model, scorer.lm.identity(), args.set)
+
+
 def load_store(spec: str, args: argparse.Namespace, scorer: Any, split: str = "test"
                ) -> tuple[ScoredCollection | None, Any, str | None]:
     """A collection split's stored passes (scored first unless ``--no-compute``), the scorer, and why it is

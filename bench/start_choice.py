@@ -12,42 +12,24 @@ Also each one's mean signals routed and fraction of layers run. Writes results/s
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from routehead.evaluation.runs import save_json
 from routehead.metrics import paired_p_value
-from routehead.offline.job import ScoreJob
 from routehead.training.fit import fit_router
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loco import recipe  # noqa: E402  (the shipped recipe, read the same way as the LOCO protocol reads it)
+from loco import train_store, train_store_parser  # noqa: E402  (the shipped recipe, read as the LOCO protocol reads it)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default="../shared/data/scifact")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--doc-order", default="reverse")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--max-queries", type=int, default=None)
-    ap.add_argument("--recipe", default=None, help="the router file whose FitSettings both fits use (default: "
-                    "the model's shipped router)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="change a FitSettings field")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    job = ScoreJob(data=args.data, split=args.split, model=args.model, dtype=args.dtype, stored_only=True,
-                   progress=False, max_queries=args.max_queries).with_options(doc_order=args.doc_order)
-    sc, scorer = job.run(compute=False)
-    base = recipe(args.recipe, args.model, scorer.lm.identity(), args.set)
+    args = train_store_parser(__doc__).parse_args(argv)
+    sc, scorer, base = train_store(args)
     fits, oof = {}, {}
     for start in ("single", "set"):
         t0 = time.time()

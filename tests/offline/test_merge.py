@@ -215,12 +215,10 @@ def test_cross_fitted_members_share_one_start(two_stores, tmp_path, monkeypatch,
     monkeypatch.setenv("ROUTEHEAD_STORE", str(tmp_path))
     (a, b), scorer = two_stores
     m = merge_scored([a, b])
-    members: list = []
-    real_merge = fit.merge_routers
-    monkeypatch.setattr(fit, "merge_routers", lambda rs: members.extend(rs) or real_merge(rs))
     s = FitSettings(embed_layer=1, pool_size=8, folds=3, epochs=10, objective="listwise", start=start,
                     use_first_stage=True)
-    router, _ = fit.fit_router(m, scorer, s)
+    router, info = fit.fit_router(m, scorer, s)
+    members = info["members"]  # the fold routers the merge was made of
     starts = {tuple(r.config.training["start_signals"]) for r in members}
     assert len(members) == 3 and len(starts) == 1
     everyone = queries_for(m, router.config.pool_heads, True, sorted(m.entries))

@@ -176,7 +176,8 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
     layer (RouteHead's early exit with a guaranteed depth: a speed budget, paid for in quality on deep heads).
     ``labels="greedy"``: binary targets, the greedy head set of each query (the paper's pseudo labels).
     ``labels="soft"``: each signal's own nDCG@10 on the query as the target.
-    ``folds > 1``: K-fold cross-fitting instead of one dev split (``info`` then holds per-fold lists). Each
+    ``folds > 1``: K-fold cross-fitting instead of one dev split (``info`` then holds per-fold lists, the fold
+    routers themselves under ``members``). Each
     fold's router starts from the same selection (chosen on all training queries, like the pool; listwise) and
     is early-stopped on its own held-out fold; the K routers are merged into one (mean logits,
     :func:`routehead.selection.router.merge_routers`) and the threshold is chosen on the out-of-fold
@@ -241,7 +242,7 @@ def fit_router(sc: Any, scorer: Any, settings: FitSettings | None = None) -> tup
                               "train_queries": len(ids)}
     oof_vals, _, _ = routed_values(merged, oof_probs, queries, t)
     return merged, {"history": [i["history"] for i in infos], "labels": [i["labels"] for i in infos],
-                    "dev_ids": [i["dev_ids"] for i in infos],
+                    "dev_ids": [i["dev_ids"] for i in infos], "members": members,  # the fold routers merged
                     "oof_ndcg@10": dict(zip(ids, oof_vals.tolist()))}  # per query, for paired comparisons
 
 
@@ -334,7 +335,8 @@ def _fit_split(config: RouterConfig, train_q: list[Query], dev_q: list[Query], e
         else:
             raise ValueError(f"unknown labels {s.labels!r}; use 'greedy' or 'soft'")
     if s.objective == "listwise":
-        init = residual_start(prior, config, s.depth_cost, start or _start_signals(config, train_q, s))
+        init = residual_start(prior, config, s.depth_cost,
+                              _start_signals(config, train_q, s) if start is None else start)
         config.training["start_signals"] = [int(i) for i in np.flatnonzero(init > 0.5)]
     elif s.labels == "soft":
         init = np.clip(prior, 1e-3, 1 - 1e-3)
