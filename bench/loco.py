@@ -48,7 +48,7 @@ from routehead.errors import RouteheadError
 from routehead.evaluation.analysis import routing_diversity
 from routehead.evaluation.runs import save_json, sc_identity
 from routehead.evaluation.scores import method_scores
-from routehead.metrics import ndcg_at_k, paired_p_value
+from routehead.metrics import ndcg_at_k, paired_p_value, rank_order
 from routehead.offline.collect import ScoredCollection, merge_scored, namespace
 from routehead.offline.job import ScoreJob
 from routehead.offline.views import first_stage_scores, gains
@@ -139,9 +139,13 @@ def load_store(spec: str, args: argparse.Namespace, scorer: Any, split: str = "t
 
 
 def per_query(sc: ScoredCollection, method: Method, scorer: Any, qids: list[str],
-              chosen: dict | None = None) -> np.ndarray:
-    """nDCG@10 of each stored query under ``method`` (its selection aggregated as the live pass does)."""
+              chosen: dict | None = None, ranking: dict | None = None) -> np.ndarray:
+    """nDCG@10 of each stored query under ``method`` (its selection aggregated as the live pass does);
+    ``ranking`` collects each query's order of its candidates (indices, best first), which is all a later
+    analysis needs to score the method on other judgments (``split_judgment_gap``)."""
     scores = method_scores(sc, method, scorer, qids, selections=chosen)
+    if ranking is not None:
+        ranking.update({q: rank_order(scores[q]).tolist() for q in qids})
     return np.array([float(ndcg_at_k(scores[q], *gains(sc, q, sc.entries[q].doc_ids), 10)) for q in qids])
 
 
@@ -152,10 +156,13 @@ def first_stage(sc: ScoredCollection, qids: list[str]) -> np.ndarray:
 
 
 def score_all(sc: ScoredCollection, methods: dict[str, Method], scorer: Any,
-              chosen: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
-    """Per-query nDCG@10 of every method on one store, and BM25's order (``chosen`` collects routings)."""
+              chosen: dict[str, dict] | None = None, rankings: dict[str, dict] | None = None
+              ) -> dict[str, np.ndarray]:
+    """Per-query nDCG@10 of every method on one store, and BM25's order (``chosen`` collects routings,
+    ``rankings`` candidate orders, for the methods they name)."""
     qids = sorted(sc.entries)
-    vals = {col: per_query(sc, m, scorer, qids, (chosen or {}).get(col)) for col, m in methods.items()}
+    vals = {col: per_query(sc, m, scorer, qids, (chosen or {}).get(col), (rankings or {}).get(col))
+            for col, m in methods.items()}
     vals["bm25"] = first_stage(sc, qids)
     return vals
 
@@ -201,13 +208,15 @@ def other_orders(args: argparse.Namespace, spec: str, name: str, methods: dict[s
         if other is None:
             out.setdefault("skipped_orders", {})[f"{name} {order}"] = why
             continue
-        vals = score_all(other, methods, scorer)
+        ranking: dict[str, list[int]] = {}
+        vals = score_all(other, methods, scorer, rankings={"route-loco": ranking})
         for col in vals:
             by_order.setdefault(order, {}).setdefault(col, []).append(vals[col])
         qids = sorted(other.entries)
         out.setdefault("orders", {}).setdefault(order, {})[name] = {
             "queries": len(qids), **compare(vals, routers),
-            "per_query": {r: dict(zip(qids, np.round(vals[r], 6).tolist())) for r in routers}}
+            "per_query": {r: dict(zip(qids, np.round(vals[r], 6).tolist())) for r in routers},
+            "ranking": {"route-loco": ranking}}
         print(json.dumps({"held_out": name, "order": order, "queries": len(other.entries),
                           **out["orders"][order][name]["ndcg@10"]}), flush=True)
 
@@ -300,13 +309,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             unseen(r, name)
         methods = {"route-loco": Route(router), "route-base": Route(base_router), **fixed}
         chosen: dict[str, dict] = {r: {} for r in routers}
-        vals = score_all(h, methods, scorer, chosen)
+        ranking: dict[str, list[int]] = {}
+        vals = score_all(h, methods, scorer, chosen, {"route-loco": ranking})
         qids = sorted(h.entries)
         for col in vals:
             pooled.setdefault(col, []).append(vals[col])
         out["held_out"][name] = {"queries": len(qids), "route-loco": fitted(router, info), **compare(vals, routers),
                                  "routing": {r: routing_diversity(chosen[r]) for r in routers},
-                                 "per_query": {r: dict(zip(qids, np.round(vals[r], 6).tolist())) for r in routers}}
+                                 "per_query": {r: dict(zip(qids, np.round(vals[r], 6).tolist())) for r in routers},
+                                 # route-loco's order of each query's candidates, for bench/headroom_table.py
+                                 "ranking": {"route-loco": ranking}}
         print(json.dumps({"held_out": name, "queries": len(qids), **out["held_out"][name]["ndcg@10"]}), flush=True)
         other_orders(args, spec_of[name], name, methods, scorer, out, by_order, routers)
     if held:

@@ -42,6 +42,12 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     for name in ("mini-base", "mini-b", "mini-c"):
         shutil.copytree(mini, tmp_path / name)
     shutil.copy(mini / "qrels" / "test.tsv", tmp_path / "mini-base" / "qrels" / "train.tsv")
+    # mini-b judges every other document relevant to every query, so its queries have several relevant candidates
+    # (the split-judgment table needs two)
+    docs = [json.loads(line)["_id"] for line in (mini / "corpus.jsonl").read_text().splitlines()][::2]
+    qids = [json.loads(line)["_id"] for line in (mini / "queries.jsonl").read_text().splitlines()]
+    (tmp_path / "mini-b" / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q in qids for d in docs))
     ident = load_model(str(folder)).identity()
     save_heads(tmp_path / "static.json", [(0, 1), (2, 3), (3, 0)], ident)
     save_heads(tmp_path / "core.json", [(1, 1), (3, 2)], ident)
@@ -76,11 +82,16 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
             assert h["routing"][router]["queries"] == 5
         statics = ("static", "core", "layers", "single")
         assert h["ndcg@10"][h["strongest_static"]] == max(h["ndcg@10"][k] for k in statics)
+        # route-loco's candidate orders, one per query (a permutation of its 5 candidates)
+        ranks = h["ranking"]["route-loco"]
+        assert set(ranks) == set(h["per_query"]["route-loco"])
+        assert all(sorted(r) == list(range(5)) for r in ranks.values())
     assert got["pooled"]["queries"] == 10 and set(got["pooled"]["ndcg@10"]) == methods
     # the same routers on the reversed passes: every method, each collection and pooled
     rev = got["orders"]["reverse"]
     assert set(rev) == {"scifact-mini/test", "mini-b/test", "pooled"} and rev["pooled"]["queries"] == 10
     assert all(set(rev[k]["ndcg@10"]) == methods for k in rev)
+    assert all(len(rev[k]["ranking"]["route-loco"]) == 5 for k in rev if k != "pooled")
     multi = load_router(tmp_path / "multi.safetensors").config
     assert multi.trained_on == ["mini-base/train", "scifact-mini/test", "mini-b/test"]
     assert got["route-multi"]["trained_on"] == multi.trained_on and "test_figures" in got["route-multi"]
@@ -93,6 +104,28 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     assert again["recipe"] == got["recipe"]
     for key in ("collections", "route-base", "held_out", "pooled"):
         assert again[key] == got[key], key
+
+    # the headroom table over that run: every held-out collection in both orders, each route-loco ranking checked
+    # against the run's nDCG@10; mini-b's queries are judged twice, scifact-mini's are not
+    (tmp_path / "scifact-mini").symlink_to(mini)
+    spec = importlib.util.spec_from_file_location("bench_headroom_table", ROOT / "bench" / "headroom_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    rows = table.main(["--loco", str(tmp_path / "a.json"), "--orders", "shuffle", "reverse", "--seeds", "2",
+                       "--data-root", str(tmp_path), "--model", f"tiny-llama={folder}", "--top-k", "5",
+                       "--max-doc-tokens", "24",
+                       "--assets", *common[common.index("--assets") + 1:common.index("--all-out")],
+                       "--out", str(tmp_path / "t.json")])["rows"]
+    assert [(r["order"], r["collection"]) for r in rows] == [
+        (o, c) for o in ("shuffle", "reverse") for c in ("scifact-mini/test", "mini-b/test")]
+    for r in rows:
+        assert r["queries"] == 5 and r["strongest_static"] in ("static", "core", "layers", "single")
+        if r["collection"] == "mini-b/test":
+            assert r["judged_twice"] > 0 and 0.0 <= r["router"] <= 1.0 and 0.0 <= r["oracle"] <= 1.0
+            assert r["router_gain"] == pytest.approx(r["router"] - r["baseline"])
+        else:
+            assert r["judged_twice"] == 0 and not r["shows_headroom"]
+    assert rows[0]["most_common_set_share"] is not None and rows[2]["most_common_set_share"] is None
 
     # a router is never scored on a collection it was trained on
     with pytest.raises(RouteheadError, match="no test figure"):

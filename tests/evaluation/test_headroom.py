@@ -74,10 +74,7 @@ def test_menu_oracle_of_the_baseline_alone_gains_nothing(mini_store):
     from routehead.evaluation.headroom import menu_headroom
     from routehead.selection.base import Selection
 
-    # scifact-mini has no query with two relevant candidates in its top 10: judge each query's first three
-    sc = copy.copy(mini_store)
-    sc.collection = copy.copy(mini_store.collection)
-    sc.collection.qrels = {q: {d: 1 for d in e.doc_ids[:3]} for q, e in mini_store.entries.items()}
+    sc = _judged(mini_store)
     base = Selection(HeadSet.of([(0, 0), (1, 1)]))
     h = menu_headroom(sc, [base], base, seeds=3)
     assert h.queries >= 1 and h.gain == 0.0
@@ -96,3 +93,65 @@ def test_cluster_oracle_with_one_cluster_is_the_global_set(mini_store):
     # clusters too small to fit their own set fall back to the global one
     small = cluster_oracle(mini_store, emb, clusters=2, top=2, seeds=2, min_size=100)
     assert small.gain == pytest.approx(0.0, abs=1e-12)
+
+
+def _judged(mini_store):
+    """scifact-mini with each query's first three candidates judged relevant (it has no query with two)."""
+    sc = copy.copy(mini_store)
+    sc.collection = copy.copy(mini_store.collection)
+    sc.collection.qrels = {q: {d: 1 for d in e.doc_ids[:3]} for q, e in mini_store.entries.items()}
+    return sc
+
+
+def test_gap_scores_the_router_on_the_oracles_own_splits(mini_store):
+    from routehead.engine.aggregate import HeadSet
+    from routehead.evaluation.headroom import split_judgment_gap, split_judgment_headroom
+    from routehead.metrics import rank_order
+    from routehead.offline.views import gains, selection_scores
+    from routehead.selection.base import Selection
+
+    sc = _judged(mini_store)
+    base = Selection(HeadSet.of([(0, 0), (1, 1)]))
+    router = Selection(HeadSet.of([(0, 1), (2, 3)]))
+    ranking = {q: rank_order(selection_scores(sc, q, router)).tolist() for q in sc.entries}
+    gap = split_judgment_gap(sc, base, ranking, seeds=3)
+    assert gap.headroom == split_judgment_headroom(sc, [(0, 0), (1, 1)], seeds=3)
+
+    def literal(order: list[int], g: np.ndarray, a: set[int]) -> float:
+        # nDCG@10 over the candidates outside half A, judged by half B alone, written out
+        left = [d for d in order if d not in a]
+        dcg = sum(g[d] / math.log2(r + 2) for r, d in enumerate(left[:10]))
+        best = sorted((g[d] for d in left if g[d] > 0), reverse=True)[:10]
+        return dcg / sum(x / math.log2(r + 2) for r, x in enumerate(best))
+
+    judged = [q for q in sorted(sc.entries) if (gains(sc, q, sc.entries[q].doc_ids)[0] > 0).sum() >= 2]
+    want = []
+    for i, q in enumerate(judged):
+        g = gains(sc, q, sc.entries[q].doc_ids)[0]
+        splits = [np.random.default_rng([s, i]).permutation(np.flatnonzero(g > 0)) for s in range(3)]
+        want.append(np.mean([literal(ranking[q], g, set(p[: len(p) // 2].tolist())) for p in splits]))
+    assert gap.router.queries == len(judged) == gap.headroom.queries
+    assert gap.router.oracle == pytest.approx(float(np.mean(want)))
+    assert gap.router.baseline == gap.headroom.baseline
+    assert gap.closed == pytest.approx(gap.router.gain / gap.headroom.gain) or gap.headroom.gain <= 0
+
+
+def test_gap_of_the_baselines_own_order_is_zero(mini_store):
+    from routehead.engine.aggregate import HeadSet
+    from routehead.errors import RouteheadError
+    from routehead.evaluation.headroom import split_judgment_gap
+    from routehead.metrics import rank_order
+    from routehead.offline.views import selection_scores
+    from routehead.selection.base import Selection
+
+    sc = _judged(mini_store)
+    base = Selection(HeadSet.of([(0, 0), (1, 1)]))
+    ranking = {q: rank_order(selection_scores(sc, q, base)).tolist() for q in sc.entries}
+    gap = split_judgment_gap(sc, base, ranking, seeds=2)
+    assert gap.router.gain == 0.0 and gap.router.oracle == gap.headroom.baseline
+    missing = dict(list(ranking.items())[1:])
+    with pytest.raises(RouteheadError, match="no router ranking"):
+        split_judgment_gap(sc, base, missing, seeds=1)
+    bad = {**ranking, next(iter(ranking)): [0, 0, 1]}
+    with pytest.raises(RouteheadError, match="not an order"):
+        split_judgment_gap(sc, base, bad, seeds=1)

@@ -14,17 +14,19 @@ by chance, so much of that "headroom" is selection noise no router could learn. 
 - cluster oracle (:func:`cluster_oracle`): static sets per k-means cluster of the router's query embeddings, all
   fitted on one half of the queries, scored on the other.
 
-"Gap closed" by a router is measured against these, never against the classic oracle.
+"Gap closed" by a router is measured against these, never against the classic oracle: :func:`split_judgment_gap`
+scores a router on the split-judgment oracle's own halves, so its gain and the oracle's are comparable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from routehead.engine.aggregate import Head, HeadSet
+from routehead.errors import RouteheadError
 from routehead.metrics import ndcg_at_k, paired_p_value
 from routehead.offline.collect import ScoredCollection
 from routehead.offline.views import gains, selection_scores
@@ -69,30 +71,33 @@ class Headroom:
     @classmethod
     def of(cls, oracle: Sequence[float], baseline: Sequence[float]) -> Headroom:
         a, b = np.asarray(oracle, float), np.asarray(baseline, float)
+        if not len(a):  # e.g. no query with two relevant candidates
+            return cls(float("nan"), float("nan"), float("nan"), float("nan"), 0)
         p = float(paired_p_value(a, b)) if len(a) > 1 else float("nan")
         return cls(float(a.mean()), float(b.mean()), float((a - b).mean()), p, len(a))
 
 
 def _judged_twice(sc: ScoredCollection, baseline: Selection,
                   options: Callable[[str], np.ndarray] | None = None
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]]:
-    """Per stored query with two or more relevant candidates: the options' scores ``[n, docs]`` (``options(qid)``;
-    default every head's), the baseline selection's ``[docs]``, the candidates' gains and the query's judged
-    grades."""
+                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[float]]]:
+    """Per stored query with two or more relevant candidates: its id, the options' scores ``[n, docs]``
+    (``options(qid)``; default every head's), the baseline selection's ``[docs]``, the candidates' gains and the
+    query's judged grades."""
     for qid in sorted(sc.entries):
         e = sc.entries[qid]
         g, ideal = gains(sc, qid, e.doc_ids)
         if (g > 0).sum() >= 2:
             L, H, D = e.calibrated.shape
             per = e.calibrated.reshape(L * H, D) if options is None else options(qid)
-            yield per, selection_scores(sc, qid, baseline), g, ideal
+            yield qid, per, selection_scores(sc, qid, baseline), g, ideal
 
 
-def _split_over(judged: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[float]]], seeds: int,
+def _split_over(judged: Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[float]]], seeds: int,
                 k: int) -> Headroom:
-    """:func:`split_oracle` over ``judged`` queries, each query's values averaged over ``seeds`` random splits."""
+    """:func:`split_oracle` over ``judged`` queries, each query's values averaged over ``seeds`` random splits
+    (split s of the i-th judged query drawn by ``default_rng([s, i])``, as :func:`split_judgment_gap` does)."""
     ours, theirs = [], []
-    for per, base, g, _ in judged:
+    for _, per, base, g, _ in judged:
         got = [split_oracle(per, base, g, np.random.default_rng([s, len(ours)]), k) for s in range(seeds)]
         ours.append(np.mean([x for x, _ in got]))
         theirs.append(np.mean([y for _, y in got]))
@@ -106,11 +111,47 @@ def split_judgment_headroom(sc: ScoredCollection, baseline: Sequence[Head] | Non
     return _split_over(_judged_twice(sc, Selection(HeadSet.of(baseline))), seeds, k)
 
 
+@dataclass
+class Gap:
+    """How much of the split-judgment headroom over a baseline a router takes: the oracle against the baseline
+    (``headroom``) and the router against the same baseline (``router``), on the same queries and the same random
+    splits of their relevant candidates, so that ``closed`` (router gain / headroom gain; NaN where there is no
+    headroom) is "gap closed" as issue #35 defines it."""
+
+    headroom: Headroom
+    router: Headroom
+    closed: float
+
+
+def split_judgment_gap(sc: ScoredCollection, baseline: Selection, ranking: Mapping[str, Sequence[int]],
+                       seeds: int = 10, k: int = 10) -> Gap:
+    """:func:`split_judgment_headroom` over ``baseline`` with a router scored beside it: ``ranking[qid]`` is the
+    router's order of the stored candidates (indices, best first; e.g. from ``bench/loco.py``, whose router never
+    saw ``sc``'s collection), and only that order matters to nDCG, so a router is scored on half B of each split
+    exactly as the oracle's head is. Every query with two or more relevant candidates must have a ranking."""
+    oracle, base, routed = [], [], []
+    for i, (qid, per, b, g, _) in enumerate(_judged_twice(sc, baseline)):
+        if qid not in ranking:
+            raise RouteheadError(f"no router ranking for query {qid!r} of {sc.collection.name}")
+        order = np.asarray(ranking[qid], dtype=int)
+        if sorted(order.tolist()) != list(range(len(g))):
+            raise RouteheadError(f"the router ranking of query {qid!r} is not an order of its {len(g)} candidates")
+        r = np.empty(len(g))
+        r[order] = np.arange(len(g), 0, -1)  # earlier is higher, no ties
+        got = [(split_oracle(per, b, g, np.random.default_rng([s, i]), k),
+                split_oracle(r[None], b, g, np.random.default_rng([s, i]), k)) for s in range(seeds)]
+        oracle.append(np.mean([o[0] for o, _ in got]))
+        base.append(np.mean([o[1] for o, _ in got]))
+        routed.append(np.mean([x[0] for _, x in got]))
+    head, rout = Headroom.of(oracle, base), Headroom.of(routed, base)
+    return Gap(head, rout, rout.gain / head.gain if head.gain > 0 else float("nan"))
+
+
 def classic_headroom(sc: ScoredCollection, baseline: Sequence[Head] | None, k: int = 10) -> Headroom:
     """The in-sample oracle (each query's best single head, chosen and scored on all its judgments) against
     ``baseline``, over the same queries as :func:`split_judgment_headroom`: the optimistic bound."""
     ours, theirs = [], []
-    for per_head, base, g, ideal in _judged_twice(sc, Selection(HeadSet.of(baseline))):
+    for _, per_head, base, g, ideal in _judged_twice(sc, Selection(HeadSet.of(baseline))):
         ours.append(float(np.max(ndcg_at_k(np.nan_to_num(per_head, nan=-np.inf), g, ideal, k))))
         theirs.append(float(ndcg_at_k(base[None], g, ideal, k)[0]))
     return Headroom.of(ours, theirs)
