@@ -11,7 +11,8 @@ in-sample pick that favours the static side), and the leave-one-collection-out r
 never saw the collection) scored on the same halves of the same splits; "closed" is the router's gain over the
 oracle's. Headroom p-values are adjusted for the number of cells looked at (Benjamini-Hochberg over every row of
 the table, ``scipy.stats.false_discovery_control``): a cell "shows headroom" when its adjusted p is below 0.05.
-Routing diversity is the run's own (its order only: the share of queries given the most common head set).
+Routing diversity is the run's own in that order: the share of the held-out queries given the most common head
+set (the goal asks for no more than half where there is headroom).
 
 Stored passes only. Writes results/headroom-table.json and prints the table in Markdown.
 """

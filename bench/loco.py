@@ -209,12 +209,14 @@ def other_orders(args: argparse.Namespace, spec: str, name: str, methods: dict[s
             out.setdefault("skipped_orders", {})[f"{name} {order}"] = why
             continue
         ranking: dict[str, list[int]] = {}
-        vals = score_all(other, methods, scorer, rankings={"route-loco": ranking})
+        chosen: dict[str, dict] = {r: {} for r in routers}
+        vals = score_all(other, methods, scorer, chosen, {"route-loco": ranking})
         for col in vals:
             by_order.setdefault(order, {}).setdefault(col, []).append(vals[col])
         qids = sorted(other.entries)
         out.setdefault("orders", {}).setdefault(order, {})[name] = {
             "queries": len(qids), **compare(vals, routers),
+            "routing": {r: routing_diversity(chosen[r]) for r in routers},
             "per_query": {r: dict(zip(qids, np.round(vals[r], 6).tolist())) for r in routers},
             "ranking": {"route-loco": ranking}}
         print(json.dumps({"held_out": name, "order": order, "queries": len(other.entries),

@@ -91,7 +91,8 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     rev = got["orders"]["reverse"]
     assert set(rev) == {"scifact-mini/test", "mini-b/test", "pooled"} and rev["pooled"]["queries"] == 10
     assert all(set(rev[k]["ndcg@10"]) == methods for k in rev)
-    assert all(len(rev[k]["ranking"]["route-loco"]) == 5 for k in rev if k != "pooled")
+    assert all(len(rev[k]["ranking"]["route-loco"]) == 5 and rev[k]["routing"]["route-loco"]["queries"] == 5
+               for k in rev if k != "pooled")
     multi = load_router(tmp_path / "multi.safetensors").config
     assert multi.trained_on == ["mini-base/train", "scifact-mini/test", "mini-b/test"]
     assert got["route-multi"]["trained_on"] == multi.trained_on and "test_figures" in got["route-multi"]
@@ -125,7 +126,7 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
             assert r["router_gain"] == pytest.approx(r["router"] - r["baseline"])
         else:
             assert r["judged_twice"] == 0 and not r["shows_headroom"]
-    assert rows[0]["most_common_set_share"] is not None and rows[2]["most_common_set_share"] is None
+    assert all(0.0 < r["most_common_set_share"] <= 1.0 for r in rows)  # in every order the run scored
 
     # a router is never scored on a collection it was trained on
     with pytest.raises(RouteheadError, match="no test figure"):
