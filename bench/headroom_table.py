@@ -35,7 +35,7 @@ from loco import load_store  # noqa: E402
 
 from routehead.evaluation.headroom import split_judgment_gap  # noqa: E402
 from routehead.evaluation.runs import save_json, sc_identity  # noqa: E402
-from routehead.metrics import ndcg_at_k  # noqa: E402
+from routehead.metrics import ndcg_at_k, order_scores  # noqa: E402
 from routehead.offline.collect import ScoredCollection  # noqa: E402
 from routehead.offline.views import gains  # noqa: E402
 from routehead.selection import load_method  # noqa: E402
@@ -50,10 +50,7 @@ def held_queries(sc: ScoredCollection, ranking: dict[str, list[int]], per_query:
     if missing:
         raise SystemExit(f"{sc.collection.name}: {len(missing)} ranked queries are not stored (e.g. {missing[0]})")
     for q, order in ranking.items():
-        g, ideal = gains(sc, q, sc.entries[q].doc_ids)
-        scores = np.empty(len(order))
-        scores[np.asarray(order)] = np.arange(len(order), 0, -1)
-        got = float(ndcg_at_k(scores[None], g, ideal, 10)[0])
+        got = float(ndcg_at_k(order_scores(order)[None], *gains(sc, q, sc.entries[q].doc_ids), 10)[0])
         if abs(got - per_query[q]) > 1e-5:
             raise SystemExit(f"{sc.collection.name} {q}: the ranking gives nDCG@10 {got:.6f}, the run {per_query[q]}")
     sc.entries = {q: sc.entries[q] for q in sorted(ranking)}

@@ -46,6 +46,15 @@ def rank_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-s, axis=-1, kind="stable")
 
 
+def order_scores(order: Sequence[int]) -> np.ndarray:
+    """Scores whose :func:`rank_order` is ``order`` (candidate indices, best first; earlier is higher, no ties):
+    a recorded ranking scored again, e.g. on other judgments, by the same metrics."""
+    idx = np.asarray(order, dtype=int)
+    scores = np.empty(len(idx))
+    scores[idx] = np.arange(len(idx), 0, -1)
+    return scores
+
+
 def ndcg_at_k(scores: np.ndarray, gains: np.ndarray, ideal: Sequence[float], k: int = 10) -> np.ndarray:
     """nDCG@k of one or many score vectors ``[..., docs]`` over the same candidates (trec_eval: linear gain).
 

@@ -151,3 +151,11 @@ def test_ndcg_matches_ranx():
         run = {"q": {f"d{i}": float(s) for i, s in enumerate(scores)}}
         expected = evaluate_run(qrels, run, ["ndcg@10"])["ndcg@10"]
         assert ndcg_at_k(scores, gains, list(qrels["q"].values())) == pytest.approx(expected, abs=1e-9)
+
+
+def test_order_scores_rank_back_to_the_order():
+    from routehead.metrics import order_scores, rank_order
+
+    assert order_scores([2, 0, 1]).tolist() == [2.0, 1.0, 3.0]  # by hand: doc 2 first, then 0, then 1
+    for order in ([0], [3, 1, 0, 2], list(range(20))[::-1]):
+        assert rank_order(order_scores(order)).tolist() == order

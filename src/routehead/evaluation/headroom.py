@@ -27,7 +27,7 @@ import numpy as np
 
 from routehead.engine.aggregate import Head, HeadSet
 from routehead.errors import RouteheadError
-from routehead.metrics import ndcg_at_k, paired_p_value
+from routehead.metrics import ndcg_at_k, order_scores, paired_p_value
 from routehead.offline.collect import ScoredCollection
 from routehead.offline.views import gains, selection_scores
 from routehead.selection.base import Selection
@@ -133,11 +133,9 @@ def split_judgment_gap(sc: ScoredCollection, baseline: Selection, ranking: Mappi
     for i, (qid, per, b, g, _) in enumerate(_judged_twice(sc, baseline)):
         if qid not in ranking:
             raise RouteheadError(f"no router ranking for query {qid!r} of {sc.collection.name}")
-        order = np.asarray(ranking[qid], dtype=int)
-        if sorted(order.tolist()) != list(range(len(g))):
+        if sorted(ranking[qid]) != list(range(len(g))):
             raise RouteheadError(f"the router ranking of query {qid!r} is not an order of its {len(g)} candidates")
-        r = np.empty(len(g))
-        r[order] = np.arange(len(g), 0, -1)  # earlier is higher, no ties
+        r = order_scores(ranking[qid])
         got = [(split_oracle(per, b, g, np.random.default_rng([s, i]), k),
                 split_oracle(r[None], b, g, np.random.default_rng([s, i]), k)) for s in range(seeds)]
         oracle.append(np.mean([o[0] for o, _ in got]))
