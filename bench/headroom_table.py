@@ -13,7 +13,9 @@ oracle's (the router may route the first-stage score, which the oracle's single 
 1). Headroom p-values are adjusted for the number of cells looked at (Benjamini-Hochberg over every row of
 the table, ``scipy.stats.false_discovery_control``): a cell "shows headroom" when its adjusted p is below 0.05.
 Routing diversity is the run's own in that order: the share of the held-out queries given the most common head
-set (the goal asks for no more than half where there is headroom).
+set (the goal asks for no more than half where there is headroom). Beside it, route-loco against the learned linear
+combination of heads fitted on the same training queries (``linear`` in the run, full judgments, paired t-test):
+the other baseline the issue names.
 
 Stored passes only. Writes results/headroom-table.json and prints the table in Markdown.
 """
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             baseline = load_method(strongest, sc_identity(sc, scorer), heads=assets.get(strongest)).select()
             gap = split_judgment_gap(sc, baseline, rec["ranking"]["route-loco"], seeds=args.seeds)
             routing = rec.get("routing", {}).get("route-loco")
+            vs_linear = rec.get("vs", {}).get("route-loco", {}).get("linear")  # full judgments; older runs: none
             rows.append({"model": loco["model"], "order": order, "collection": name, "queries": rec["queries"],
                          "judged_twice": gap.headroom.queries, "strongest_static": strongest,
                          "oracle": gap.headroom.oracle, "baseline": gap.headroom.baseline,
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "router": gap.router.oracle, "router_gain": gap.router.gain,
                          "p_router": gap.router.p_value, "closed": gap.closed,
                          "most_common_set_share": None if routing is None else routing["most_common_share"],
+                         "vs_linear": None if vs_linear is None else vs_linear["delta"],
+                         "p_vs_linear": None if vs_linear is None else vs_linear["p"],
                          "loco": path})
             print(json.dumps(rows[-1]), flush=True)
     ps = np.array([r["p_headroom"] for r in rows])
@@ -132,15 +137,16 @@ def markdown(rows: list[dict]) -> str:
     def f(x: float | None, fmt: str) -> str:
         return "-" if x is None or not np.isfinite(x) else format(x, fmt)
     lines = ["| model | order | collection | queries (judged twice) | strongest static | headroom (p, adjusted) | "
-             "route-loco gain (p) | closed | most common set |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "route-loco gain (p) | closed | most common set | route-loco vs linear (p) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         star = "**" if r["shows_headroom"] else ""
         lines.append(f"| {r['model']} | {r['order']} | {r['collection']} | {r['queries']} ({r['judged_twice']}) | "
                      f"{r['strongest_static']} | {star}{f(r['headroom'], '+.3f')} ({f(r['p_headroom'], '.2g')}, "
                      f"{f(r['q_headroom'], '.2g')}){star} | {f(r['router_gain'], '+.3f')} "
                      f"({f(r['p_router'], '.2g')}) | {f(r['closed'] if r['shows_headroom'] else None, '.2f')} | "
-                     f"{f(r['most_common_set_share'], '.0%')} |")
+                     f"{f(r['most_common_set_share'], '.0%')} | {f(r.get('vs_linear'), '+.3f')} "
+                     f"({f(r.get('p_vs_linear'), '.2g')}) |")
     return "\n".join(lines)
 
 

@@ -11,8 +11,9 @@ For each held-out collection H of ``--collections`` (``PATH[:SPLIT]``, split tes
 a router fitted on the base (scifact train) plus every other collection's stored queries (one merged view,
 :func:`routehead.offline.collect.merge_scored`), evaluated on H's stored passes beside the router fitted on the
 base alone (``route-base``), the shipped static set (QRHead), CoRe (``core``), the Selective-ICR layer window
-(``layers``) and ICR: per method nDCG@10, paired p-values of both routers against every other method (t-test and
-randomization, per query), and each router's routing diversity on H. ``pooled``: the same over all held-out
+(``layers``), ICR and the learned linear combination of heads fitted on route-loco's training queries (``linear``,
+:mod:`routehead.training.linear`): per method nDCG@10, paired p-values of both routers against every other method
+(t-test and randomization, per query), and each router's routing diversity on H. ``pooled``: the same over all held-out
 queries together (each query scored by a router that never saw its collection). Every router is fitted with the
 shipped router's recipe (its :class:`FitSettings`, read from the router file, see bench/train_router.py), so the
 routers differ only in the queries they saw; ``--set KEY=VALUE`` changes a field (quick runs, tiny models).
@@ -58,6 +59,7 @@ from routehead.selection.route import Route
 from routehead.selection.router import Router, load_router
 from routehead.settings import SCORING, FitSettings
 from routehead.training.fit import fit_router
+from routehead.training.linear import FixedSelection, fit_linear_on
 
 COLLECTIONS = [f"../shared/data/{c}:test" for c in ("scifact", "trec-dl19-passage", "cranfield", "cisi", "med",
                                                     "adi")]
@@ -183,6 +185,14 @@ def compare(vals: dict[str, np.ndarray], routers: tuple[str, ...]) -> dict[str, 
     return out
 
 
+def linear_baseline(view: ScoredCollection, settings: FitSettings) -> FixedSelection:
+    """The learned linear combination of heads fitted on a router's training view (issue #35: the baseline a
+    router must beat beside the strongest static selection): signed weights over the same pool the router routes
+    (its size, depth budget, first stage and collection weighting), one weighting for every query."""
+    return FixedSelection(fit_linear_on(view, settings.pool_size, use_first_stage=settings.use_first_stage,
+                                        max_layer=settings.max_layer, balance=settings.balance))
+
+
 def fitted(router: Router, info: dict[str, Any]) -> dict[str, Any]:
     """What a fitted router saw and its training figure (out of fold: not a test figure)."""
     t = router.config.training
@@ -306,10 +316,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     by_order: dict[str, dict[str, list[np.ndarray]]] = {}
     for h in held:
         name = name_of(h)
-        router, info = fit_router(merge_scored([base, *(sc for sc in held if sc is not h)]), scorer, settings)
+        view = merge_scored([base, *(sc for sc in held if sc is not h)])
+        router, info = fit_router(view, scorer, settings)
         for r in (router, base_router):
             unseen(r, name)
-        methods = {"route-loco": Route(router), "route-base": Route(base_router), **fixed}
+        methods = {"route-loco": Route(router), "route-base": Route(base_router), **fixed,
+                   "linear": linear_baseline(view, settings)}
         chosen: dict[str, dict] = {r: {} for r in routers}
         ranking: dict[str, list[int]] = {}
         vals = score_all(h, methods, scorer, chosen, {"route-loco": ranking})

@@ -18,7 +18,8 @@ collection (a collection never trained on). Designs:
   else the best fixed one. ``--dims`` and ``--alphas`` are chosen inside each fold by an inner 4-fold split.
 - ``linear``: a learned signed linear combination of the ``--pool`` best heads (detected on the fold), aggregated
   as inference aggregates (weighted token sum, outlier mask, sum), trained with ListNet on the fold's queries
-  with an L2 pull towards the static set (the "learned linear combination of all heads" baseline).
+  with an L2 pull towards the static set, its temperature and step chosen on a fifth of them
+  (:func:`routehead.training.linear.fit_linear_on`; the "learned linear combination of all heads" baseline).
 
 Writes results/router-designs-<model>.json: per design, mean nDCG@10 and the paired p-value against best fixed.
 """
@@ -33,15 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routehead.engine.aggregate import kept
 from routehead.evaluation.runs import save_json, sc_identity
 from routehead.metrics import ndcg_at_k, paired_p_value
 from routehead.offline.job import ScoreJob
-from routehead.offline.views import gains, queries_for, query_embeddings, selection_scores
+from routehead.offline.views import gains, query_embeddings, selection_scores
 from routehead.selection import load_method
 from routehead.settings import FIT
-from routehead.training.detect import detect_heads
-from routehead.training.objectives import padded
+from routehead.training.linear import fit_linear_on
 
 MENU = ("static", "core", "layers", "single", "icr")
 
@@ -101,38 +100,8 @@ def gate(X: np.ndarray, Y: np.ndarray, dims: list[int], alphas: list[float]):
     return gate_fit(X, Y, *arg)[0], arg
 
 
-def linear_fit(sc, qids: list[str], static: list, pool_size: int, l2: float, steps: int = 150):
-    """Signed weights over the fold's ``pool_size`` best heads, ListNet through the aggregation; starts at (and
-    is pulled towards) the static set's equal weights."""
-    pool, _ = detect_heads(sc, top=pool_size, qids=qids)
-    b = padded(queries_for(sc, pool, False, qids))
-    w0 = torch.tensor([1.0 if tuple(h) in {tuple(s) for s in static} else 0.0 for h in pool])
-    w = torch.nn.Parameter(w0.clone())
-    opt = torch.optim.Adam([w], lr=0.02)
-    G = b.G * b.M
-    target = G / G.sum(1, keepdim=True).clamp_min(1e-9)
-    for _ in range(steps):
-        tok = torch.einsum("n,qnt->qt", w, b.X)
-        x = torch.gather(tok, 1, b.idx.flatten(1)).view(b.idx.shape)
-        with torch.no_grad():
-            keep = kept(x, b.valid)
-        s = (x * keep).sum(-1)
-        mean = (s * b.M).sum(1, keepdim=True) / b.M.sum(1, keepdim=True)
-        sd = (((s - mean) * b.M) ** 2).sum(1, keepdim=True).div(b.M.sum(1, keepdim=True)).sqrt().clamp_min(1e-6)
-        logp = torch.log_softmax((3.0 * (s - mean) / sd).masked_fill(~b.M, float("-inf")), 1)
-        loss = -torch.where(b.M, target * logp, torch.zeros_like(logp)).sum(1).mean() + l2 * ((w - w0) ** 2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return pool, w.detach().numpy()
-
-
-def linear_score(sc, qids: list[str], pool: list, w: np.ndarray) -> np.ndarray:
-    from routehead.engine.aggregate import HeadSet
-    from routehead.selection.base import Selection
-
-    keep = np.abs(w) > 1e-6
-    sel = Selection(HeadSet.of([tuple(h) for h, k in zip(pool, keep) if k], list(w[keep])))
+def linear_score(sc, qids: list[str], sel) -> np.ndarray:
+    """nDCG@10 of the fitted linear combination (one selection for every query) on ``qids``."""
     out = []
     for q in qids:
         g, ideal = gains(sc, q, sc.entries[q].doc_ids)
@@ -191,22 +160,22 @@ def main() -> None:
         picks.append({"fixed": MENU[fixed], "gate": list(arg), "chosen": np.bincount(ch, minlength=len(MENU)).tolist()})
         oof["best fixed"][te], oof["expert gate"][te] = Y[te, fixed], Y[te, ch]
         if not args.no_linear:
-            pool, w = linear_fit(sc, [qids[i] for i in tr], static, args.pool, args.l2)
-            oof["linear"][te] = linear_score(sc, [qids[i] for i in te], pool, w)
+            sel = fit_linear_on(sc, args.pool, static, qids=[qids[i] for i in tr], l2=args.l2)
+            oof["linear"][te] = linear_score(sc, [qids[i] for i in te], sel)
         print("fold", picks[-1], flush=True)
     res = {"model": args.model, "train": args.train, "queries": len(qids), "date": datetime.date.today().isoformat(),
            "order": "shuffle", "menu": list(MENU), "out_of_fold": summary(oof), "folds": picks, "tests": {}}
     print(json.dumps(res["out_of_fold"], indent=1), flush=True)
     choose, arg = gate(X, Y, args.dims, args.alphas)
     fixed = int(Y.mean(0).argmax())
-    lin = None if args.no_linear else linear_fit(sc, qids, static, args.pool, args.l2)
+    lin = None if args.no_linear else fit_linear_on(sc, args.pool, static, qids=qids, l2=args.l2)
     for spec in args.test:
         tsc, tq, tX, tY = load(spec, args.model)
         ch = choose(tX)
         vals = {f"fixed:{m}": tY[:, i] for i, m in enumerate(MENU)}
         vals["best fixed"], vals["expert gate"] = tY[:, fixed], tY[np.arange(len(tq)), ch]
         if lin is not None:
-            vals["linear"] = linear_score(tsc, tq, *lin)
+            vals["linear"] = linear_score(tsc, tq, lin)
         res["tests"][spec] = {"queries": len(tq), "best_fixed": MENU[fixed], "gate": list(arg),
                               "embeddings": separability(X, tX),
                               "chosen": np.bincount(ch, minlength=len(MENU)).tolist(), **summary(vals)}

@@ -71,7 +71,7 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     assert got["route-base"]["trained_on"] == ["mini-base/train"]
     assert got["base_fixed"]["queries"] == 5  # the fixed methods' training figures on the base, beside its OOF
     assert set(got["base_fixed"]["ndcg@10"]) == {"static", "core", "layers", "single", "icr", "bm25"}
-    methods = {"route-loco", "route-base", "static", "core", "layers", "single", "icr", "bm25"}
+    methods = {"route-loco", "route-base", "static", "core", "layers", "single", "icr", "linear", "bm25"}
     for name, other in (("scifact-mini/test", "mini-b/test"), ("mini-b/test", "scifact-mini/test")):
         h = got["held_out"][name]
         assert h["queries"] == 5 and h["route-loco"]["trained_on"] == ["mini-base/train", other]
@@ -127,6 +127,10 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
         else:
             assert r["judged_twice"] == 0 and not r["shows_headroom"]
     assert all(0.0 < r["most_common_set_share"] <= 1.0 for r in rows)  # in every order the run scored
+    for r in rows:  # route-loco against the linear combination fitted on its training queries, from the run
+        by = got["held_out"] if r["order"] == "shuffle" else got["orders"][r["order"]]
+        held = by[r["collection"]]
+        assert r["vs_linear"] == held["vs"]["route-loco"]["linear"]["delta"]
 
     # a router is never scored on a collection it was trained on
     with pytest.raises(RouteheadError, match="no test figure"):
