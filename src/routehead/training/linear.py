@@ -25,7 +25,7 @@ from routehead.offline.views import Query, queries_for
 from routehead.selection.base import Method, Selection
 from routehead.training.detect import detect_heads
 from routehead.training.fit import balance_collections
-from routehead.training.objectives import Batch, padded
+from routehead.training.objectives import Batch, listnet, padded
 
 
 class FixedSelection(Method):
@@ -83,8 +83,6 @@ def fit_linear(queries: list[Query], pool: Sequence[Head], start: Sequence[Head]
     theta0 = torch.tensor([1.0 if tuple(h) in chosen else 0.0 for h in pool] + ([0.0] if use_fs else []))
     if not chosen & {tuple(h) for h in pool}:
         theta0[0] = 1.0  # nothing of the start in the pool: the pool's first (best) head
-    G = b.G * b.M
-    target = G / G.sum(1, keepdim=True).clamp_min(1e-9)
     w = torch.tensor([q.weight for q in queries], dtype=torch.float32)
 
     def dev_ndcg(theta: torch.Tensor) -> float:
@@ -98,10 +96,7 @@ def fit_linear(queries: list[Query], pool: Sequence[Head], start: Sequence[Head]
         theta = torch.nn.Parameter(theta0.clone())
         opt = torch.optim.Adam([theta], lr=lr)
         for step in range(1, steps + 1):
-            z = linear_scores(theta, b, use_fs)
-            logp = torch.log_softmax((temperature * z).masked_fill(~b.M, float("-inf")), 1)
-            per_query = -torch.where(b.M, target * logp, torch.zeros_like(logp)).sum(1)
-            loss = (w * per_query).sum() / w.sum() + l2 * ((theta - theta0) ** 2).sum()
+            loss = listnet(linear_scores(theta, b, use_fs), b, temperature, w) + l2 * ((theta - theta0) ** 2).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -83,7 +83,12 @@ def listwise_loss(P: torch.Tensor, b: Batch, temperature: float, use_first_stage
                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """ListNet cross-entropy of the routed (probability-weighted) document scores against the grades, averaged
     over queries (``weights``: each query's share, mean 1)."""
-    s = routed_scores(P, b, use_first_stage)
+    return listnet(routed_scores(P, b, use_first_stage), b, temperature, weights)
+
+
+def listnet(s: torch.Tensor, b: Batch, temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """ListNet cross-entropy of document scores ``s`` ``[Q, D]`` against the grades of ``b`` (padded documents
+    left out), averaged over queries (``weights``: each query's share)."""
     logp = torch.log_softmax((temperature * s).masked_fill(~b.M, float("-inf")), dim=1)
     G = b.G * b.M
     target = G / G.sum(1, keepdim=True).clamp_min(1e-9)
