@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--assets", nargs="*", default=[], metavar="METHOD=PATH",
                     help="the asset of a fixed method (static, core: heads; layers: a window) other than the shipped")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the CPU)")
+    ap.add_argument("--no-linear", action="store_true", help="skip the linear baseline (about half a LOCO run's time "
+                    "on the embedded models: quick runs)")
     ap.add_argument("--out", default=None, help="default results/loco-<model>-<order>.json")
     ap.add_argument("--all-out", default=None, help="the router fitted on everything (default "
                     "results/router-<model>-multi-<order>.safetensors)")
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in (router, base_router):
             unseen(r, name)
         methods = {"route-loco": Route(router), "route-base": Route(base_router), **fixed,
-                   "linear": linear_baseline(view, settings)}
+                   **({} if args.no_linear else {"linear": linear_baseline(view, settings)})}
         chosen: dict[str, dict] = {r: {} for r in routers}
         ranking: dict[str, list[int]] = {}
         vals = score_all(h, methods, scorer, chosen, {"route-loco": ranking})

@@ -105,6 +105,10 @@ def test_loco_on_tiny_stores(tmp_path, monkeypatch):
     assert again["recipe"] == got["recipe"]
     for key in ("collections", "route-base", "held_out", "pooled"):
         assert again[key] == got[key], key
+    # --no-linear: the same routers' figures, without the linear baseline
+    quick = loco.main([*common, "--collections", *held, "--out", str(tmp_path / "c.json"), "--no-compute",
+                       "--recipe", str(tmp_path / "multi.safetensors"), "--no-linear"])
+    assert quick["pooled"]["ndcg@10"] == {k: v for k, v in got["pooled"]["ndcg@10"].items() if k != "linear"}
 
     # the headroom table over that run: every held-out collection in both orders, each route-loco ranking checked
     # against the run's nDCG@10; mini-b's queries are judged twice, scifact-mini's are not
