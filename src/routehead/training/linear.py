@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from routehead.engine.aggregate import Head, HeadSet, kept
+from routehead.engine.aggregate import Head, HeadSet
 from routehead.metrics import ndcg_at_k
 from routehead.offline.views import Query, queries_for
 from routehead.selection.base import Method, Selection
 from routehead.training.detect import detect_heads
 from routehead.training.fit import balance_collections
-from routehead.training.objectives import Batch, listnet, padded
+from routehead.training.objectives import Batch, document_sums, listnet, padded
 
 
 class FixedSelection(Method):
@@ -48,11 +48,7 @@ def linear_scores(theta: torch.Tensor, b: Batch, use_first_stage: bool) -> torch
     first stage added with its weight. Without the first stage the standardisation is only a per-query affine map
     (the ranking is inference's)."""
     n = b.X.shape[1]
-    tok = torch.einsum("n,qnt->qt", theta[:n], b.X)
-    x = torch.gather(tok, 1, b.idx.flatten(1)).view(b.idx.shape)
-    with torch.no_grad():
-        keep = kept(x, b.valid)
-    s = (x * keep).sum(-1)
+    s = document_sums(torch.einsum("n,qnt->qt", theta[:n], b.X), b)
     m = b.M.to(s.dtype)
     cnt = m.sum(1, keepdim=True).clamp(min=1)
     mean = (s * m).sum(1, keepdim=True) / cnt
@@ -92,7 +88,7 @@ def fit_linear(queries: list[Query], pool: Sequence[Head], start: Sequence[Head]
 
     best = (dev_ndcg(theta0), theta0.clone()) if dev else None
     last = theta0
-    for temperature in temperatures:
+    for temperature in temperatures if dev else temperatures[:1]:
         theta = torch.nn.Parameter(theta0.clone())
         opt = torch.optim.Adam([theta], lr=lr)
         for step in range(1, steps + 1):
@@ -104,9 +100,7 @@ def fit_linear(queries: list[Query], pool: Sequence[Head], start: Sequence[Head]
                 v = dev_ndcg(theta.detach())
                 if v > best[0]:
                     best = (v, theta.detach().clone())
-        if best is None:
-            last = theta.detach()
-            break
+        last = theta.detach()
     t = (best[1] if best is not None else last).numpy().astype(np.float64)
     heads = [(tuple(h), float(x)) for h, x in zip(pool, t[:len(pool)]) if x != 0.0]
     return Selection(HeadSet.of([h for h, _ in heads], [x for _, x in heads]), float(t[len(pool)]) if use_fs else 0.0)

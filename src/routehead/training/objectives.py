@@ -62,6 +62,15 @@ def padded(queries: list[Query]) -> Batch:
     return b
 
 
+def document_sums(tok: torch.Tensor, b: Batch) -> torch.Tensor:
+    """Document scores ``[Q, D]`` from token scores ``tok`` ``[Q, T]``: each document's tokens that pass the outlier
+    mask, summed, as inference sums them (the mask taken as fixed: no gradient through which tokens pass it)."""
+    x = torch.gather(tok, 1, b.idx.flatten(1)).view(b.idx.shape)  # [Q, D, W]
+    with torch.no_grad():
+        keep = kept(x, b.valid)
+    return (x * keep).sum(-1)
+
+
 def routed_scores(P: torch.Tensor, b: Batch, use_first_stage: bool) -> torch.Tensor:
     """Document scores ``[Q, D]`` of the probability-weighted head sets, aggregated as inference does (weighted
     token sum, outlier mask per document, sum), divided by the weighted heads' scale on the query, plus the
@@ -69,11 +78,7 @@ def routed_scores(P: torch.Tensor, b: Batch, use_first_stage: bool) -> torch.Ten
     standardising the sum it stays linear in each head's weight, so a relevant document that one head puts
     far ahead keeps a gradient. The mask is taken as fixed (no gradient through which tokens pass it)."""
     heads = P[:, :b.X.shape[1]]
-    tok = torch.einsum("qn,qnt->qt", heads, b.X)
-    x = torch.gather(tok, 1, b.idx.flatten(1)).view(b.idx.shape)  # [Q, D, W]
-    with torch.no_grad():
-        keep = kept(x, b.valid)
-    s = (x * keep).sum(-1) / (heads * b.A).sum(1, keepdim=True).clamp(min=1e-12)
+    s = document_sums(torch.einsum("qn,qnt->qt", heads, b.X), b) / (heads * b.A).sum(1, keepdim=True).clamp(min=1e-12)
     if use_first_stage:
         s = s + P[:, -1:] * b.F
     return s
