@@ -8,7 +8,9 @@ never a 5xx.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import jsonschema
@@ -92,6 +94,10 @@ def test_schema_and_server_agree(tc: TestClient, validators: dict[str, jsonschem
 
 
 BIG = "1" + "0" * 400  # an integer no float holds
+# the schema's bound is 1.7976931348623157e308 as written, 17976931348623157 * 10**292 exactly; this integer is one
+# past it yet below the float maximum itself (179769313486231570814...): schemathesis seed
+# 33407551167068918955643580803425517043 found it accepted (200)
+JUST_PAST = "-17976931348623157" + "0" * 291 + "1"
 
 
 @pytest.mark.parametrize(("raw", "fragment"), [
@@ -106,6 +112,16 @@ def test_numbers_past_a_float_are_refused_as_the_schema_says(tc: TestClient, val
     ``minimum``/``maximum`` and the validator both refuse them."""
     assert not validators["/v1/rerank"].is_valid(json.loads(raw))
     assert_error(_post(tc, "/v1/rerank", raw), 422, "validation_error", fragment)
+
+
+def test_an_integer_just_past_the_schemas_bound_is_refused(tc: TestClient) -> None:
+    """The schema's ``minimum`` read as the decimal it is written as (schemathesis reads it so; Python's jsonschema
+    compares against the float, whose exact value is a little larger): an integer one past it is a 422."""
+    bound = re.search(r'"minimum":\s*(-[0-9.e+]+)', tc.get("/openapi.json").text).group(1)
+    assert Decimal(JUST_PAST) < Decimal(bound)
+    raw = f'{{"query": "cat", "documents": ["a"], "first_stage_scores": [{JUST_PAST}]}}'
+    assert_error(_post(tc, "/v1/rerank", raw), 422, "validation_error",
+                 "first_stage_scores[0]: must be a finite number")
 
 
 @pytest.mark.parametrize("raw", [

@@ -35,6 +35,7 @@ import math
 import operator
 import sys
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -104,9 +105,17 @@ def _integral(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+# the bound as the schema writes it (1.7976931348623157e308), as an exact integer: the float maximum itself is a
+# little larger (179769313486231570814...), so an integer between the two would pass a float comparison yet break
+# the schema's ``maximum``
+_INT_BOUND = int(Decimal(repr(sys.float_info.max)))
+
+
 def _finite(value: float) -> float:
-    """A float's range: JSON's ``1e400`` decodes to ``inf``, and an integer past it cannot become a float."""
-    if not -sys.float_info.max <= value <= sys.float_info.max:
+    """A float's range: JSON's ``1e400`` decodes to ``inf``, and an integer past it cannot become a float (integers
+    are held to the schema's bound exactly, as a JSON Schema validator reads it)."""
+    bound = _INT_BOUND if isinstance(value, int) else sys.float_info.max
+    if not -bound <= value <= bound:
         raise PydanticCustomError("not_finite", "must be a finite number (at most {max} in magnitude)",
                                   {"max": sys.float_info.max})
     return value
